@@ -1,0 +1,52 @@
+"""reuseport-ctl: see and steer how Linux spreads connections over a
+SO_REUSEPORT group. One small command per verb; the work is in the layers."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .errors import UserError
+
+EPILOG = """\b
+Examples:
+  reuseport-ctl doctor                      what this kernel offers
+  reuseport-ctl run --workers 4 --load 2000 --policy round-robin
+  reuseport-ctl attach --port 8080 --policy drain:0
+  reuseport-ctl detach --port 8080
+"""
+
+
+class Group(click.Group):
+    """Turns UserError (and Ctrl-C) into one sentence and a non-zero exit."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"reuseport-ctl: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("reuseport-ctl: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reuseport-ctl")
+def main():
+    """See and steer how the kernel spreads connections and datagrams across
+    the sockets of a SO_REUSEPORT group."""
+
+
+def _register():
+    import importlib
+    import pkgutil
+
+    from . import cmd
+    for mod in pkgutil.iter_modules(cmd.__path__):
+        m = importlib.import_module(f"{cmd.__name__}.{mod.name}")
+        for c in getattr(m, "COMMANDS", ()):
+            main.add_command(c)
+
+
+_register()

@@ -1,0 +1,52 @@
+"""bcc, imported lazily with a header tree chosen for it.
+
+Nothing else imports bcc: callers use compile_program(), and get one clear
+sentence (not a traceback) when bcc or headers are missing.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+
+from ..errors import UserError
+from .headers import FIX, HeaderTree, find_header_tree
+
+DIST = "/usr/lib/python3/dist-packages"
+
+
+@lru_cache(maxsize=1)
+def header_tree() -> HeaderTree:
+    return find_header_tree()
+
+
+@lru_cache(maxsize=1)
+def bcc_module():
+    """Import bcc (Debian's python3-bpfcc) with BCC_KERNEL_SOURCE set."""
+    tree = header_tree()
+    if tree.stand_in:
+        os.environ["BCC_KERNEL_SOURCE"] = str(tree.path)
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        if os.path.isdir(os.path.join(DIST, "bcc")) and DIST not in sys.path:
+            sys.path.append(DIST)
+        try:
+            import bcc  # noqa: F401,F811
+        except ImportError:
+            raise UserError(f"bcc (python3-bpfcc) is not importable: {FIX}.") from None
+    except OSError as e:  # libbcc.so missing
+        raise UserError(f"bcc's library cannot be loaded ({e}): {FIX}.") from None
+    import bcc
+    return bcc
+
+
+def compile_program(text: str, cflags: list[str] | None = None):
+    """Compile bcc-dialect C; returns a bcc.BPF object (caller owns cleanup)."""
+    bcc = bcc_module()
+    try:
+        # -w: the stand-in headers warn about attributes clang ignores.
+        return bcc.BPF(text=text, cflags=["-w"] + list(cflags or []))
+    except Exception as e:  # bcc raises plain Exception on compile failure
+        raise UserError(f"bcc could not compile the BPF program ({e}); "
+                        f"check the header tree with 'reuseport-ctl doctor'.") from None

@@ -1,0 +1,80 @@
+"""Selection policies: how a reuseport group picks the socket for a new
+connection or datagram.
+
+    kernel                 no program: the kernel's own 4-tuple hash
+    cpu, mod               classic BPF, assembled in Python (no bcc needed)
+    hash, threshold, consistent, round-robin, weighted:W1,W2,..,
+    least-loaded, drain:K  eBPF (bcc): one SK_REUSEPORT program over a
+                           REUSEPORT_SOCKARRAY keyed by worker slot
+
+parse_policy() turns the user's spelling into a Policy; Policy.attach() loads
+and attaches it to a group and returns the Selector that owns every BPF object
+it created (close() releases them all).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import UserError
+
+CBPF = ("cpu", "mod")
+EBPF = ("hash", "threshold", "consistent", "round-robin", "weighted", "least-loaded", "drain")
+NAMES = ("kernel",) + CBPF + EBPF
+
+
+@dataclass(frozen=True)
+class Policy:
+    name: str                                   # one of NAMES
+    weights: tuple[int, ...] = ()               # weighted:W1,W2,...
+    drain: tuple[int, ...] = field(default=())  # drain:K[,K2...]
+
+    @property
+    def kind(self) -> str:
+        return "none" if self.name == "kernel" else "cbpf" if self.name in CBPF else "ebpf"
+
+    def __str__(self) -> str:
+        if self.weights:
+            return f"{self.name}:{','.join(map(str, self.weights))}"
+        if self.drain:
+            return f"{self.name}:{','.join(map(str, self.drain))}"
+        return self.name
+
+    def check_group_size(self, n: int) -> None:
+        """Refuse what cannot mean anything for a group of n sockets."""
+        if self.weights and len(self.weights) != n:
+            raise UserError(f"weighted has {len(self.weights)} weights but the group has "
+                            f"{n} sockets: give one weight per socket.")
+        bad = [k for k in self.drain if k >= n]
+        if bad:
+            raise UserError(f"cannot drain worker {bad[0]}: the group has slots 0..{n - 1}.")
+        if self.drain and len(set(self.drain)) >= n:
+            raise UserError("cannot drain every worker: at least one must take new connections.")
+
+
+def parse_policy(spec: str) -> Policy:
+    name, _, arg = spec.strip().partition(":")
+    name = name.lower()
+    if name not in NAMES:
+        raise UserError(f"unknown policy {spec!r}: choose one of {', '.join(NAMES)}.")
+    if name == "weighted":
+        try:
+            weights = tuple(int(w) for w in arg.split(","))
+        except ValueError:
+            weights = ()
+        if not weights or any(w < 0 for w in weights) or sum(weights) == 0:
+            raise UserError(f"malformed weights {arg!r}: write weighted:W1,W2,... with "
+                            f"non-negative integers, at least one above zero.")
+        if sum(weights) > 1024:
+            raise UserError("weights add up to more than 1024: scale them down.")
+        return Policy(name, weights=weights)
+    if name == "drain":
+        try:
+            slots = tuple(int(k) for k in arg.split(","))
+        except ValueError:
+            slots = ()
+        if not slots or any(k < 0 for k in slots):
+            raise UserError(f"malformed drain {arg!r}: write drain:K with K a worker slot (0, 1, ...).")
+        return Policy(name, drain=slots)
+    if arg:
+        raise UserError(f"policy {name!r} takes no argument (got {arg!r}).")
+    return Policy(name)
