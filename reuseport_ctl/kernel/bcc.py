@@ -46,7 +46,7 @@ def compile_program(text: str, cflags: list[str] | None = None):
     bcc = bcc_module()
     try:
         # -w: the stand-in headers warn about attributes clang ignores.
-        return bcc.BPF(text=text, cflags=["-w"] + list(cflags or []))
+        return bcc.BPF(text=text.encode(), cflags=["-w"] + list(cflags or []))
     except Exception as e:  # bcc raises plain Exception on compile failure
         raise UserError(f"bcc could not compile the BPF program ({e}); "
                         f"check the header tree with 'reuseport-ctl doctor'.") from None

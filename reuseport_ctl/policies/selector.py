@@ -1,0 +1,201 @@
+"""Attach a policy to a reuseport group; the Selector owns what it made.
+
+The group is given as its member sockets in slot order (TCP: listening, UDP:
+bound). For eBPF policies slot i is key i of the REUSEPORT_SOCKARRAY; for
+cBPF policies it is the i-th socket to have joined the group.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from ..errors import UserError
+from ..kernel import bpf
+from . import Policy, cbpf
+from .tables import slot_table
+
+MAX_SLOTS = 256
+LEAST_MAX_SLOTS = 64       # least-loaded scans every slot: keep the loop small
+TABLE_SIZE = 1024
+POLICY_MACRO = {"hash": 1, "threshold": 2, "consistent": 3, "round-robin": 4,
+                "weighted": 4, "least-loaded": 5, "drain": 1}
+
+
+@lru_cache(maxsize=1)
+def program_source() -> str:
+    here = Path(__file__).resolve().parents[2] / "bpf" / "select.c"
+    if here.is_file():          # a source checkout
+        return here.read_text()
+    return resources.files("reuseport_ctl.bpf").joinpath("select.c").read_text()
+
+
+@dataclass
+class Selector:
+    policy: Policy
+    n: int
+    prog_fd: int | None = None
+    maps: dict[str, int] = field(default_factory=dict)
+    links: dict[str, int] = field(default_factory=dict)    # name -> link fd
+    member: socket.socket | None = None      # a group socket to detach through
+    _bpf: object = None                       # the bcc.BPF that owns prog and maps
+    _own_fds: list[int] = field(default_factory=list)
+
+    def selections(self) -> list[int] | None:
+        fd = self.maps.get("selections")
+        return None if fd is None else read_selections(fd, self.n)
+
+    def fallbacks(self) -> int | None:
+        """Selections the program attempted on an empty slot (kernel hash used)."""
+        fd = self.maps.get("config")
+        if fd is None:
+            return None
+        raw = bpf.map_lookup(fd, bpf.u32(2), 8)
+        return struct.unpack("=Q", raw)[0] if raw else 0
+
+    def release(self) -> None:
+        """Close our handles; an attached program stays with the group."""
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        for fd in self._own_fds:
+            os.close(fd)
+        self._own_fds.clear()
+        self.maps.clear()
+        self.links.clear()
+        self.prog_fd = None
+
+    def close(self) -> None:
+        """Detach from the group (the kernel's hash decides again), release."""
+        if self.member is not None and self.policy.kind != "none":
+            detach(self.member)
+        self.member = None
+        self.release()
+
+
+def read_selections(map_fd: int, n: int) -> list[int]:
+    out = []
+    for slot in range(n):
+        raw = bpf.map_lookup(map_fd, bpf.u32(slot), 8)
+        out.append(struct.unpack("=Q", raw)[0] if raw else 0)
+    return out
+
+
+def detach(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, bpf.SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError as e:
+        if e.errno != 2:        # ENOENT: nothing attached, already as it was
+            raise
+
+
+def attach_policy(policy: Policy, socks: list[socket.socket]) -> Selector:
+    n = len(socks)
+    if n == 0:
+        raise UserError("the group has no sockets to steer.")
+    policy.check_group_size(n)
+    sel = Selector(policy, n, member=socks[0])
+    if policy.kind == "none":
+        detach(socks[0])            # the kernel's own hash: no program at all
+        return sel
+    if policy.kind == "cbpf":
+        _attach_cbpf(policy, socks[0], n)
+        return sel
+    try:
+        _attach_ebpf(sel, socks)
+    except BaseException:
+        sel.release()
+        raise
+    return sel
+
+
+def _attach_cbpf(policy: Policy, sock: socket.socket, n: int) -> None:
+    if policy.name == "cpu":
+        prog = cbpf.cpu_program(n)
+    else:
+        prog = cbpf.mod_program(n, sock.family == socket.AF_INET6)
+    import ctypes
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = struct.pack("=HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError as e:
+        raise UserError(f"the kernel refused the cBPF {policy.name} program "
+                        f"({e.strerror}).") from None
+
+
+def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
+    from ..kernel.bcc import compile_program
+
+    policy, n = sel.policy, len(socks)
+    max_slots = LEAST_MAX_SLOTS if policy.name == "least-loaded" else MAX_SLOTS
+    if n > max_slots:
+        raise UserError(f"policy {policy.name} handles up to {max_slots} sockets; "
+                        f"the group has {n}.")
+    least = policy.name == "least-loaded"
+    if least and socks[0].type != socket.SOCK_STREAM:
+        raise UserError("least-loaded reads the accept queue, which only TCP "
+                        "listeners have: use it with --proto tcp.")
+    socks_fd = _map_create(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rpctl_socks")
+    sel._own_fds.append(socks_fd)
+    sel.maps["socks"] = socks_fd
+    for slot, s in enumerate(socks):
+        try:
+            bpf.map_update(socks_fd, bpf.u32(slot), bpf.u64(s.fileno()))
+        except OSError as e:
+            raise UserError(f"cannot put slot {slot} in the socket array ({e.strerror}): "
+                            f"every member must be a bound/listening SO_REUSEPORT "
+                            f"socket of one group.") from None
+    cflags = [f"-DSOCKS_FD={socks_fd}", f"-DPOLICY={POLICY_MACRO[policy.name]}",
+              f"-DMAX_SLOTS={max_slots}", f"-DTABLE_SIZE={TABLE_SIZE}"]
+    if least:
+        from ..kernel.btf import offset_macros
+        cflags += offset_macros({"SK_ACK_BACKLOG_OFF": ("sock", "sk_ack_backlog"),
+                                 "SKC_COOKIE_OFF": ("sock", "__sk_common.skc_cookie")})
+    b = compile_program(program_source(), cflags)
+    sel._bpf = b
+    try:
+        fn = b.load_func(b"select_sock", bpf.PROG_TYPE_SK_REUSEPORT)
+    except Exception as e:
+        raise UserError(f"the kernel refused the {policy.name} program ({e}).") from None
+    sel.prog_fd = fn.fd
+    for name in ("selections", "table", "config") + (("cookie_slot", "sk_addr") if least else ()):
+        sel.maps[name] = b[name.encode()].map_fd
+    table = slot_table(policy, n)
+    for i, slot in enumerate(table):
+        bpf.map_update(sel.maps["table"], bpf.u32(i), bpf.u32(slot))
+    if least:
+        for slot in range(n):
+            cookie = bpf.map_lookup(socks_fd, bpf.u32(slot), 8)
+            bpf.map_update(sel.maps["cookie_slot"], cookie, bpf.u32(slot))
+    bpf.map_update(sel.maps["config"], bpf.u32(0), bpf.u64(len(table)))
+    if least:
+        _attach_learner(sel, b)
+    try:
+        socks[0].setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, fn.fd)
+    except OSError as e:
+        raise UserError(f"cannot attach the {policy.name} program to the group "
+                        f"({e.strerror}).") from None
+
+
+def _attach_learner(sel: Selector, b) -> None:
+    try:
+        fn = b.load_func(b"learn_listener", bpf.PROG_TYPE_RAW_TRACEPOINT)
+        link = bpf.raw_tracepoint_open("sk_data_ready", fn.fd)
+    except Exception as e:
+        raise UserError(f"least-loaded needs the sk_data_ready tracepoint, which this "
+                        f"kernel does not offer ({e}); the other policies work.") from None
+    sel._own_fds.append(link)
+    sel.links["learner"] = link
+
+
+def _map_create(*args) -> int:
+    try:
+        return bpf.map_create(*args)
+    except OSError as e:
+        raise UserError(f"cannot create a BPF map ({e.strerror}): run as root, or "
+                        f"with CAP_BPF and CAP_NET_ADMIN.") from None

@@ -1,0 +1,239 @@
+"""Each policy, attached to a real reuseport group, sends every connection or
+datagram where it says (reuseport_bpf.c / reuseport_bpf_cpu.c in spirit)."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from reuseport_ctl.errors import UserError
+from reuseport_ctl.kernel import bpf
+from reuseport_ctl.policies import parse_policy
+from reuseport_ctl.policies.selector import attach_policy
+from reuseport_ctl.policies.tables import jump_index, slot_table, smooth_weighted
+from reuseport_ctl.stats.fairness import chi_square_uniform_ok
+
+HOST = "127.0.0.1"
+
+
+def group(n, proto="tcp", host=HOST, port=0):
+    """n SO_REUSEPORT sockets on one port, in slot (join) order."""
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    socks = []
+    for _ in range(n):
+        s = socket.socket(fam, kind)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((host, port))
+        port = s.getsockname()[1]
+        if proto == "tcp":
+            s.listen(1024)
+        s.setblocking(False)
+        socks.append(s)
+    return socks, port
+
+
+def drive(socks, port, count, proto="tcp", host=HOST, accept=True):
+    """Make count connections/datagrams from distinct source ports; return the
+    number each socket received."""
+    fam = socks[0].family
+    got = [0] * len(socks)
+    clients = []
+    for i in range(count):
+        if proto == "tcp":
+            c = socket.socket(fam, socket.SOCK_STREAM)
+            c.connect((host, port))
+            clients.append(c)
+        else:
+            c = socket.socket(fam, socket.SOCK_DGRAM)
+            c.sendto(b"x%d" % i, (host, port))
+            c.close()
+        if accept and i % 64 == 63:
+            _drain(socks, got, proto)
+            for c in clients:
+                c.close()
+            clients.clear()
+    _drain(socks, got, proto)
+    for c in clients:
+        c.close()
+    return got
+
+
+def _drain(socks, got, proto):
+    for i, s in enumerate(socks):
+        while True:
+            try:
+                if proto == "tcp":
+                    s.accept()[0].close()
+                else:
+                    s.recv(64)
+            except BlockingIOError:
+                break
+            got[i] += 1
+
+
+def closing(socks):
+    for s in socks:
+        s.close()
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_round_robin_is_exact(netns, proto):
+    socks, port = group(4, proto)
+    sel = attach_policy(parse_policy("round-robin"), socks)
+    got = drive(socks, port, 202, proto)
+    assert sum(got) == 202
+    assert max(got) - min(got) <= 1, got
+    assert sel.selections() == got          # the program's own counters agree
+    sel.close()
+    closing(socks)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_weighted_follows_weights(netns, proto):
+    socks, port = group(3, proto)
+    sel = attach_policy(parse_policy("weighted:3,1,0"), socks)
+    got = drive(socks, port, 400, proto)
+    # a counter over the smooth weighted table: exact per full cycle of 4
+    assert got == [300, 100, 0], got
+    sel.close()
+    closing(socks)
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_drain_gives_drained_worker_nothing(netns, proto):
+    socks, port = group(3, proto)
+    sel = attach_policy(parse_policy("drain:1"), socks)
+    got = drive(socks, port, 300, proto)
+    assert got[1] == 0 and got[0] > 0 and got[2] > 0, got
+    sel.close()
+    # after detach the kernel's hash reaches the drained socket again
+    got = drive(socks, port, 300, proto)
+    assert got[1] > 0, got
+    closing(socks)
+
+
+@pytest.mark.parametrize("name", ["hash", "threshold", "consistent", "mod", "kernel"])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_hash_policies_are_uniform(netns, name, proto):
+    socks, port = group(4, proto)
+    sel = attach_policy(parse_policy(name), socks)
+    got = drive(socks, port, 800, proto)
+    assert sum(got) == 800
+    assert chi_square_uniform_ok(got), got
+    if sel.selections() is not None:
+        assert sel.selections() == got
+    sel.close()
+    closing(socks)
+
+
+def test_ipv6_group(netns):
+    socks, port = group(4, "tcp", host="::1")
+    sel = attach_policy(parse_policy("round-robin"), socks)
+    got = drive(socks, port, 100, "tcp", host="::1")
+    assert max(got) - min(got) <= 1 and sum(got) == 100
+    sel.close()
+    closing(socks)
+
+
+def test_mod_keeps_a_flow_on_one_socket(netns):
+    socks, port = group(4, "udp")
+    attach_policy(parse_policy("mod"), socks).close  # stays attached with the group
+    src = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    src.bind((HOST, 0))
+    for i in range(20):
+        src.sendto(b"x", (HOST, port))
+    got = [0] * 4
+    _drain(socks, got, "udp")
+    assert sorted(got) == [0, 0, 0, 20], got
+    src.close()
+    closing(socks)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_cpu_follows_the_clients_cpu(netns):
+    socks, port = group(2, "udp")
+    sel = attach_policy(parse_policy("cpu"), socks)
+    old = os.sched_getaffinity(0)
+    try:
+        for cpu in (0, 1):
+            os.sched_setaffinity(0, {cpu})
+            got = drive(socks, port, 50, "udp")
+            assert got[cpu % 2] == 50, (cpu, got)
+    finally:
+        os.sched_setaffinity(0, old)
+    sel.close()
+    closing(socks)
+
+
+def test_least_loaded_fills_queues_evenly(netns):
+    # nobody accepts: each new connection must go to the shortest accept queue
+    socks, port = group(4, "tcp")
+    sel = attach_policy(parse_policy("least-loaded"), socks)
+    got_q = []
+    clients = []
+    for _ in range(40):
+        c = socket.socket()
+        c.connect((HOST, port))
+        clients.append(c)
+    got = sel.selections()
+    assert sum(got) == 40 and max(got) - min(got) <= 1, got
+    got_q = [0] * 4
+    _drain(socks, got_q, "tcp")
+    assert got_q == got
+    for c in clients:
+        c.close()
+    sel.close()
+    closing(socks)
+
+
+def test_least_loaded_refuses_udp(netns):
+    socks, _ = group(2, "udp")
+    with pytest.raises(UserError, match="TCP"):
+        attach_policy(parse_policy("least-loaded"), socks)
+    closing(socks)
+
+
+def test_bad_group_sizes():
+    with pytest.raises(UserError, match="worker 5"):
+        parse_policy("drain:5").check_group_size(4)
+    with pytest.raises(UserError, match="2 weights"):
+        parse_policy("weighted:1,2").check_group_size(4)
+    with pytest.raises(UserError, match="unknown policy"):
+        parse_policy("fastest")
+    with pytest.raises(UserError, match="malformed weights"):
+        parse_policy("weighted:a,b")
+
+
+def test_close_releases_everything(netns):
+    before = (set(bpf.prog_ids()), set(bpf.map_ids()), set(bpf.link_ids()))
+    fds = len(os.listdir("/proc/self/fd"))
+    for name in ("round-robin", "least-loaded", "cpu"):
+        socks, port = group(2, "tcp")
+        sel = attach_policy(parse_policy(name), socks)
+        sel.close()
+        closing(socks)
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert bpf_objects_settle(before) == before
+
+
+def bpf_objects_settle(expected, seconds=10.0):
+    """The kernel frees a program's maps after an RCU grace period, in a
+    work item: wait (bounded) for the ids to match, return what was seen."""
+    import time
+    deadline = time.monotonic() + seconds
+    while True:
+        now = (set(bpf.prog_ids()), set(bpf.map_ids()), set(bpf.link_ids()))
+        if now == expected or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)
+
+
+def test_tables_are_pure():
+    assert smooth_weighted((3, 1)) == [0, 0, 1, 0]
+    assert slot_table(parse_policy("drain:0"), 3) == [1, 2]
+    # jump hash moves only ~1/(n+1) of keys when a member is added
+    moved = sum(jump_index(h * 2654435761 % 2**32, 8) != jump_index(h * 2654435761 % 2**32, 9)
+                for h in range(10000))
+    assert 0.08 < moved / 10000 < 0.15
