@@ -18,14 +18,14 @@
 #define P_LEAST     5   // fewest queued connections, ties by hash
 
 // Per slot: how often this program chose it (read by status/watch).
-BPF_ARRAY(selections, u64, MAX_SLOTS);
+BPF_ARRAY(rp_selections, u64, MAX_SLOTS);
 // The eligible slots. Identity for most policies; a slot repeated W times for
 // weighted; the drained slots left out for drain. Changing it (and config[0])
 // changes the policy's view of the group without reloading the program.
-BPF_ARRAY(table, u32, TABLE_SIZE);
+BPF_ARRAY(rp_table, u32, TABLE_SIZE);
 // [0] entries used in `table`, [1] round-robin counter,
-// [2] selections that failed (slot empty: the kernel's hash decided instead)
-BPF_ARRAY(config, u64, 4);
+// [2] rp_selections that failed (slot empty: the kernel's hash decided instead)
+BPF_ARRAY(rp_config, u64, 4);
 
 #if POLICY == P_JUMP
 static __always_inline u32 jump_hash(u32 hash, u32 n)
@@ -53,17 +53,17 @@ static __always_inline u32 jump_hash(u32 hash, u32 n)
 // keyed by the socket cookie that user space mapped to a slot. A member never
 // seen has never had a connection queued: its queue is empty. The queue length
 // is read at its BTF offset; a stale address misleads the choice, nothing more.
-BPF_HASH(cookie_slot, u64, u32, MAX_SLOTS);   // socket cookie -> slot, from user space
-BPF_ARRAY(sk_addr, u64, MAX_SLOTS);           // slot -> struct sock *, learned
+BPF_HASH(rp_cookie_slot, u64, u32, MAX_SLOTS);   // socket cookie -> slot, from user space
+BPF_ARRAY(rp_sk_addr, u64, MAX_SLOTS);           // slot -> struct sock *, learned
 
-int learn_listener(struct bpf_raw_tracepoint_args *ctx)
+int rp_learn(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 sk = ctx->args[0], cookie = 0;
     if (bpf_probe_read_kernel(&cookie, sizeof(cookie), (void *)(sk + SKC_COOKIE_OFF)))
         return 0;
-    u32 *slot = cookie_slot.lookup(&cookie);
+    u32 *slot = rp_cookie_slot.lookup(&cookie);
     if (slot) {
-        u64 *addr = sk_addr.lookup(slot);
+        u64 *addr = rp_sk_addr.lookup(slot);
         if (addr)
             *addr = sk;
     }
@@ -73,17 +73,17 @@ int learn_listener(struct bpf_raw_tracepoint_args *ctx)
 static __always_inline u32 queued(u32 slot)
 {
     u32 q = 0;
-    u64 *addr = sk_addr.lookup(&slot);
+    u64 *addr = rp_sk_addr.lookup(&slot);
     if (addr && *addr)
         bpf_probe_read_kernel(&q, sizeof(q), (void *)(*addr + SK_ACK_BACKLOG_OFF));
     return q;
 }
 #endif
 
-int select_sock(struct sk_reuseport_md *md)
+int rp_select(struct sk_reuseport_md *md)
 {
     u32 k_len = 0, k_rr = 1, k_fail = 2;
-    u64 *lenp = config.lookup(&k_len);
+    u64 *lenp = rp_config.lookup(&k_len);
     if (!lenp || *lenp == 0 || *lenp > TABLE_SIZE)
         return SK_PASS;             // no table: the kernel's own hash decides
     u32 n = *lenp;
@@ -96,7 +96,7 @@ int select_sock(struct sk_reuseport_md *md)
 #elif POLICY == P_JUMP
     idx = jump_hash(md->hash, n);
 #elif POLICY == P_COUNTER
-    u64 *rr = config.lookup(&k_rr);
+    u64 *rr = rp_config.lookup(&k_rr);
     if (!rr)
         return SK_PASS;
     idx = __sync_fetch_and_add(rr, 1) % n;
@@ -108,7 +108,7 @@ int select_sock(struct sk_reuseport_md *md)
     for (u32 i = 0; i < MAX_SLOTS; i++) {
         if (i >= n)
             break;
-        u32 *s = table.lookup(&i);
+        u32 *s = rp_table.lookup(&i);
         if (!s)
             break;
         u64 score = ((u64)queued(*s) << 32) | ((i + MAX_SLOTS - start) % MAX_SLOTS);
@@ -119,16 +119,16 @@ int select_sock(struct sk_reuseport_md *md)
     }
 #endif
 
-    u32 *slot = table.lookup(&idx);
+    u32 *slot = rp_table.lookup(&idx);
     if (!slot)
         return SK_PASS;
     u32 key = *slot;
     if (bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &key, 0) == 0) {
-        u64 *cnt = selections.lookup(&key);
+        u64 *cnt = rp_selections.lookup(&key);
         if (cnt)
             __sync_fetch_and_add(cnt, 1);
     } else {
-        u64 *fail = config.lookup(&k_fail);
+        u64 *fail = rp_config.lookup(&k_fail);
         if (fail)
             __sync_fetch_and_add(fail, 1);
     }

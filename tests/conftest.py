@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,3 +59,24 @@ def cli():
                                  f"({p.returncode}):\n{p.stdout}\n{p.stderr}")
         return p
     return run
+
+
+def bpf_objects() -> tuple[set, set, set]:
+    """reuseport-ctl's BPF programs and maps (names start with rp_), and all
+    links: what a leak check compares before and after."""
+    from reuseport_ctl.kernel import bpf
+    progs = {i for i, n in bpf.prog_names().items() if n.startswith("rp_")}
+    maps = {i for i, n in bpf.map_names().items() if n.startswith("rp_")}
+    return progs, maps, set(bpf.link_ids())
+
+
+def bpf_objects_settle(expected, seconds: float = 10.0):
+    """The kernel frees a program's maps after an RCU grace period, in a work
+    item: wait (bounded) until the objects match, return what was last seen."""
+    import time
+    deadline = time.monotonic() + seconds
+    while True:
+        now = bpf_objects()
+        if now == expected or time.monotonic() > deadline:
+            return now
+        time.sleep(0.05)

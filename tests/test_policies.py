@@ -7,6 +7,7 @@ import socket
 
 import pytest
 
+from conftest import bpf_objects, bpf_objects_settle
 from reuseport_ctl.errors import UserError
 from reuseport_ctl.kernel import bpf
 from reuseport_ctl.policies import parse_policy
@@ -207,7 +208,7 @@ def test_bad_group_sizes():
 
 
 def test_close_releases_everything(netns):
-    before = (set(bpf.prog_ids()), set(bpf.map_ids()), set(bpf.link_ids()))
+    before = bpf_objects()
     fds = len(os.listdir("/proc/self/fd"))
     for name in ("round-robin", "least-loaded", "cpu"):
         socks, port = group(2, "tcp")
@@ -216,18 +217,6 @@ def test_close_releases_everything(netns):
         closing(socks)
     assert len(os.listdir("/proc/self/fd")) == fds
     assert bpf_objects_settle(before) == before
-
-
-def bpf_objects_settle(expected, seconds=10.0):
-    """The kernel frees a program's maps after an RCU grace period, in a
-    work item: wait (bounded) for the ids to match, return what was seen."""
-    import time
-    deadline = time.monotonic() + seconds
-    while True:
-        now = (set(bpf.prog_ids()), set(bpf.map_ids()), set(bpf.link_ids()))
-        if now == expected or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
 
 
 def test_tables_are_pure():

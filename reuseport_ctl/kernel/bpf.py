@@ -155,7 +155,7 @@ def prog_load(prog_type: int, insns: bytes, expected_attach_type: int = 0,
                        ctypes.addressof(lic), 1, len(log), ctypes.addressof(log), 0, 0)
     attr += name.encode()[:15].ljust(16, b"\0")                 # prog_name
     attr += struct.pack("=II", 0, expected_attach_type)          # prog_ifindex, expected_attach_type
-    attr += struct.pack("=IIQIIQ", 0, 0, 0, 0, 0, 0)             # btf fields, func/line info
+    attr += struct.pack("=IIQIIQI", 0, 0, 0, 0, 0, 0, 0)         # btf fields, func/line info, line_info_cnt
     attr += struct.pack("=II", attach_btf_id, 0)                 # attach_btf_id, attach_prog_fd
     return bpf(PROG_LOAD, attr)
 
@@ -212,3 +212,28 @@ def pidfd_open(pid: int) -> int:
 def pidfd_getfd(pidfd: int, target_fd: int) -> int:
     """Duplicate another process's fd into ours (needs PTRACE_MODE_ATTACH)."""
     return _sys(NR_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0))
+
+
+def _info_name(get_fd_cmd: int, obj_id: int, name_off: int) -> str | None:
+    """The name of a program or map by id (None if it is gone meanwhile)."""
+    try:
+        fd = bpf(get_fd_cmd, struct.pack("=I", obj_id))
+    except BPFError:
+        return None
+    try:
+        info = ctypes.create_string_buffer(128)
+        bpf(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 128, ctypes.addressof(info)))
+        return info.raw[name_off:name_off + 16].split(b"\0", 1)[0].decode()
+    except BPFError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def prog_names() -> dict[int, str]:
+    """id -> name of every loaded BPF program (name: first 15 characters)."""
+    return {i: n for i in prog_ids() if (n := _info_name(PROG_GET_FD_BY_ID, i, 64)) is not None}
+
+
+def map_names() -> dict[int, str]:
+    return {i: n for i in map_ids() if (n := _info_name(MAP_GET_FD_BY_ID, i, 24)) is not None}

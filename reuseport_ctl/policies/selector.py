@@ -140,7 +140,7 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
     if least and socks[0].type != socket.SOCK_STREAM:
         raise UserError("least-loaded reads the accept queue, which only TCP "
                         "listeners have: use it with --proto tcp.")
-    socks_fd = _map_create(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rpctl_socks")
+    socks_fd = _map_create(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rp_socks")
     sel._own_fds.append(socks_fd)
     sel.maps["socks"] = socks_fd
     for slot, s in enumerate(socks):
@@ -159,12 +159,12 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
     b = compile_program(program_source(), cflags)
     sel._bpf = b
     try:
-        fn = b.load_func(b"select_sock", bpf.PROG_TYPE_SK_REUSEPORT)
+        fn = b.load_func(b"rp_select", bpf.PROG_TYPE_SK_REUSEPORT)
     except Exception as e:
         raise UserError(f"the kernel refused the {policy.name} program ({e}).") from None
     sel.prog_fd = fn.fd
     for name in ("selections", "table", "config") + (("cookie_slot", "sk_addr") if least else ()):
-        sel.maps[name] = b[name.encode()].map_fd
+        sel.maps[name] = b[f"rp_{name}".encode()].map_fd
     table = slot_table(policy, n)
     for i, slot in enumerate(table):
         bpf.map_update(sel.maps["table"], bpf.u32(i), bpf.u32(slot))
@@ -184,7 +184,7 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
 
 def _attach_learner(sel: Selector, b) -> None:
     try:
-        fn = b.load_func(b"learn_listener", bpf.PROG_TYPE_RAW_TRACEPOINT)
+        fn = b.load_func(b"rp_learn", bpf.PROG_TYPE_RAW_TRACEPOINT)
         link = bpf.raw_tracepoint_open("sk_data_ready", fn.fd)
     except Exception as e:
         raise UserError(f"least-loaded needs the sk_data_ready tracepoint, which this "
