@@ -7,15 +7,15 @@
 //                      bcc has no reuseport_sockarray table type)
 //   -DPOLICY=<P_*>     how an index into `table` is chosen
 //   -DMAX_SLOTS, -DTABLE_SIZE
-//   least-loaded also: -DSK_ACK_BACKLOG_OFF, -DSKC_COOKIE_OFF (struct sock
-//                      offsets, from BTF)
+//   least-loaded also: -DSELECTED_SK_OFF, -DLOAD_OFF (kernel struct offsets,
+//                      from BTF)
 #include <uapi/linux/bpf.h>
 
 #define P_MOD       1   // hash % n                       (modulo-N)
 #define P_THRESHOLD 2   // (hash * n) >> 32               (hash-threshold, RFC 2992)
 #define P_JUMP      3   // jump consistent hash            (Lamping & Veach)
 #define P_COUNTER   4   // atomic counter % n              (round-robin, weighted)
-#define P_LEAST     5   // fewest queued connections, ties by hash
+#define P_LEAST     5   // fewest queued (accept queue / receive memory)
 
 // Per slot: how often this program chose it (read by status/watch).
 BPF_ARRAY(rp_selections, u64, MAX_SLOTS);
@@ -46,37 +46,24 @@ static __always_inline u32 jump_hash(u32 hash, u32 n)
 #endif
 
 #if POLICY == P_LEAST
-// sock.sk_ack_backlog (the accept queue) is not in struct bpf_sock, and a
-// SK_REUSEPORT program cannot look other members up. So a second program, on
-// the raw tracepoint sk_data_ready (it fires in sock_def_readable whenever a
-// connection is queued on a listener), learns each member's kernel address,
-// keyed by the socket cookie that user space mapped to a slot. A member never
-// seen has never had a connection queued: its queue is empty. The queue length
-// is read at its BTF offset; a stale address misleads the choice, nothing more.
-BPF_HASH(rp_cookie_slot, u64, u32, MAX_SLOTS);   // socket cookie -> slot, from user space
-BPF_ARRAY(rp_sk_addr, u64, MAX_SLOTS);           // slot -> struct sock *, learned
+// The scan below is unrolled by the verifier: it bounds the group size.
+#define LEAST_MAX_SLOTS 64
 
-int rp_learn(struct bpf_raw_tracepoint_args *ctx)
+// How loaded the socket in `slot` is: TCP's accept queue (sk_ack_backlog) or
+// UDP's receive memory (sk_rmem_alloc). Neither is in struct bpf_sock, and a
+// SK_REUSEPORT program cannot look members up; but selecting a slot stores
+// its socket in the context (sk_reuseport_kern.selected_sk), from where the
+// field is read at its BTF offset. ~0 when the slot is empty.
+static __always_inline u32 load_of(struct sk_reuseport_md *md, u32 slot)
 {
-    u64 sk = ctx->args[0], cookie = 0;
-    if (bpf_probe_read_kernel(&cookie, sizeof(cookie), (void *)(sk + SKC_COOKIE_OFF)))
-        return 0;
-    u32 *slot = rp_cookie_slot.lookup(&cookie);
-    if (slot) {
-        u64 *addr = rp_sk_addr.lookup(slot);
-        if (addr)
-            *addr = sk;
-    }
-    return 0;
-}
-
-static __always_inline u32 queued(u32 slot)
-{
-    u32 q = 0;
-    u64 *addr = rp_sk_addr.lookup(&slot);
-    if (addr && *addr)
-        bpf_probe_read_kernel(&q, sizeof(q), (void *)(*addr + SK_ACK_BACKLOG_OFF));
-    return q;
+    u64 sk = 0;
+    u32 load = ~0U;
+    if (bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &slot, 0))
+        return load;
+    bpf_probe_read_kernel(&sk, sizeof(sk), (void *)md + SELECTED_SK_OFF);
+    if (sk)
+        bpf_probe_read_kernel(&load, sizeof(load), (void *)(sk + LOAD_OFF));
+    return load;
 }
 #endif
 
@@ -101,20 +88,18 @@ int rp_select(struct sk_reuseport_md *md)
         return SK_PASS;
     idx = __sync_fetch_and_add(rr, 1) % n;
 #elif POLICY == P_LEAST
-    // Fewest queued wins; among equals the order starts at a hash-chosen
-    // entry, so idle members share the load instead of entry 0 taking all.
-    u32 start = md->hash % n;
-    u64 best = ~0ULL;
-    for (u32 i = 0; i < MAX_SLOTS; i++) {
-        if (i >= n)
-            break;
-        u32 *s = rp_table.lookup(&i);
-        if (!s)
-            break;
-        u64 score = ((u64)queued(*s) << 32) | ((i + MAX_SLOTS - start) % MAX_SLOTS);
-        if (score < best) {
-            best = score;
-            idx = i;
+    // Fewest queued wins; the scan starts at a hash-chosen slot, so idle
+    // members share the load instead of slot 0 taking it all. (The table is
+    // the identity here; empty slots fail to select and are skipped.)
+    u32 start = md->hash % n, best = ~0U;
+    for (u32 i = 0; i < LEAST_MAX_SLOTS; i++) {
+        u32 k = start + i;
+        if (k >= LEAST_MAX_SLOTS)
+            k -= LEAST_MAX_SLOTS;
+        u32 load = load_of(md, k);
+        if (load < best) {
+            best = load;
+            idx = k;
         }
     }
 #endif

@@ -38,7 +38,7 @@ def group(n, proto="tcp", host=HOST, port=0):
 def drive(socks, port, count, proto="tcp", host=HOST, accept=True):
     """Make count connections/datagrams from distinct source ports; return the
     number each socket received."""
-    fam = socks[0].family
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     got = [0] * len(socks)
     clients = []
     for i in range(count):
@@ -189,10 +189,38 @@ def test_least_loaded_fills_queues_evenly(netns):
     closing(socks)
 
 
-def test_least_loaded_refuses_udp(netns):
-    socks, _ = group(2, "udp")
-    with pytest.raises(UserError, match="TCP"):
-        attach_policy(parse_policy("least-loaded"), socks)
+def test_least_loaded_udp_spreads_by_receive_memory(netns):
+    # nobody reads: each datagram goes to the socket with the least queued
+    socks, port = group(3, "udp")
+    sel = attach_policy(parse_policy("least-loaded"), socks)
+    for i in range(30):
+        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        c.sendto(b"x", (HOST, port))
+        c.close()
+    got = sel.selections()
+    assert sum(got) == 30 and max(got) - min(got) <= 1, got
+    sel.close()
+    closing(socks)
+
+
+def test_reattach_after_close_works_at_once(netns):
+    socks, port = group(2, "tcp")
+    for _ in range(5):
+        attach_policy(parse_policy("round-robin"), socks).close()
+    sel = attach_policy(parse_policy("round-robin"), socks)
+    assert sum(drive(socks, port, 10)) == 10
+    sel.close()
+    closing(socks)
+
+
+def test_mod_hashes_ipv4_clients_of_a_dual_stack_group(netns):
+    socks, port = group(4, "udp", host="::")
+    sel = attach_policy(parse_policy("mod"), socks)
+    got = drive(socks, port, 400, "udp", host="127.0.0.1")
+    assert sum(got) == 400 and chi_square_uniform_ok(got), got
+    got6 = drive(socks, port, 400, "udp", host="::1")
+    assert sum(got6) == 400 and chi_square_uniform_ok(got6), got6
+    sel.close()
     closing(socks)
 
 

@@ -20,7 +20,7 @@ from . import Policy, cbpf
 from .tables import slot_table
 
 MAX_SLOTS = 256
-LEAST_MAX_SLOTS = 64       # least-loaded scans every slot: keep the loop small
+LEAST_MAX_SLOTS = 64       # bpf/select.c: the verifier unrolls least-loaded's scan
 TABLE_SIZE = 1024
 POLICY_MACRO = {"hash": 1, "threshold": 2, "consistent": 3, "round-robin": 4,
                 "weighted": 4, "least-loaded": 5, "drain": 1}
@@ -40,7 +40,6 @@ class Selector:
     n: int
     prog_fd: int | None = None
     maps: dict[str, int] = field(default_factory=dict)
-    links: dict[str, int] = field(default_factory=dict)    # name -> link fd
     member: socket.socket | None = None      # a group socket to detach through
     _bpf: object = None                       # the bcc.BPF that owns prog and maps
     _own_fds: list[int] = field(default_factory=list)
@@ -66,7 +65,6 @@ class Selector:
             os.close(fd)
         self._own_fds.clear()
         self.maps.clear()
-        self.links.clear()
         self.prog_fd = None
 
     def close(self) -> None:
@@ -74,6 +72,16 @@ class Selector:
         if self.member is not None and self.policy.kind != "none":
             detach(self.member)
         self.member = None
+        # A socket sits in one REUSEPORT_SOCKARRAY at a time, and the kernel
+        # frees a dropped array only later: empty it now so the group can be
+        # steered again at once.
+        socks_fd = self.maps.get("socks")
+        if socks_fd is not None:
+            for slot in range(self.n):
+                try:
+                    bpf.map_delete(socks_fd, bpf.u32(slot))
+                except OSError:
+                    pass
         self.release()
 
 
@@ -117,7 +125,7 @@ def _attach_cbpf(policy: Policy, sock: socket.socket, n: int) -> None:
     if policy.name == "cpu":
         prog = cbpf.cpu_program(n)
     else:
-        prog = cbpf.mod_program(n, sock.family == socket.AF_INET6)
+        prog = cbpf.mod_program(n)
     import ctypes
     buf = ctypes.create_string_buffer(prog, len(prog))
     fprog = struct.pack("=HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
@@ -137,9 +145,6 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
         raise UserError(f"policy {policy.name} handles up to {max_slots} sockets; "
                         f"the group has {n}.")
     least = policy.name == "least-loaded"
-    if least and socks[0].type != socket.SOCK_STREAM:
-        raise UserError("least-loaded reads the accept queue, which only TCP "
-                        "listeners have: use it with --proto tcp.")
     socks_fd = _map_create(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rp_socks")
     sel._own_fds.append(socks_fd)
     sel.maps["socks"] = socks_fd
@@ -154,8 +159,9 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
               f"-DMAX_SLOTS={max_slots}", f"-DTABLE_SIZE={TABLE_SIZE}"]
     if least:
         from ..kernel.btf import offset_macros
-        cflags += offset_macros({"SK_ACK_BACKLOG_OFF": ("sock", "sk_ack_backlog"),
-                                 "SKC_COOKIE_OFF": ("sock", "__sk_common.skc_cookie")})
+        load = "sk_ack_backlog" if socks[0].type == socket.SOCK_STREAM else "sk_backlog.rmem_alloc"
+        cflags += offset_macros({"SELECTED_SK_OFF": ("sk_reuseport_kern", "selected_sk"),
+                                 "LOAD_OFF": ("sock", load)})
     b = compile_program(program_source(), cflags)
     sel._bpf = b
     try:
@@ -163,34 +169,17 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
     except Exception as e:
         raise UserError(f"the kernel refused the {policy.name} program ({e}).") from None
     sel.prog_fd = fn.fd
-    for name in ("selections", "table", "config") + (("cookie_slot", "sk_addr") if least else ()):
+    for name in ("selections", "table", "config"):
         sel.maps[name] = b[f"rp_{name}".encode()].map_fd
     table = slot_table(policy, n)
     for i, slot in enumerate(table):
         bpf.map_update(sel.maps["table"], bpf.u32(i), bpf.u32(slot))
-    if least:
-        for slot in range(n):
-            cookie = bpf.map_lookup(socks_fd, bpf.u32(slot), 8)
-            bpf.map_update(sel.maps["cookie_slot"], cookie, bpf.u32(slot))
     bpf.map_update(sel.maps["config"], bpf.u32(0), bpf.u64(len(table)))
-    if least:
-        _attach_learner(sel, b)
     try:
         socks[0].setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, fn.fd)
     except OSError as e:
         raise UserError(f"cannot attach the {policy.name} program to the group "
                         f"({e.strerror}).") from None
-
-
-def _attach_learner(sel: Selector, b) -> None:
-    try:
-        fn = b.load_func(b"rp_learn", bpf.PROG_TYPE_RAW_TRACEPOINT)
-        link = bpf.raw_tracepoint_open("sk_data_ready", fn.fd)
-    except Exception as e:
-        raise UserError(f"least-loaded needs the sk_data_ready tracepoint, which this "
-                        f"kernel does not offer ({e}); the other policies work.") from None
-    sel._own_fds.append(link)
-    sel.links["learner"] = link
 
 
 def _map_create(*args) -> int:

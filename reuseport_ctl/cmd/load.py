@@ -1,0 +1,68 @@
+"""`reuseport-ctl load`: the built-in client alone, against any server."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..load.client import run_load
+from ..ui.load_view import render_load
+
+EPILOG = """\b
+Examples:
+  reuseport-ctl load --port 8080 --conns 20000 --concurrency 64
+      short HTTP connections (one GET each), the way new clients arrive
+  reuseport-ctl load --port 8080 --conns 2000 --requests-per-conn 50
+      keep-alive: 50 GETs per connection, per-worker counts responses
+  reuseport-ctl load --proto udp --port 5353 --conns 50000 --json
+      datagrams, each from a new source port; JSON for scripts
+  reuseport-ctl load --host ::1 --port 80 --timeout 0.5
+
+\b
+TCP replies name their worker in an X-Worker header; UDP replies in a first
+line "worker: <name>". Errors are counted by kind: refused, reset, timeout,
+other.
+"""
+
+
+@click.command("load", epilog=EPILOG)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Server address or name.")
+@click.option("--port", type=int, required=True, help="Server port.")
+@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--conns", type=int, default=1000, show_default=True,
+              help="Connections (TCP) or datagrams (UDP) to make.")
+@click.option("--concurrency", type=int, default=16, show_default=True,
+              help="How many are in flight at once.")
+@click.option("--processes", type=int, default=None,
+              help="Client processes  [default: min(CPUs, concurrency)]")
+@click.option("--requests-per-conn", type=int, default=1, show_default=True,
+              help="HTTP requests per connection; >1 uses keep-alive.")
+@click.option("--timeout", type=float, default=2.0, show_default=True,
+              help="Seconds to wait for each reply.")
+@click.option("--path", default="/", show_default=True, help="HTTP path to GET.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+def load(host, port, proto, conns, concurrency, processes, requests_per_conn, timeout,
+         path, as_json):
+    """Drive a server with the built-in load client and report rate, errors
+    by kind, latency percentiles and the per-worker distribution."""
+    kw = dict(proto=proto, conns=conns, concurrency=concurrency, processes=processes,
+              requests_per_conn=requests_per_conn, timeout=timeout, path=path)
+    console = Console()
+    if as_json or not sys.stdout.isatty():
+        result = run_load(host, port, **kw)
+    else:
+        with Progress(TextColumn("load"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            task = bar.add_task("load", total=conns)
+            result = run_load(host, port, progress=lambda n: bar.update(task, completed=n),
+                              **kw)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        console.print(render_load(result))
+
+
+COMMANDS = [load]
