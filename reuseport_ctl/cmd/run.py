@@ -1,0 +1,111 @@
+"""reuseport-ctl run: spawn a worker group, optionally load it, summarize."""
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ..errors import UserError
+from ..kernel.process import usable_cpus
+from ..policies import parse_policy
+from ..workers.supervisor import MODELS, RunConfig, Supervisor, client_host, parse_cpus
+
+EPILOG = """\b
+Examples:
+  reuseport-ctl run --workers 4 --load 2000            4 reuseport workers, 2000 connections
+  reuseport-ctl run --model shared-epoll --load 2000   the thundering herd, for comparison
+  reuseport-ctl run --proto udp --host :: --port 5353 --duration 30
+  reuseport-ctl run --policy round-robin --load 1000 --json
+  reuseport-ctl run --user nobody --port 80            then: curl -i localhost/
+"""
+
+
+@click.command(epilog=EPILOG)
+@click.option("--workers", "-w", type=int, default=None,
+              help="Worker processes [default: CPUs this process may use].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind: IPv4 or IPv6, specific or wildcard (0.0.0.0, ::).")
+@click.option("--port", "-p", type=int, default=8080, show_default=True,
+              help="Port to bind; 0 lets the kernel pick one.")
+@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@click.option("--model", "-m", type=click.Choice(MODELS), default="reuseport", show_default=True,
+              help="How workers share the traffic.")
+@click.option("--policy", default="kernel", show_default=True,
+              help="Selection policy for the reuseport group (see `reuseport-ctl --help`).")
+@click.option("--cpus", default=None,
+              help="Pin worker i to CPU list[i % len], e.g. 0,1 or 0-3 [default: usable CPUs].")
+@click.option("--user", default=None, help="Run workers as this user; the group gets its uid.")
+@click.option("--backlog", type=int, default=1024, show_default=True, help="listen() backlog.")
+@click.option("--duration", "-d", type=float, default=None,
+              help="Without --load: stop after this many seconds [default: at Ctrl-C or SIGTERM].")
+@click.option("--load", "load_n", type=int, default=None, metavar="N",
+              help="Once the workers are up, make N connections (or datagrams) and stop.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration, load_n,
+        as_json):
+    """Spawn a group of worker processes sharing one port, and report how the
+    kernel spread the connections (TCP) or datagrams (UDP) over them.
+
+    TCP workers answer HTTP/1.1 (header X-Worker names the slot); UDP workers
+    echo each datagram after a line `worker: <slot>`."""
+    if load_n is not None and load_n < 1:
+        raise UserError(f"--load must be at least 1, not {load_n}.")
+    if duration is not None and duration <= 0:
+        raise UserError(f"--duration must be positive, not {duration}.")
+    cfg = RunConfig(workers=len(usable_cpus()) if workers is None else workers, host=host,
+                    port=port, proto=proto, model=model, policy=parse_policy(policy),
+                    cpus=parse_cpus(cpus) if cpus else tuple(usable_cpus()), user=user,
+                    backlog=backlog)
+    load = None
+    with Supervisor(cfg) as sup:
+        sup.start()
+        if sup.wait_ready():
+            if load_n is not None:
+                load = sup.run_in_child(lambda: _load(client_host(host), sup.port, proto, load_n))
+            else:
+                click.echo(f"reuseport-ctl: {cfg.workers} workers ready on {_addr(host, sup.port)} "
+                           f"({proto}, {model}, policy {cfg.policy}); Ctrl-C stops.", err=True)
+                _serve(sup, duration, live=not as_json)
+        sup.stop()
+        rep = sup.report(load)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        from rich.console import Console
+
+        from ..ui.summary import summary
+        console = Console()
+        if not console.is_terminal:
+            console.width = 100     # a file or pipe has no width: do not cut the columns
+        console.print(summary(rep))
+
+
+def _load(host: str, port: int, proto: str, n: int) -> dict:
+    try:
+        from ..load.client import run_load
+    except ImportError:
+        raise UserError("the built-in load client is not part of this installation.") from None
+    return run_load(host, port, proto, conns=n).to_dict()
+
+
+def _serve(sup: Supervisor, duration, live: bool) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    from ..ui.summary import live_line
+    console = Console(stderr=True)
+    if not (live and console.is_terminal):
+        return sup.serve(duration)
+    t0 = time.monotonic()
+    # No refresh thread: we fork restarted workers from this process.
+    with Live(console=console, auto_refresh=False, transient=True) as view:
+        sup.serve(duration, on_tick=lambda s: view.update(
+            live_line(s.report(), time.monotonic() - t0), refresh=True))
+
+
+def _addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+COMMANDS = [run]

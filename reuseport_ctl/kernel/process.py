@@ -1,0 +1,61 @@
+"""Per-process kernel settings for forked workers: parent-death signal, the
+comm name ps/top show, CPU affinity, and dropping root."""
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import signal
+from dataclasses import dataclass
+
+from ..errors import UserError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when its parent dies, even by SIGKILL, so no worker
+    outlives the supervisor. Exit at once if the parent is already gone."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(0)
+
+
+def set_name(name: str) -> None:
+    """The comm name (15 bytes) shown by ps -o comm, top and the tracepoints."""
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def pin(cpu: int) -> None:
+    os.sched_setaffinity(0, {cpu})
+
+
+def usable_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def lookup_user(spec: str) -> Account:
+    """A user by name or numeric uid."""
+    try:
+        pw = pwd.getpwuid(int(spec)) if spec.isdigit() else pwd.getpwnam(spec)
+    except (KeyError, ValueError):
+        raise UserError(f"unknown user {spec!r}: no such name or uid in the password database.") \
+            from None
+    return Account(pw.pw_name, pw.pw_uid, pw.pw_gid)
+
+
+def drop_privileges(acct: Account) -> None:
+    """Become acct for good: supplementary groups, gid, then uid (the order
+    matters: after setuid we could no longer change groups)."""
+    os.initgroups(acct.name, acct.gid)
+    os.setgid(acct.gid)
+    os.setuid(acct.uid)

@@ -1,0 +1,228 @@
+"""Listening sockets for a worker group, and who owns a port when bind fails.
+
+The parent (the supervisor) makes every socket itself, in slot order, so that
+slot i is the i-th socket to join the reuseport group: the index a cBPF
+program returns and the key of a REUSEPORT_SOCKARRAY.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from ..errors import UserError
+from . import bpf
+
+# /proc/net/tcp states that hold a port: LISTEN (0A) and bound-only CLOSE (07).
+_TCP_HOLDING = {"0A", "07"}
+
+
+def resolve(host: str, port: int, proto: str) -> tuple[int, tuple]:
+    """(family, sockaddr) to bind; IPv6 when the host is an IPv6 address."""
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    try:
+        info = socket.getaddrinfo(host, port, type=kind, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise UserError(f"cannot resolve host {host!r}: {e}.") from None
+    family, _, _, _, addr = info[0]
+    return family, addr
+
+
+@contextmanager
+def _created_as(uid: Optional[int]) -> Iterator[None]:
+    """socket() stamps the socket with the caller's fsuid, and that uid is the
+    one the reuseport anti-hijack rule compares; bind/listen/BPF attach still
+    run with the caller's full privileges (ports < 1024, CAP_BPF)."""
+    if uid is None or uid == os.geteuid():
+        yield
+        return
+    saved = os.geteuid()
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(saved)
+
+
+def open_listener(host: str, port: int, proto: str, *, reuseport: bool, backlog: int,
+                  uid: Optional[int] = None,
+                  group: tuple[socket.socket, ...] = ()) -> socket.socket:
+    """One bound (UDP) or listening (TCP) socket. `group` holds the sockets
+    already made for this run, so a failing bind does not blame them."""
+    family, addr = resolve(host, port, proto)
+    kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    with _created_as(uid):
+        s = socket.socket(family, kind)
+    try:
+        # SO_REUSEADDR only lets us bind over TIME_WAIT leftovers of a past run.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise _bind_error(e, host, addr[1], proto, reuseport,
+                              os.geteuid() if uid is None else uid, group) from None
+        if proto == "tcp":
+            s.listen(backlog)
+        return s
+    except BaseException:
+        s.close()
+        raise
+
+
+def open_group(host: str, port: int, proto: str, n: int, *, backlog: int,
+               uid: Optional[int] = None) -> list[socket.socket]:
+    """n SO_REUSEPORT sockets on one address, slot order = join order. With
+    port 0 the first picks a free port and the rest follow it."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = open_listener(host, port, proto, reuseport=True, backlog=backlog,
+                              uid=uid, group=tuple(socks))
+            port = s.getsockname()[1]
+            socks.append(s)
+        return socks
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+
+
+def socket_uid(sock: socket.socket) -> int:
+    """The uid the kernel stamped on the socket (what anti-hijack compares)."""
+    return os.fstat(sock.fileno()).st_uid
+
+
+# --- who holds a port ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class PortHolder:
+    uid: int
+    inode: int
+    pid: Optional[int]          # a process holding it, if one is found
+    fd: Optional[int]
+    reuseport: Optional[bool]   # SO_REUSEPORT on that socket; None if unreadable
+
+
+def port_holders(proto: str, port: int, exclude: set[int] = frozenset()) -> list[PortHolder]:
+    """Sockets of this network namespace bound to `port` (any address), read
+    from /proc/net/{tcp,tcp6,udp,udp6}; TCP counts only listeners and
+    bound-only sockets, never connections or TIME_WAIT."""
+    found: dict[int, int] = {}
+    for table in (proto, proto + "6"):
+        try:
+            lines = open(f"/proc/net/{table}").read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) < 10 or int(f[1].rsplit(":", 1)[1], 16) != port:
+                continue
+            if proto == "tcp" and f[3] not in _TCP_HOLDING:
+                continue
+            inode = int(f[9])
+            if inode and inode not in exclude:
+                found[inode] = int(f[7])
+    if not found:
+        return []
+    owners = _fd_owners(set(found))
+    out = []
+    for inode, uid in found.items():
+        pid, fd = owners.get(inode, (None, None))
+        out.append(PortHolder(uid, inode, pid, fd, _reuseport_of(pid, fd)))
+    return out
+
+
+def _fd_owners(inodes: set[int]) -> dict[int, tuple[int, int]]:
+    """inode -> (pid, fd) of the lowest pid holding it."""
+    want = {f"socket:[{i}]": i for i in inodes}
+    owners: dict[int, tuple[int, int]] = {}
+    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                inode = want.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                continue
+            if inode is not None and inode not in owners:
+                owners[inode] = (pid, int(fd))
+    return owners
+
+
+def _reuseport_of(pid: Optional[int], fd: Optional[int]) -> Optional[bool]:
+    """Read SO_REUSEPORT on another process's socket through pidfd_getfd."""
+    if pid is None or fd is None:
+        return None
+    try:
+        pidfd = bpf.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        dup = bpf.pidfd_getfd(pidfd, fd)
+    except OSError:
+        return None
+    finally:
+        os.close(pidfd)
+    s = socket.socket(fileno=dup)
+    try:
+        return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+    finally:
+        s.close()
+
+
+def check_port_free(host: str, port: int, proto: str, *, reuseport: bool, uid: int) -> None:
+    """Refuse a port somebody else serves, before we bind: with the same uid
+    and SO_REUSEPORT the kernel would let us join a stranger's group and
+    take part of its traffic, silently."""
+    if port == 0:
+        return
+    holders = port_holders(proto, port)
+    if holders:
+        raise UserError(_explain(holders, host, port, proto, reuseport, uid))
+
+
+def _bind_error(e: OSError, host: str, port: int, proto: str, reuseport: bool, uid: int,
+                group: tuple[socket.socket, ...]) -> UserError:
+    if e.errno == errno.EACCES:
+        return UserError(f"port {port} is below 1024: binding it needs root "
+                         f"(CAP_NET_BIND_SERVICE).")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return UserError(f"address {host} is not on any interface of this network namespace.")
+    if e.errno == errno.EADDRINUSE:
+        mine = {os.fstat(s.fileno()).st_ino for s in group}
+        return UserError(_explain(port_holders(proto, port, mine), host, port, proto,
+                                  reuseport, uid))
+    return UserError(f"cannot bind {proto} {host} port {port}: {e.strerror}.")
+
+
+def _explain(holders: list[PortHolder], host: str, port: int, proto: str,
+             reuseport: bool, uid: int) -> str:
+    h = min(holders, key=lambda x: (x.pid is None, x.pid or 0)) if holders else None
+    pid = f"pid {h.pid}" if h and h.pid else "no process found"
+    if h is None:
+        return f"{proto} port {port} on {host} is already in use."
+    if h.reuseport is False:
+        return f"port {port} is in use by a socket without SO_REUSEPORT ({pid})."
+    if reuseport and h.uid != uid:
+        return (f"port {port} is owned by uid {h.uid}; the kernel's SO_REUSEPORT anti-hijack "
+                f"rule forbids another user from joining its group.")
+    if reuseport:
+        return (f"port {port} is already served by a SO_REUSEPORT group ({pid}, uid {h.uid}); "
+                f"joining it would take part of its traffic: choose another port.")
+    return f"port {port} is in use by a SO_REUSEPORT group ({pid}, uid {h.uid})."
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """A unix datagram pair: the dispatcher's end and a worker's end. A
+    socketpair has no max_dgram_qlen limit, only the send buffer."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    return a, b
