@@ -1,0 +1,166 @@
+"""Finding a running server's SO_REUSEPORT group by its port.
+
+sock_diag lists the sockets bound to the port (their inodes), the processes'
+fd tables say who holds each one, their epoll sets say who serves it. Sockets
+on the same family, local address and device form one reuseport group (the
+kernel never mixes IPv4 and IPv6 sockets, or two addresses, in one group).
+
+Members are numbered in a stable order -- by serving pid, then inode -- and
+that number is the slot a policy's socket array uses, so `drain:0` means "the
+first worker" and a person can check which process that is.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from .errors import UserError
+from .kernel import diag, owners
+
+
+@dataclass(frozen=True)
+class Member:
+    slot: int
+    inode: int
+    pid: int            # the process serving this socket
+    fd: int             # its fd number in that process
+    family: int
+    addr: str           # "127.0.0.1:8080", "[::]:8080"
+    queue_len: int      # accept-queue length (TCP) / bytes queued (UDP)
+    holders: tuple[int, ...] = ()   # every pid holding the socket
+
+
+@dataclass(frozen=True)
+class ReuseportGroup:
+    port: int
+    proto: str
+    members: tuple[Member, ...]
+    uid: int = 0
+    ifindex: int = 0
+
+    @property
+    def addr(self) -> str:
+        return self.members[0].addr
+
+    @property
+    def family(self) -> int:
+        return self.members[0].family
+
+    @property
+    def inodes(self) -> list[int]:
+        return [m.inode for m in self.members]
+
+    def take(self) -> list[socket.socket]:
+        """Every member's socket duplicated into this process, in slot order.
+        The caller closes them (closing ours never affects the server's)."""
+        socks: list[socket.socket] = []
+        try:
+            for m in self.members:
+                socks.append(owners.take_socket(m.pid, m.fd, m.inode))
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        return socks
+
+    @contextmanager
+    def taken(self):
+        socks = self.take()
+        try:
+            yield socks
+        finally:
+            for s in socks:
+                s.close()
+
+
+@dataclass
+class _Candidate:
+    family: int
+    addr: str
+    ifindex: int
+    listeners: list = field(default_factory=list)
+
+
+def _norm_host(host: str) -> str:
+    h = host.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h in ("*", ""):
+        return "0.0.0.0"
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        raise UserError(f"--host takes the IP address the server listens on "
+                        f"(for example 127.0.0.1 or ::), not {host!r}.") from None
+
+
+def find_group(port: int, proto: str = "tcp", pid: int | None = None,
+               host: str | None = None) -> ReuseportGroup:
+    """The one reuseport group on `port`, narrowed by `pid` (any process that
+    holds one of its sockets) and `host` (its local address)."""
+    if not 0 < port < 65536:
+        raise UserError(f"port {port} is not a port number (1-65535).")
+    if pid is not None and not owners.pid_exists(pid):
+        raise UserError(f"no process {pid}.")
+    what = "listening TCP" if proto == "tcp" else "bound UDP"
+
+    found = diag.listeners(port, proto)
+    if not found:
+        raise UserError(f"nothing is listening on {proto} port {port} (no {what} socket "
+                        f"in this network namespace).")
+    held = owners.holders({s.inode for s in found})
+
+    cands: dict[tuple, _Candidate] = {}
+    for s in found:
+        c = cands.setdefault((s.family, s.addr, s.ifindex), _Candidate(s.family, s.addr, s.ifindex))
+        c.listeners.append(s)
+    groups = list(cands.values())
+
+    if pid is not None:
+        groups = [g for g in groups
+                  if any(h.pid == pid for s in g.listeners for h in held[s.inode])]
+        if not groups:
+            raise UserError(f"process {pid} ({owners.process_name(pid)}) has no {what} "
+                            f"socket on port {port}.")
+    if host is not None:
+        want = _norm_host(host)
+        groups = [g for g in groups if g.addr == want]
+        if not groups:
+            have = ", ".join(sorted({c.listeners[0].endpoint for c in cands.values()}))
+            raise UserError(f"no {what} socket on {want} port {port} (there are: {have}).")
+    if len(groups) > 1:
+        have = ", ".join(g.listeners[0].endpoint for g in groups)
+        raise UserError(f"port {port} has {len(groups)} reuseport groups ({have}): "
+                        f"choose one with --host or --pid.")
+    return _build(groups[0], held, port, proto)
+
+
+def _build(cand: _Candidate, held: dict, port: int, proto: str) -> ReuseportGroup:
+    inodes = [s.inode for s in cand.listeners]
+    orphans = [i for i in inodes if not held[i]]
+    if orphans:
+        raise UserError(f"no process in this pid namespace holds the socket (inode "
+                        f"{orphans[0]}) on port {port}, so it cannot be taken.")
+    pids = sorted({h.pid for i in inodes for h in held[i]})
+    watched = {p: owners.epoll_watched(p) for p in pids}
+    count = {p: sum(1 for i in inodes if any(h.pid == p for h in held[i])) for p in pids}
+    serving = {i: owners.serving_holder(i, held[i], watched, count) for i in inodes}
+    by_slot = sorted(cand.listeners, key=lambda s: (serving[s.inode].pid, s.inode))
+    members = tuple(
+        Member(slot=n, inode=s.inode, pid=serving[s.inode].pid, fd=serving[s.inode].fd,
+               family=s.family, addr=s.endpoint, queue_len=s.queue_len,
+               holders=tuple(sorted({h.pid for h in held[s.inode]})))
+        for n, s in enumerate(by_slot))
+    group = ReuseportGroup(port=port, proto=proto, members=members,
+                           uid=cand.listeners[0].uid, ifindex=cand.ifindex)
+    _check_reuseport(group)
+    return group
+
+
+def _check_reuseport(group: ReuseportGroup) -> None:
+    with group.taken() as socks:
+        if not all(owners.uses_reuseport(s) for s in socks):
+            raise UserError(f"the listener on port {group.port} does not use SO_REUSEPORT, "
+                            f"so there is no group to steer.")

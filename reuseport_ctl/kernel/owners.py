@@ -1,0 +1,182 @@
+"""Which processes hold a socket, which one serves it, and taking it.
+
+A socket (by inode) may be held by several processes: nginx's master and all
+its workers inherit every listening socket, but each worker adds only its own
+reuseport socket to its epoll set. So the process that *serves* a socket is
+the holder whose epoll set watches it (/proc/<pid>/fdinfo/<epfd> lists every
+watched file with its inode). Holders that never epoll (blocking accept(),
+recvfrom()) fall back to the holder with the fewest sockets of the group.
+
+Taking a socket means duplicating the serving process's fd into ours with
+pidfd_open + pidfd_getfd: the kernel object is then reachable from here (for
+setsockopt, or to put into a REUSEPORT_SOCKARRAY) while the server keeps it.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+from ..errors import UserError
+from . import bpf
+
+_SOCKET = re.compile(r"socket:\[(\d+)\]")
+_EPOLL_INO = re.compile(r"^tfd:\s*\d+\s.*\bino:([0-9a-f]+)", re.M)
+
+CAP_NET_ADMIN = 12
+CAP_SYS_ADMIN = 21
+CAP_BPF = 39
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Process `pid` has socket `inode` open as its fd `fd`."""
+    pid: int
+    fd: int
+    inode: int
+
+
+def _pids() -> list[int]:
+    return sorted(int(n) for n in os.listdir("/proc") if n.isdigit())
+
+
+def pid_exists(pid: int) -> bool:
+    return os.path.isdir(f"/proc/{pid}") and os.path.exists(f"/proc/{pid}/stat")
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _fd_links(pid: int):
+    """(fd, link target) for every fd of pid; quietly nothing if it is gone."""
+    try:
+        entries = os.scandir(f"/proc/{pid}/fd")
+    except OSError:
+        return
+    with entries:
+        for e in entries:
+            try:
+                yield int(e.name), os.readlink(e.path)
+            except (OSError, ValueError):
+                continue  # closed meanwhile
+
+
+def holders(inodes: set[int], pids: list[int] | None = None) -> dict[int, list[Holder]]:
+    """inode -> the (pid, fd) pairs that hold it, over every process (or `pids`).
+    Each list is ordered by pid, then fd."""
+    out: dict[int, list[Holder]] = {i: [] for i in inodes}
+    for pid in (pids if pids is not None else _pids()):
+        for fd, target in _fd_links(pid):
+            m = _SOCKET.fullmatch(target)
+            if m and int(m.group(1)) in out:
+                out[int(m.group(1))].append(Holder(pid, fd, int(m.group(1))))
+    for hs in out.values():
+        hs.sort(key=lambda h: (h.pid, h.fd))
+    return out
+
+
+def epoll_watched(pid: int) -> set[int]:
+    """Inodes of every file that any epoll instance of `pid` watches."""
+    watched: set[int] = set()
+    for fd, target in _fd_links(pid):
+        if target != "anon_inode:[eventpoll]":
+            continue
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                text = f.read()
+        except OSError:
+            continue
+        watched.update(int(h, 16) for h in _EPOLL_INO.findall(text))
+    return watched
+
+
+def serving_holder(inode: int, hs: list[Holder], watched: dict[int, set[int]],
+                   group_count: dict[int, int]) -> Holder:
+    """Of the holders of one socket, the one that serves it: a holder whose
+    epoll set watches it, else any holder; among those, the one holding the
+    fewest sockets of the group (a worker rather than its master), then the
+    lowest pid."""
+    epolling = [h for h in hs if inode in watched.get(h.pid, ())]
+    pool = epolling or hs
+    return min(pool, key=lambda h: (group_count.get(h.pid, 0), h.pid, h.fd))
+
+
+def take_socket(pid: int, fd: int, inode: int) -> socket.socket:
+    """Duplicate pid's fd into this process and check it is still `inode`."""
+    try:
+        pidfd = bpf.pidfd_open(pid)
+    except ProcessLookupError:
+        raise UserError(f"process {pid} exited while reuseport-ctl was reading its sockets; "
+                        f"run the command again.") from None
+    try:
+        try:
+            ours = bpf.pidfd_getfd(pidfd, fd)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EACCES):
+                raise UserError(f"not allowed to take socket fd {fd} of process {pid} "
+                                f"(pidfd_getfd: {e.strerror}): run as root with "
+                                f"CAP_SYS_PTRACE.") from None
+            if e.errno in (errno.EBADF, errno.ESRCH):
+                raise UserError(f"process {pid} closed its socket (fd {fd}) while "
+                                f"reuseport-ctl was reading it; run the command again.") from None
+            raise
+    finally:
+        os.close(pidfd)
+    if os.fstat(ours).st_ino != inode:
+        os.close(ours)
+        raise UserError(f"process {pid} reused fd {fd} for another file while reuseport-ctl "
+                        f"was reading it; run the command again.")
+    return socket.socket(fileno=ours)
+
+
+def uses_reuseport(sock: socket.socket) -> bool:
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
+def detach_reuseport_prog(sock: socket.socket) -> bool:
+    """SO_DETACH_REUSEPORT_BPF: give the group back to the kernel's own hash.
+    False if the group had no program."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, bpf.SO_DETACH_REUSEPORT_BPF, 0)
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def attach_reuseport_ebpf(sock: socket.socket, prog_fd: int) -> None:
+    """SO_ATTACH_REUSEPORT_EBPF: (re)attach a loaded program to sock's group."""
+    sock.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, prog_fd)
+
+
+# --- capabilities ---------------------------------------------------------------
+
+def effective_caps(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def missing_caps(caps: int | None = None) -> list[str]:
+    """Names of what steering a group needs and this process lacks: CAP_BPF
+    (or CAP_SYS_ADMIN) to load and pin programs, CAP_NET_ADMIN for
+    SK_REUSEPORT programs. (Taking another user's sockets also needs
+    CAP_SYS_PTRACE; take_socket() says so when the kernel refuses.)"""
+    caps = effective_caps() if caps is None else caps
+    have = lambda c: bool(caps & (1 << c))  # noqa: E731
+    missing = []
+    if not (have(CAP_BPF) or have(CAP_SYS_ADMIN)):
+        missing.append("CAP_BPF")
+    if not (have(CAP_NET_ADMIN) or have(CAP_SYS_ADMIN)):
+        missing.append("CAP_NET_ADMIN")
+    return missing
