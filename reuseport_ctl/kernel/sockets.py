@@ -17,7 +17,6 @@ from ..errors import UserError
 from . import bpf
 
 # /proc/net/tcp states that hold a port: LISTEN (0A) and bound-only CLOSE (07).
-_TCP_HOLDING = {"0A", "07"}
 
 
 def resolve(host: str, port: int, proto: str) -> tuple[int, tuple]:
@@ -109,73 +108,34 @@ class PortHolder:
 
 
 def port_holders(proto: str, port: int, exclude: set[int] = frozenset()) -> list[PortHolder]:
-    """Sockets of this network namespace bound to `port` (any address), read
-    from /proc/net/{tcp,tcp6,udp,udp6}; TCP counts only listeners and
-    bound-only sockets, never connections or TIME_WAIT."""
-    found: dict[int, int] = {}
-    for table in (proto, proto + "6"):
-        try:
-            lines = open(f"/proc/net/{table}").read().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) < 10 or int(f[1].rsplit(":", 1)[1], 16) != port:
-                continue
-            if proto == "tcp" and f[3] not in _TCP_HOLDING:
-                continue
-            inode = int(f[9])
-            if inode and inode not in exclude:
-                found[inode] = int(f[7])
+    """Sockets of this network namespace listening (TCP) or bound (UDP) on
+    `port`, any address, from sock_diag; each with a process holding it."""
+    from .diag import listeners
+    from .owners import holders
+
+    found = {s.inode: s.uid for s in listeners(port, proto) if s.inode not in exclude}
     if not found:
         return []
-    owners = _fd_owners(set(found))
+    held = holders(set(found))
     out = []
     for inode, uid in found.items():
-        pid, fd = owners.get(inode, (None, None))
-        out.append(PortHolder(uid, inode, pid, fd, _reuseport_of(pid, fd)))
+        h = held[inode][0] if held[inode] else None
+        out.append(PortHolder(uid, inode, h and h.pid, h and h.fd, _reuseport_of(h)))
     return out
 
 
-def _fd_owners(inodes: set[int]) -> dict[int, tuple[int, int]]:
-    """inode -> (pid, fd) of the lowest pid holding it."""
-    want = {f"socket:[{i}]": i for i in inodes}
-    owners: dict[int, tuple[int, int]] = {}
-    pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
-    for pid in pids:
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                inode = want.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
-            except OSError:
-                continue
-            if inode is not None and inode not in owners:
-                owners[inode] = (pid, int(fd))
-    return owners
+def _reuseport_of(holder) -> Optional[bool]:
+    """SO_REUSEPORT on another process's socket, read through pidfd_getfd."""
+    from .owners import take_socket, uses_reuseport
 
-
-def _reuseport_of(pid: Optional[int], fd: Optional[int]) -> Optional[bool]:
-    """Read SO_REUSEPORT on another process's socket through pidfd_getfd."""
-    if pid is None or fd is None:
+    if holder is None:
         return None
     try:
-        pidfd = bpf.pidfd_open(pid)
-    except OSError:
+        s = take_socket(holder.pid, holder.fd, holder.inode)
+    except (UserError, OSError):
         return None
-    try:
-        dup = bpf.pidfd_getfd(pidfd, fd)
-    except OSError:
-        return None
-    finally:
-        os.close(pidfd)
-    s = socket.socket(fileno=dup)
-    try:
-        return bool(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
-    finally:
-        s.close()
+    with s:
+        return uses_reuseport(s)
 
 
 def check_port_free(host: str, port: int, proto: str, *, reuseport: bool, uid: int) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..kernel import bpf
+from ..kernel.owners import detach_reuseport_prog as detach
 from . import Policy, cbpf
 from .tables import slot_table
 
@@ -91,14 +92,6 @@ def read_selections(map_fd: int, n: int) -> list[int]:
         raw = bpf.map_lookup(map_fd, bpf.u32(slot), 8)
         out.append(struct.unpack("=Q", raw)[0] if raw else 0)
     return out
-
-
-def detach(sock: socket.socket) -> None:
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, bpf.SO_DETACH_REUSEPORT_BPF, 0)
-    except OSError as e:
-        if e.errno != 2:        # ENOENT: nothing attached, already as it was
-            raise
 
 
 def attach_policy(policy: Policy, socks: list[socket.socket]) -> Selector:
