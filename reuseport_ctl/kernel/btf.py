@@ -132,6 +132,17 @@ class BTF:
     def has_func(self, name: str) -> bool:
         return self.find(name, FUNC) is not None
 
+    def func_params(self, name: str) -> list[str]:
+        """Parameter names of a kernel function, from its FUNC_PROTO (a
+        12-byte header, then a (name_off, type) pair per parameter)."""
+        fid = self.find(name, FUNC)
+        if fid is None:
+            raise BTFError(f"this kernel's BTF has no function {name}")
+        proto = self.type(self.type(fid).size_or_type)
+        pos = self._offs[proto.id] + 12
+        return [self._str(struct.unpack_from("<II", self._data, pos + 8 * i)[0])
+                for i in range(proto.vlen)]
+
     def resolve(self, type_id: int) -> Type:
         """Skip typedefs and qualifiers (const, volatile, ...)."""
         t = self.type(type_id)
@@ -207,6 +218,10 @@ def member_offset(struct_name: str, path: str) -> int:
 
 def has_func(name: str) -> bool:
     return vmlinux().has_func(name)
+
+
+def func_params(name: str) -> list[str]:
+    return vmlinux().func_params(name)
 
 
 def offset_macros(fields: dict[str, tuple[str, str]]) -> list[str]:

@@ -32,6 +32,7 @@ class Listener:
     uid: int
     queue_len: int       # idiag_rqueue: TCP accept-queue length / UDP bytes queued
     backlog: int         # idiag_wqueue: TCP listen() backlog / UDP bytes to send
+    cookie: int = 0      # idiag_cookie: the socket cookie BPF programs see
 
     @property
     def family_name(self) -> str:
@@ -64,7 +65,7 @@ def listeners(port: int, proto: str = "tcp") -> list[Listener]:
                         inode=m["idiag_inode"], family=m["idiag_family"], proto=proto,
                         addr=m["idiag_src"], port=port, ifindex=m["idiag_if"],
                         uid=m["idiag_uid"], queue_len=m["idiag_rqueue"],
-                        backlog=m["idiag_wqueue"]))
+                        backlog=m["idiag_wqueue"], cookie=m["idiag_cookie"]))
     except OSError as e:
         if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT):
             raise UserError(f"this kernel has no {proto} sock_diag (inet_diag) support, "

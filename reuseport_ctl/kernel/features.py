@@ -31,7 +31,7 @@ MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 LOOKUP_FUNC = "__inet_lookup_listener"   # what the lookup probe hooks
 FENTRY_FUNC = "tcp_v4_rcv"
 DATA_READY_TP = "sock:sk_data_ready"
-WAKEUP_TP = "sched:sched_wakeup"
+WAKEUP_TP = "sched:sched_waking"   # fires in the waker, inside the data-ready
 
 # Facility names: other layers (probes/strategy.py, tests) refer to these.
 SO_REUSEPORT = "SO_REUSEPORT"

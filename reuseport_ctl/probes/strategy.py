@@ -48,7 +48,7 @@ CHAINS: dict[str, tuple[Step, ...]] = {
     # Wakeups: which worker processes each data-ready event woke.
     "wakeups": (
         Step("tracepoint", F.WAKEUP_TP, (F.TRACEPOINTS, F.BCC),
-             "sched:sched_wakeup filtered to worker pids counts process wakeups"),
+             "sched:sched_waking (the waker-side twin of sched_wakeup), filtered to worker pids, counts process wakeups"),
     ),
 }
 

@@ -1,0 +1,211 @@
+// Data-ready and wakeup probes for one watched local port.
+//
+//   data-ready  sock_def_readable() on a listener of PORT (TCP: a socket in
+//               TCP_LISTEN; UDP: any socket bound to PORT), counted per
+//               listener socket cookie.
+//   wakeups     process wakeups of the watched pids (rp_pids) made while
+//               such a data-ready is being handled on this CPU.
+//   eagain      accept/accept4 (TCP) or recvfrom (UDP) of a watched pid
+//               returning -EAGAIN: a wakeup that found nothing to do.
+//
+// Everything is counted here, in maps; user space reads them once per
+// interval. No perf buffer.
+//
+// bcc dialect, UAPI headers only. Built with:
+//   -DPORT, -DPROTO (6|17), -DMAX_PIDS
+//   -DSKC_NUM_OFF, -DSKC_STATE_OFF, -DSKC_COOKIE_OFF, -DSK_PROTOCOL_OFF,
+//   -DSKC_NET_OFF, -DNET_INUM_OFF    struct offsets from the running
+//                                    kernel's BTF
+//   -DNETNS_INUM=<inode>             only sockets of this netns (0: any)
+// and for how a wakeup is tied to the data-ready that made it:
+//   -DDR_KPROBE                      data-ready by kprobe on sock_def_readable;
+//                                    its kretprobe ends the scope (exact)
+//   -DSDR_START, -DSDR_END           (tracepoint) sock_def_readable's address
+//                                    range, from kallsyms: a wakeup counts when
+//                                    the waker's kernel stack is inside it
+//   -DWINDOW_NS                      (tracepoint, no kallsyms) a wakeup counts
+//                                    within WINDOW_NS of the data-ready
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/ptrace.h>
+
+#define RP_TCP_LISTEN   10
+#define RP_EAGAIN       11
+#define RP_STACK_DEPTH  32
+
+// The data-ready being handled on this CPU. Set by a data-ready of a watched
+// listener, cleared by any other data-ready on this CPU (and, with the
+// kprobe, by sock_def_readable's return).
+//
+// Why this is sound with the tracepoint: sk_data_ready fires at the top of
+// sock_def_readable, and the wakeups it causes (wake_up_interruptible_sync_poll
+// on the socket's wait queue: blocked accept(), recvfrom(), or epoll's
+// ep_poll_callback waking each epoll_wait()er) follow synchronously on the
+// same CPU, in softirq or with BH off, before anything else can run there.
+// sched_waking (not sched_wakeup) is used because it fires in the waker's
+// context; sched_wakeup of an idle remote CPU is deferred to that CPU's IPI.
+// What could follow on this CPU after sock_def_readable returns without
+// another data-ready in between (a write-space wakeup, a signal) is excluded
+// by checking that the waker's stack is inside sock_def_readable (or, where
+// kallsyms hides addresses, by a short time window).
+struct rp_mark {
+    u64 cookie;
+    u64 ts;
+    u64 active;
+};
+BPF_PERCPU_ARRAY(rp_wk_mark, struct rp_mark, 1);
+
+BPF_HASH(rp_ready, u64, u64, 4096);            // listener cookie -> data-ready events
+BPF_HASH(rp_pids, u32, u8, MAX_PIDS);          // the watched pids (filter)
+BPF_HASH(rp_wakeups, u32, u64, MAX_PIDS);      // pid -> wakeups by a listener data-ready
+BPF_HASH(rp_eagain, u32, u64, MAX_PIDS);       // pid -> accept/recvfrom returning EAGAIN
+
+static __always_inline void add(void *map_lookup_ret)
+{
+    if (map_lookup_ret)
+        __sync_fetch_and_add((u64 *)map_lookup_ret, 1);
+}
+
+// Is sk a watched listener? Its cookie in *cookie (0 if none generated yet:
+// sock_diag generates one, see probes/session.py).
+static __always_inline int watched(const void *sk, u64 *cookie)
+{
+    u16 num = 0, proto = 0;
+    bpf_probe_read_kernel(&num, sizeof(num), (void *)sk + SKC_NUM_OFF);
+    if (num != PORT)
+        return 0;
+    bpf_probe_read_kernel(&proto, sizeof(proto), (void *)sk + SK_PROTOCOL_OFF);
+    if (proto != PROTO)
+        return 0;
+#if PROTO == 6
+    u8 state = 0;
+    bpf_probe_read_kernel(&state, sizeof(state), (void *)sk + SKC_STATE_OFF);
+    if (state != RP_TCP_LISTEN)
+        return 0;           // an accepted connection on the port, not a listener
+#endif
+#if NETNS_INUM
+    u64 net = 0;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&net, sizeof(net), (void *)sk + SKC_NET_OFF);
+    bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NET_INUM_OFF));
+    if (inum != NETNS_INUM)
+        return 0;
+#endif
+    bpf_probe_read_kernel(cookie, sizeof(*cookie), (void *)sk + SKC_COOKIE_OFF);
+    return 1;
+}
+
+static __always_inline void data_ready(const void *sk)
+{
+    u32 zero = 0;
+    u64 cookie = 0, init = 0;
+    struct rp_mark *m = rp_wk_mark.lookup(&zero);
+    if (!m)
+        return;
+    if (!watched(sk, &cookie)) {
+        m->active = 0;
+        return;
+    }
+    add(rp_ready.lookup_or_try_init(&cookie, &init));
+    m->cookie = cookie;
+    m->ts = bpf_ktime_get_ns();
+    m->active = 1;
+}
+
+#ifdef DR_KPROBE
+int rp_dr_kprobe(struct pt_regs *ctx)
+{
+    data_ready((const void *)PT_REGS_PARM1(ctx));
+    return 0;
+}
+
+int rp_dr_kretprobe(struct pt_regs *ctx)
+{
+    u32 zero = 0;
+    struct rp_mark *m = rp_wk_mark.lookup(&zero);
+    if (m)
+        m->active = 0;
+    return 0;
+}
+#else
+// sock:sk_data_ready (events/sock/sk_data_ready/format)
+struct rp_sk_data_ready_args {
+    u64 common;
+    const void *skaddr;
+    u16 family;
+    u16 protocol;
+    u64 ip;
+};
+
+int rp_dr_tp(struct rp_sk_data_ready_args *args)
+{
+    data_ready(args->skaddr);
+    return 0;
+}
+#endif
+
+// sched:sched_waking (same fields as sched_wakeup)
+struct rp_sched_waking_args {
+    u64 common;
+    char comm[16];
+    int pid;
+    int prio;
+    int target_cpu;
+};
+
+#if !defined(DR_KPROBE) && defined(SDR_START)
+static __always_inline int in_sock_def_readable(void *ctx)
+{
+    u64 ips[RP_STACK_DEPTH] = {};
+    long n = bpf_get_stack(ctx, ips, sizeof(ips), 0);
+    if (n <= 0)
+        return 0;
+    for (int i = 0; i < RP_STACK_DEPTH; i++) {
+        if (i * 8 >= n)
+            break;
+        if (ips[i] > SDR_START && ips[i] <= SDR_END)
+            return 1;
+    }
+    return 0;
+}
+#endif
+
+int rp_wk_tp(struct rp_sched_waking_args *args)
+{
+    u32 pid = args->pid, zero = 0;
+    u64 init = 0;
+    if (!rp_pids.lookup(&pid))
+        return 0;
+    struct rp_mark *m = rp_wk_mark.lookup(&zero);
+    if (!m || !m->active)
+        return 0;
+#if defined(DR_KPROBE)
+    // the kretprobe clears the mark: active means inside sock_def_readable
+#elif defined(SDR_START)
+    if (!in_sock_def_readable(args))
+        return 0;
+#else
+    if (bpf_ktime_get_ns() - m->ts > WINDOW_NS)
+        return 0;
+#endif
+    add(rp_wakeups.lookup_or_try_init(&pid, &init));
+    return 0;
+}
+
+// syscalls:sys_exit_accept4 / sys_exit_accept / sys_exit_recvfrom
+struct rp_sys_exit_args {
+    u64 common;
+    int nr;
+    long ret;
+};
+
+int rp_ea_tp(struct rp_sys_exit_args *args)
+{
+    if (args->ret != -RP_EAGAIN)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 init = 0;
+    if (!rp_pids.lookup(&tgid))
+        return 0;
+    add(rp_eagain.lookup_or_try_init(&tgid, &init));
+    return 0;
+}

@@ -1,0 +1,162 @@
+"""A probe session: the lookup, data-ready and wakeup probes of one watched
+port, attached together, read together (once per interval), closed together.
+
+    with ProbeSession(port, "tcp", pids=sup.pids().values()) as ps:
+        ...
+        t = ps.read()        # totals since the session started
+        ps.strategies        # what is attached, and why
+
+Everything is counted in the kernel, in BPF maps; read() does one pass over
+each map. Closing detaches every probe and frees every program and map; two
+sessions side by side (two `watch`es) each have their own.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+from ..errors import UserError
+from ..kernel import diag, features
+from .lookup import LookupProbe
+from .programs import PROTO_NUMBERS, netns_inum
+from .strategy import CHAINS, Strategy, choose
+from .wakeup import WAKING_TP, WakeupProbe
+
+OWN_NETNS = "/proc/thread-self/ns/net"
+
+
+@dataclass
+class ProbeTotals:
+    """Totals since the session started; each read() returns new totals
+    (rates are the difference of two reads over the difference of ts)."""
+    ts: float                           # time.monotonic() of the read
+    lookups: int | None                 # listener lookups for the port (None: no lookup strategy)
+    lookups_by_class: dict[str, int]    # {"tcp4": n, "tcp6": m} or udp4/udp6 ({} for selector)
+    lookup_latency_log2_ns: dict[int, int] | None   # log2(ns) -> lookups; kprobe strategy only
+    data_ready: dict[int, int]          # listener socket cookie -> data-ready events
+    wakeups: dict[int, int]             # pid -> process wakeups caused by a listener data-ready
+    accept_eagain: dict[int, int]       # pid -> accept/accept4 (UDP: recvfrom) said EAGAIN
+
+
+def default_strategies() -> dict[str, Strategy]:
+    """choose() over the facilities the probe chains need (not all of doctor's)."""
+    needed = {n for steps in CHAINS.values() for step in steps for n in step.needs}
+    return choose(features.probe(n, fn) for n, fn in features.PROBES if n in needed)
+
+
+def socket_cookies(port: int, proto: str) -> dict[int, int]:
+    """cookie -> inode of the sockets listening (TCP) / bound (UDP) on port, in
+    the calling thread's network namespace. Asking sock_diag also makes the
+    kernel assign a cookie to a socket that had none, so the data-ready
+    program (which reads sk_cookie) sees it from then on."""
+    return {s.cookie: s.inode for s in diag.listeners(port, proto)}
+
+
+class ProbeSession:
+    def __init__(self, port: int, proto: str = "tcp", pids: Iterable[int] = (),
+                 strategies: dict | None = None, *, netns: str = OWN_NETNS,
+                 selections: Optional[Callable[[], Optional[list[int]]]] = None):
+        """Attach the probes for `port`. strategies: choose()'s answer (doctor
+        already has one); None probes the kernel for it. netns: the watched
+        server's network namespace (e.g. /proc/<pid>/ns/net). selections: the
+        group's selector counters, used for lookups by the "selector" strategy."""
+        if proto not in PROTO_NUMBERS:
+            raise UserError(f"protocol must be tcp or udp, not {proto!r}.")
+        if not 1 <= port <= 65535:
+            raise UserError(f"port must be between 1 and 65535, not {port}.")
+        self.port, self.proto, self.netns = port, proto, netns
+        self._selections = selections
+        self._uncookied = 0
+        self._own_netns = netns_inum(netns) == netns_inum(OWN_NETNS)
+        chosen = dict(strategies) if strategies is not None else default_strategies()
+        self._lookup = LookupProbe(port, proto, netns)
+        self._wakeup = WakeupProbe(port, proto, netns)
+        self._wakeup.set_pids(pids)
+        self.strategies: dict[str, Strategy] = {}
+        try:
+            if self._own_netns:
+                socket_cookies(port, proto)     # give every listener a cookie now
+            self.strategies["lookup"] = self._chain("lookup", chosen.get("lookup"),
+                                                    self._lookup.attach)
+            wk = chosen.get("wakeups")
+            wk_name = wk.name if wk is not None else "none"
+            self.strategies["data_ready"] = self._chain(
+                "data_ready", chosen.get("data_ready"),
+                lambda name: self._wakeup.attach(name, wk_name))
+            self.strategies["wakeups"] = self._wakeups_strategy(wk)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- strategies -------------------------------------------------------------
+
+    @staticmethod
+    def _chain(probe: str, chosen: Strategy | None, attach: Callable[[str], None]) -> Strategy:
+        """Attach the chosen strategy; if the kernel refuses it after all, the
+        next ones in its chain, saying why."""
+        if chosen is None or chosen.name == "none":
+            return chosen or Strategy("none", "not requested")
+        steps = CHAINS[probe]
+        names = [s.name for s in steps]
+        start = names.index(chosen.name) if chosen.name in names else 0
+        failed: list[str] = []
+        for i, step in enumerate(steps[start:]):
+            try:
+                attach(step.name)
+            except Exception as e:              # bcc raises plain Exception
+                failed.append(f"{step.name} failed to attach ({e})")
+                continue
+            reason = chosen.reason if i == 0 else "; ".join(failed + [step.gives])
+            return Strategy(step.name, reason, step.target)
+        return Strategy("none", "; ".join(failed) + "; this probe is off")
+
+    def _wakeups_strategy(self, chosen: Strategy | None) -> Strategy:
+        wp = self._wakeup
+        if chosen is None or chosen.name == "none":
+            return chosen or Strategy("none", "not requested")
+        if wp.data_ready == "none":
+            return Strategy("none", "wakeups are counted per data-ready event, and the "
+                                    "data-ready probe is off")
+        if wp.wakeups == "none":
+            return Strategy("none", f"{WAKING_TP} could not be attached ({wp.wakeups_error})")
+        eagain = (f"; EAGAIN from {', '.join(wp.eagain_tps)}" if wp.eagain_tps
+                  else "; no syscalls tracepoints: no EAGAIN counts")
+        return Strategy(wp.wakeups, f"{chosen.reason}; {WAKING_TP} (the waker's side of "
+                                    f"sched_wakeup); {wp.scope}{eagain}", WAKING_TP)
+
+    # --- use --------------------------------------------------------------------
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        """Replace the watched pids (workers joined or left). Wakeups are
+        matched by the woken task's id and EAGAINs by the caller's process id:
+        the same for single-threaded workers (ours, nginx); for a threaded
+        server pass its thread ids too."""
+        self._wakeup.set_pids(pids)
+
+    def read(self) -> ProbeTotals:
+        lookups, by_class, latency = self._lookup.read()
+        if self.strategies.get("lookup", Strategy("none", "")).name == "selector":
+            sel = self._selections() if self._selections else None
+            lookups = sum(sel) if sel is not None else None
+        ready, wakeups, eagain = self._wakeup.read()
+        if ready.get(0, 0) > self._uncookied and self._own_netns:
+            # a listener that had no cookie yet (one created after we started):
+            # asking sock_diag gives it one, counted under it from now on
+            self._uncookied = ready[0]
+            socket_cookies(self.port, self.proto)
+        return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain)
+
+    def close(self) -> None:
+        """Detach everything; idempotent."""
+        self._lookup.close()
+        self._wakeup.close()
+
+    def __enter__(self) -> "ProbeSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+__all__ = ["ProbeTotals", "ProbeSession", "socket_cookies", "default_strategies"]

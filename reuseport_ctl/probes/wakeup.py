@@ -1,0 +1,129 @@
+"""The data-ready and wakeup probes (bpf/wakeup.c): one owner for the
+programs, the pid filter map and the counters.
+
+Strategies (probes/strategy.py):
+  data_ready  kprobe (+kretprobe) on sock_def_readable, or the tracepoint
+              sock:sk_data_ready that fires inside it
+  wakeups     tracepoint sched:sched_waking filtered to the watched pids; the
+              waker-context twin of sched:sched_wakeup (see bpf/wakeup.c)
+plus accept/accept4 (recvfrom for UDP) returning EAGAIN from the syscalls
+tracepoints, where this kernel has them.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+from functools import lru_cache
+from typing import Iterable
+
+from ..errors import UserError
+from ..kernel import btf, tracefs
+from ..kernel.kallsyms import symbol_range
+from .programs import PROTO_NUMBERS, SOCK_FIELDS, netns_macros, program_source
+
+MAX_PIDS = 4096
+WAKING_TP = "sched:sched_waking"
+DATA_READY_FUNC = "sock_def_readable"
+# Where kallsyms hides addresses: a wakeup within this long after the
+# data-ready on the same CPU is taken as caused by it.
+WINDOW_NS = 200_000
+EAGAIN_TPS = {"tcp": ("syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"),
+              "udp": ("syscalls:sys_exit_recvfrom",)}
+
+
+@lru_cache(maxsize=1)
+def _sdr_range() -> tuple[int, int] | None:
+    return symbol_range(DATA_READY_FUNC)
+
+
+class WakeupProbe:
+    def __init__(self, port: int, proto: str, netns: str):
+        self.port, self.proto, self.netns = port, proto, netns
+        self.data_ready = self.wakeups = "none"
+        self.scope = ""                 # how wakeups are tied to data-ready (for the reason)
+        self.eagain_tps: list[str] = []
+        self.wakeups_error = ""
+        self._bpf = None
+        self._pids: set[int] = set()
+
+    def attach(self, data_ready: str, wakeups: str) -> None:
+        """Attach the data-ready strategy and, if not "none", the wakeup one
+        (which needs data-ready: that is what it scopes wakeups by)."""
+        if data_ready == "none":
+            return
+        try:
+            self._attach(data_ready, wakeups)
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, data_ready: str, wakeups: str) -> None:
+        from ..kernel.bcc import compile_program
+        if data_ready not in ("kprobe", "tracepoint"):
+            raise UserError(f"unknown data-ready strategy {data_ready!r}.")
+        flags = [f"-DPORT={self.port}", f"-DPROTO={PROTO_NUMBERS[self.proto]}",
+                 f"-DMAX_PIDS={MAX_PIDS}", *btf.offset_macros(SOCK_FIELDS),
+                 *netns_macros(self.netns)]
+        if data_ready == "kprobe":
+            flags.append("-DDR_KPROBE")
+            self.scope = f"wakeups counted between {DATA_READY_FUNC}'s kprobe and kretprobe"
+        elif (r := _sdr_range()) is not None:
+            flags += [f"-DSDR_START={r[0]:#x}ULL", f"-DSDR_END={r[1]:#x}ULL"]
+            self.scope = f"wakeups counted when the waker's stack is inside {DATA_READY_FUNC}"
+        else:
+            flags.append(f"-DWINDOW_NS={WINDOW_NS}")
+            self.scope = (f"kallsyms hides addresses: wakeups counted within "
+                          f"{WINDOW_NS // 1000} us of the data-ready on the same CPU")
+        tracefs.ensure()
+        b = self._bpf = compile_program(program_source("wakeup.c"), flags)
+        pids, self._pids = self._pids, set()
+        self.set_pids(pids)             # pids given before the program existed
+        if data_ready == "kprobe":
+            b.attach_kprobe(event=DATA_READY_FUNC.encode(), fn_name=b"rp_dr_kprobe")
+            b.attach_kretprobe(event=DATA_READY_FUNC.encode(), fn_name=b"rp_dr_kretprobe")
+        else:
+            b.attach_tracepoint(tp=b"sock:sk_data_ready", fn_name=b"rp_dr_tp")
+        self.data_ready = data_ready
+        if wakeups == "none":
+            return
+        try:
+            b.attach_tracepoint(tp=WAKING_TP.encode(), fn_name=b"rp_wk_tp")
+        except Exception as e:          # data-ready still counts without it
+            self.wakeups_error = str(e)
+            return
+        self.wakeups = wakeups
+        root = tracefs.ensure()
+        for tp in EAGAIN_TPS[self.proto]:
+            if tracefs.event_dir(root, tp).is_dir():      # CONFIG_FTRACE_SYSCALLS
+                b.attach_tracepoint(tp=tp.encode(), fn_name=b"rp_ea_tp")
+                self.eagain_tps.append(tp)
+
+    def set_pids(self, pids: Iterable[int]) -> None:
+        want = {int(p) for p in pids}
+        if len(want) > MAX_PIDS:
+            raise UserError(f"at most {MAX_PIDS} pids can be watched, not {len(want)}.")
+        if self._bpf is not None:
+            table = self._bpf[b"rp_pids"]
+            for pid in self._pids - want:
+                try:
+                    del table[ct.c_uint(pid)]
+                except KeyError:
+                    pass
+            for pid in want - self._pids:
+                table[ct.c_uint(pid)] = ct.c_ubyte(1)
+        self._pids = want
+
+    def read(self) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
+        """(cookie -> data-ready, pid -> wakeups, pid -> EAGAIN), each map read once."""
+        if self._bpf is None:
+            return {}, {}, {}
+
+        def items(name: bytes) -> dict[int, int]:
+            return {k.value: v.value for k, v in self._bpf[name].items()}
+        wakeups = items(b"rp_wakeups") if self.wakeups != "none" else {}
+        eagain = items(b"rp_eagain") if self.eagain_tps else {}
+        return items(b"rp_ready"), wakeups, eagain
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()         # detaches every probe, frees programs and maps
+            self._bpf = None
