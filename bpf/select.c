@@ -9,6 +9,8 @@
 //   -DMAX_SLOTS, -DTABLE_SIZE
 //   least-loaded also: -DSELECTED_SK_OFF, -DLOAD_OFF (kernel struct offsets,
 //                      from BTF)
+//   queue also:        -DSKB_OFF, -DQUEUE_MAPPING_OFF (from BTF)
+//   numa also:         -DNODE_DIR (entries of `table` that are the node directory)
 #include <uapi/linux/bpf.h>
 
 #define P_MOD       1   // hash % n                       (modulo-N)
@@ -16,6 +18,8 @@
 #define P_JUMP      3   // jump consistent hash            (Lamping & Veach)
 #define P_COUNTER   4   // atomic counter % n              (round-robin, weighted)
 #define P_LEAST     5   // fewest queued (accept queue / receive memory)
+#define P_QUEUE     6   // the skb's receive queue % n
+#define P_NUMA      7   // the receiving CPU's NUMA node -> one of that node's slots
 
 // Per slot: how often this program chose it (read by status/watch).
 BPF_ARRAY(rp_selections, u64, MAX_SLOTS);
@@ -67,6 +71,23 @@ static __always_inline u32 load_of(struct sk_reuseport_md *md, u32 slot)
 }
 #endif
 
+#if POLICY == P_QUEUE
+// The receive queue of the skb. struct sk_reuseport_md has no field for it,
+// but the context is a struct sk_reuseport_kern: its skb is read at the BTF
+// offset, then the skb's queue_mapping. A driver that recorded the queue
+// stores queue + 1 there (skb_record_rx_queue); 0 means none was recorded
+// (loopback): queue 0, as skb_get_rx_queue() would say.
+static __always_inline u32 rx_queue(struct sk_reuseport_md *md)
+{
+    u64 skb = 0;
+    u16 mapping = 0;
+    bpf_probe_read_kernel(&skb, sizeof(skb), (void *)md + SKB_OFF);
+    if (skb)
+        bpf_probe_read_kernel(&mapping, sizeof(mapping), (void *)(skb + QUEUE_MAPPING_OFF));
+    return mapping ? mapping - 1 : 0;
+}
+#endif
+
 int rp_select(struct sk_reuseport_md *md)
 {
     u32 k_len = 0, k_rr = 1, k_fail = 2;
@@ -102,6 +123,19 @@ int rp_select(struct sk_reuseport_md *md)
             idx = k;
         }
     }
+#elif POLICY == P_QUEUE
+    idx = rx_queue(md) % n;
+#elif POLICY == P_NUMA
+    // table[node] = count << 16 | first: that node's slots are listed at
+    // table[first .. first + count) (user space fills it from the CPU -> node
+    // map and the workers' CPUs; a node without workers lists every slot).
+    u32 node = bpf_get_numa_node_id();
+    if (node >= NODE_DIR)
+        return SK_PASS;
+    u32 *dir = rp_table.lookup(&node);
+    if (!dir || (*dir >> 16) == 0)
+        return SK_PASS;
+    idx = (*dir & 0xffff) + md->hash % (*dir >> 16);
 #endif
 
     u32 *slot = rp_table.lookup(&idx);

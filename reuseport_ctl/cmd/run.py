@@ -34,7 +34,8 @@ Examples:
 @click.option("--policy", default="kernel", show_default=True,
               help="Selection policy for the reuseport group (see `reuseport-ctl --help`).")
 @click.option("--cpus", default=None,
-              help="Pin worker i to CPU list[i % len], e.g. 0,1 or 0-3 [default: usable CPUs].")
+              help="Pin worker i to CPU list[i % len], e.g. 0,1 or 0-3, or auto: worker k on "
+                   "CPU k (lines up with --policy cpu) [default: usable CPUs].")
 @click.option("--user", default=None, help="Run workers as this user; the group gets its uid.")
 @click.option("--backlog", type=int, default=1024, show_default=True, help="listen() backlog.")
 @click.option("--duration", "-d", type=float, default=None,
@@ -42,8 +43,10 @@ Examples:
 @click.option("--load", "load_n", type=int, default=None, metavar="N",
               help="Once the workers are up, make N connections (or datagrams) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--watch", "watch", is_flag=True,
+              help="Without --load: show the live `watch` dashboard while serving (q quits).")
 def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration, load_n,
-        as_json):
+        as_json, watch):
     """Spawn a group of worker processes sharing one port, and report how the
     kernel spread the connections (TCP) or datagrams (UDP) over them.
 
@@ -53,9 +56,13 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         raise UserError(f"--load must be at least 1, not {load_n}.")
     if duration is not None and duration <= 0:
         raise UserError(f"--duration must be positive, not {duration}.")
-    cfg = RunConfig(workers=len(usable_cpus()) if workers is None else workers, host=host,
-                    port=port, proto=proto, model=model, policy=parse_policy(policy),
-                    cpus=parse_cpus(cpus) if cpus else tuple(usable_cpus()), user=user,
+    n = len(usable_cpus()) if workers is None else workers
+    pol = parse_policy(policy)
+    if pol.name == "cpu" and model == "reuseport":
+        _check_cpu_policy(n)
+    cfg = RunConfig(workers=n, host=host,
+                    port=port, proto=proto, model=model, policy=pol,
+                    cpus=parse_cpus(cpus, workers=n) if cpus else tuple(usable_cpus()), user=user,
                     backlog=backlog)
     load = None
     with Supervisor(cfg) as sup:
@@ -63,6 +70,9 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         if sup.wait_ready():
             if load_n is not None:
                 load = sup.run_in_child(lambda: _load(client_host(host), sup.port, proto, load_n))
+            elif watch:
+                from .watch import watch_own
+                watch_own(sup, duration)
             else:
                 click.echo(f"reuseport-ctl: {cfg.workers} workers ready on {_addr(host, sup.port)} "
                            f"({proto}, {model}, policy {cfg.policy}); Ctrl-C stops.", err=True)
@@ -79,6 +89,19 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         if not console.is_terminal:
             console.width = 100     # a file or pipe has no width: do not cut the columns
         console.print(summary(rep))
+
+
+def _check_cpu_policy(workers: int) -> None:
+    """cpu sends CPU c's traffic to worker c % n: with more workers than
+    CPUs, the workers past the last CPU would get nothing."""
+    import os
+    ncpu = os.cpu_count() or 1
+    if workers > ncpu:
+        idle = ", ".join(map(str, range(ncpu, workers)))
+        raise UserError(f"policy cpu gives worker c the traffic CPU c receives, and this "
+                        f"machine has {ncpu} CPUs (0-{ncpu - 1}): no CPU would reach "
+                        f"worker{'s' if workers - ncpu > 1 else ''} {idle}; use "
+                        f"--workers {ncpu} or fewer.")
 
 
 def _load(host: str, port: int, proto: str, n: int) -> dict:

@@ -237,3 +237,10 @@ def prog_names() -> dict[int, str]:
 
 def map_names() -> dict[int, str]:
     return {i: n for i in map_ids() if (n := _info_name(MAP_GET_FD_BY_ID, i, 24)) is not None}
+
+
+def obj_id(fd: int) -> int:
+    """The kernel id of the program, map or link behind fd."""
+    info = ctypes.create_string_buffer(128)
+    bpf(OBJ_GET_INFO_BY_FD, struct.pack("=IIQ", fd, 128, ctypes.addressof(info)))
+    return struct.unpack_from("=I", info.raw, 4)[0]   # .id follows .type in every info struct

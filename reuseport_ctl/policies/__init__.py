@@ -4,8 +4,8 @@ connection or datagram.
     kernel                 no program: the kernel's own 4-tuple hash
     cpu, mod               classic BPF, assembled in Python (no bcc needed)
     hash, threshold, consistent, round-robin, weighted:W1,W2,..,
-    least-loaded, drain:K  eBPF (bcc): one SK_REUSEPORT program over a
-                           REUSEPORT_SOCKARRAY keyed by worker slot
+    least-loaded, drain:K, eBPF (bcc): one SK_REUSEPORT program over a
+    queue, numa            REUSEPORT_SOCKARRAY keyed by worker slot
 
 parse_policy() turns the user's spelling into a Policy; Policy.attach() loads
 and attaches it to a group and returns the Selector that owns every BPF object
@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from ..errors import UserError
 
 CBPF = ("cpu", "mod")
-EBPF = ("hash", "threshold", "consistent", "round-robin", "weighted", "least-loaded", "drain")
+EBPF = ("hash", "threshold", "consistent", "round-robin", "weighted", "least-loaded", "drain",
+        "queue", "numa")
 NAMES = ("kernel",) + CBPF + EBPF
 
 

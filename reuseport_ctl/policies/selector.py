@@ -24,7 +24,8 @@ MAX_SLOTS = 256
 LEAST_MAX_SLOTS = 64       # bpf/select.c: the verifier unrolls least-loaded's scan
 TABLE_SIZE = 1024
 POLICY_MACRO = {"hash": 1, "threshold": 2, "consistent": 3, "round-robin": 4,
-                "weighted": 4, "least-loaded": 5, "drain": 1}
+                "weighted": 4, "least-loaded": 5, "drain": 1, "queue": 6, "numa": 7}
+NODE_DIR = 64              # numa: table[0..NODE_DIR) is the node directory
 
 
 @lru_cache(maxsize=1)
@@ -94,7 +95,10 @@ def read_selections(map_fd: int, n: int) -> list[int]:
     return out
 
 
-def attach_policy(policy: Policy, socks: list[socket.socket]) -> Selector:
+def attach_policy(policy: Policy, socks: list[socket.socket],
+                  cpus: tuple[int, ...] | None = None) -> Selector:
+    """cpus: where the workers run (slot i on cpus[i % len]; default: usable
+    CPU i % count): numa uses it to place each slot on its node."""
     n = len(socks)
     if n == 0:
         raise UserError("the group has no sockets to steer.")
@@ -107,7 +111,7 @@ def attach_policy(policy: Policy, socks: list[socket.socket]) -> Selector:
         _attach_cbpf(policy, socks[0], n)
         return sel
     try:
-        _attach_ebpf(sel, socks)
+        _attach_ebpf(sel, socks, cpus)
     except BaseException:
         sel.release()
         raise
@@ -129,7 +133,7 @@ def _attach_cbpf(policy: Policy, sock: socket.socket, n: int) -> None:
                         f"({e.strerror}).") from None
 
 
-def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
+def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None) -> None:
     from ..kernel.bcc import compile_program
 
     policy, n = sel.policy, len(socks)
@@ -155,6 +159,12 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
         load = "sk_ack_backlog" if socks[0].type == socket.SOCK_STREAM else "sk_backlog.rmem_alloc"
         cflags += offset_macros({"SELECTED_SK_OFF": ("sk_reuseport_kern", "selected_sk"),
                                  "LOAD_OFF": ("sock", load)})
+    if policy.name == "queue":
+        from ..kernel.btf import offset_macros
+        cflags += offset_macros({"SKB_OFF": ("sk_reuseport_kern", "skb"),
+                                 "QUEUE_MAPPING_OFF": ("sk_buff", "queue_mapping")})
+    if policy.name == "numa":
+        cflags.append(f"-DNODE_DIR={NODE_DIR}")
     b = compile_program(program_source(), cflags)
     sel._bpf = b
     try:
@@ -164,7 +174,7 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
     sel.prog_fd = fn.fd
     for name in ("selections", "table", "config"):
         sel.maps[name] = b[f"rp_{name}".encode()].map_fd
-    table = slot_table(policy, n)
+    table = numa_table(slot_nodes(n, cpus)) if policy.name == "numa" else slot_table(policy, n)
     for i, slot in enumerate(table):
         bpf.map_update(sel.maps["table"], bpf.u32(i), bpf.u32(slot))
     bpf.map_update(sel.maps["config"], bpf.u32(0), bpf.u64(len(table)))
@@ -173,6 +183,37 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket]) -> None:
     except OSError as e:
         raise UserError(f"cannot attach the {policy.name} program to the group "
                         f"({e.strerror}).") from None
+
+
+def slot_nodes(n: int, cpus: tuple[int, ...] | None = None) -> list[int]:
+    """The NUMA node of each slot's worker (slot i runs on cpus[i % len])."""
+    from ..kernel.nic import cpu_nodes
+    from ..kernel.process import usable_cpus
+    cpus = tuple(cpus or usable_cpus())
+    node_of = cpu_nodes()
+    return [node_of.get(cpus[i % len(cpus)], 0) for i in range(n)]
+
+
+def numa_table(nodes: list[int]) -> list[int]:
+    """numa's `table`: a directory of NODE_DIR entries, count << 16 | first,
+    then each node's slots from `first` on. A node without a slot of its own
+    lists every slot (its traffic is spread over the whole group)."""
+    if max(nodes) >= NODE_DIR:
+        raise UserError(f"policy numa handles NUMA nodes 0..{NODE_DIR - 1}, "
+                        f"not node {max(nodes)}.")
+    table = [0] * NODE_DIR
+    every = list(range(len(nodes)))
+    table += every
+    for node in range(NODE_DIR):
+        mine = [s for s, nd in enumerate(nodes) if nd == node]
+        if mine:
+            table[node] = len(mine) << 16 | len(table)
+            table += mine
+        else:
+            table[node] = len(every) << 16 | NODE_DIR
+    if len(table) > TABLE_SIZE:
+        raise UserError(f"policy numa handles up to {(TABLE_SIZE - NODE_DIR) // 2} sockets.")
+    return table
 
 
 def _map_create(*args) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import select
 import socket
+import time
 
 from .counters import ACCEPTS, DATAGRAMS, EAGAIN, READY, REQUESTS, WAKEUPS, Slot
 from .http import BadRequest, next_request, responses, udp_reply
@@ -26,6 +27,22 @@ MODELS = ("reuseport", "shared-accept", "shared-epoll", "shared-epoll-exclusive"
 KEEPALIVE_IDLE_S = 5.0      # shared-accept: a worker is stuck with an idle client until then
 _RECV = 65536
 _IN = select.EPOLLIN
+
+# --- per-request work (bench --work-us) -----------------------------------------
+# Busy CPU time spent on each request before it is answered, to emulate request
+# processing. Set once in the worker process (supervisor, from RunConfig.work_us).
+WORK_US = 0
+
+
+def set_work_us(us: int) -> None:
+    global WORK_US
+    WORK_US = int(us)
+
+
+def _work() -> None:
+    end = time.perf_counter_ns() + WORK_US * 1000
+    while time.perf_counter_ns() < end:
+        pass
 
 
 def run_worker(model: str, proto: str, slot: int, ctr: Slot, sock: socket.socket | None,
@@ -135,6 +152,8 @@ class _HttpConns:
             n, keep = r
             del c.inbuf[:n]
             self.ctr.inc(REQUESTS)
+            if WORK_US:
+                _work()
             c.outbuf += self.ok if keep else self.close
             c.closing = not keep
         self._flush(c)
@@ -230,6 +249,8 @@ def _serve_to_end(conn: socket.socket, ctr: Slot, ok: bytes, close: bytes, bad: 
             n, keep = r
             del buf[:n]
             ctr.inc(REQUESTS)
+            if WORK_US:
+                _work()
             conn.sendall(ok if keep else close)
             if not keep:
                 return
@@ -278,6 +299,8 @@ def _udp_from_channel(slot: int, ctr: Slot, sock: socket.socket, chan: socket.so
 
 
 def _echo(sock: socket.socket, slot: int, data: bytes, peer) -> None:
+    if WORK_US:
+        _work()
     try:
         sock.sendto(udp_reply(slot, data), peer)
     except OSError:         # the client went away; UDP does not care

@@ -59,6 +59,7 @@ class RunConfig:
     cpus: Optional[tuple[int, ...]] = None      # pin slot i to cpus[i % len]; None: no pinning
     user: Optional[str] = None
     backlog: int = 1024
+    work_us: int = 0        # busy CPU per request in the worker (bench --work-us)
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -74,6 +75,8 @@ class RunConfig:
             raise UserError(f"port must be between 0 and 65535, not {self.port}.")
         if self.backlog < 1:
             raise UserError(f"--backlog must be at least 1, not {self.backlog}.")
+        if not 0 <= self.work_us <= 1_000_000:
+            raise UserError(f"--work-us must be between 0 and 1000000, not {self.work_us}.")
         if self.policy.kind != "none" and self.model != "reuseport":
             raise UserError(f"policy {self.policy} steers a reuseport group, and the "
                             f"{self.model} model has a single socket: use --model reuseport.")
@@ -81,9 +84,19 @@ class RunConfig:
             self.policy.check_group_size(self.workers)
 
 
-def parse_cpus(spec: str, usable: Optional[list[int]] = None) -> tuple[int, ...]:
-    """'0,2' or '0-3' or '0-1,3' -> CPUs, each one this process may run on."""
+def parse_cpus(spec: str, usable: Optional[list[int]] = None,
+               workers: Optional[int] = None) -> tuple[int, ...]:
+    """'0,2' or '0-3' or '0-1,3' -> CPUs, each one this process may run on.
+    'auto' (given the worker count): worker k on CPU k, so that the cpu
+    policy (CPU c's traffic -> worker c) lines up with the pinning."""
     usable = process.usable_cpus() if usable is None else usable
+    if spec.strip() == "auto" and workers is not None:
+        missing = [k for k in range(workers) if k not in usable]
+        if missing:
+            raise UserError(f"--cpus auto pins worker k to CPU k, and CPU {missing[0]} is not "
+                            f"usable here (usable: {','.join(map(str, usable))}): use "
+                            f"--workers {_first_gap(usable)} or fewer, or list the CPUs.")
+        return tuple(range(workers))
     cpus: list[int] = []
     try:
         for part in spec.split(","):
@@ -99,6 +112,13 @@ def parse_cpus(spec: str, usable: Optional[list[int]] = None) -> tuple[int, ...]
         raise UserError(f"CPU {bad[0]} is not online or not allowed here "
                         f"(usable: {','.join(map(str, usable))}).")
     return tuple(cpus)
+
+
+def _first_gap(cpus: list[int]) -> int:
+    k = 0
+    while k in cpus:
+        k += 1
+    return k
 
 
 def client_host(host: str) -> str:
@@ -161,7 +181,7 @@ class Supervisor:
             s.setblocking(cfg.model in ("shared-accept", "dispatcher"))
         if cfg.policy.kind != "none":
             from ..policies.selector import attach_policy     # lands with the policies work
-            self.selector = attach_policy(cfg.policy, self.socks)
+            self.selector = attach_policy(cfg.policy, self.socks, cpus=cfg.cpus)
         if cfg.model == "dispatcher":
             self.chans = [ksock.channel_pair() for _ in range(cfg.workers)]
         self.counters = Counters(cfg.workers)
@@ -380,6 +400,7 @@ class Supervisor:
             if self.account:
                 process.drop_privileges(self.account)
             ctr = self.counters.slot(index)
+            models.set_work_us(cfg.work_us)
             if acceptor:
                 models.run_acceptor(cfg.proto, ctr, self.socks[0], [a for a, _ in self.chans])
             else:
