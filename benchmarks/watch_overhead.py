@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""What `reuseport-ctl watch` costs the server it watches, and itself.
+
+    .venv/bin/python benchmarks/watch_overhead.py [--rounds N] [--seconds S] [--json FILE]
+
+One nginx (2 workers, `listen ... reuseport`) on loopback, one client (wrk
+-t2 -c32, a new connection per request). Side by side in one run, rounds
+interleaved (A B, B A, ...) so drift hits both sides alike:
+
+  A  no watch
+  B  `reuseport-ctl watch --port P --json --interval 1` running, every
+     probe attached (sk_lookup observer, sock:sk_data_ready, sched_waking,
+     syscalls EAGAIN), its NDJSON going to /dev/null
+
+Reported: connections/s B ÷ A (ratio of medians; goal >= 0.97), and the
+watch process's own CPU over each B measurement as % of one core (goal
+<= 5 %), with its BPF programs' run time from kernel.bpf_stats_enabled
+(the in-kernel cost, paid by whichever CPU handles the packet) beside it.
+
+Loopback only, inside a network namespace: if this process is still in
+the init namespace it re-executes itself under `unshare --net`. Everything
+it starts is stopped on exit, Ctrl-C, SIGTERM and errors.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve()
+VENV_BIN = Path(sys.executable).parent
+RPCTL = shutil.which("reuseport-ctl", path=str(VENV_BIN)) or str(VENV_BIN / "reuseport-ctl")
+WRK = shutil.which("wrk") or "/usr/bin/wrk"
+NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin") or "/usr/sbin/nginx"
+NETNS_MARK = "REUSEPORT_CTL_BENCH_NETNS"
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+PORT = 18590
+CONC = 32
+GOAL_RATIO, GOAL_CPU = 0.97, 5.0
+DISTURBED = 15.0            # % of one core used by processes not ours voids a sample
+ATTEMPTS = 3
+
+err = Console(stderr=True)
+
+NGINX_CONF = """\
+worker_processes 2;
+worker_cpu_affinity auto;
+daemon off;
+user root;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=1024;
+        location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def ensure_netns() -> str:
+    def ino(pid):
+        try:
+            return os.stat(f"/proc/{pid}/ns/net").st_ino
+        except OSError:
+            return None             # init's namespace is not ours to inspect
+    init = ino(1)
+    if os.environ.get(NETNS_MARK) != "1" and (init is None or ino("self") == init):
+        if os.geteuid() != 0:
+            sys.exit("watch_overhead.py: needs root (network namespace, BPF probes).")
+        err.print("[bold]watch_overhead.py:[/] re-executing under `unshare --net` (loopback only).")
+        unshare = shutil.which("unshare") or "/usr/bin/unshare"
+        os.execve(unshare, [unshare, "--net", "--", sys.executable, str(HERE), *sys.argv[1:]],
+                  dict(os.environ, **{NETNS_MARK: "1"}))
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    return f"netns inode {ino('self')}"
+
+
+_started: list[subprocess.Popen] = []
+
+
+def spawn(argv, **kw) -> subprocess.Popen:
+    p = subprocess.Popen(argv, **kw)
+    _started.append(p)
+    return p
+
+
+def stop(p: subprocess.Popen, sig=signal.SIGTERM, grace=10.0) -> None:
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    if p in _started:
+        _started.remove(p)
+
+
+def _on_term(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def wait_http(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                if s.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"nginx on port {port} not answering within {timeout:.0f} s")
+
+
+def start_watch() -> subprocess.Popen:
+    """`watch --json` to /dev/null; returns once its probes are attached."""
+    p = spawn([RPCTL, "watch", "--port", str(PORT), "--json", "--interval", "1"],
+              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    said = b""
+    deadline = time.monotonic() + 60
+    while b"watching" not in said:
+        chunk = p.stderr.readline()
+        if not chunk or time.monotonic() > deadline:
+            stop(p)
+            raise RuntimeError(f"watch did not start: {said.decode()}")
+        said += chunk
+    return p
+
+
+def bpf_prog_stats(pid: int) -> tuple[int, int]:
+    """(run_time_ns, run_cnt) summed over the BPF programs pid holds."""
+    ns = cnt = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        m1 = re.search(r"^run_time_ns:\s*(\d+)", info, re.M)
+        m2 = re.search(r"^run_cnt:\s*(\d+)", info, re.M)
+        ns += int(m1.group(1)) if m1 else 0
+        cnt += int(m2.group(1)) if m2 else 0
+    return ns, cnt
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def all_times() -> dict[int, float]:
+    """pid -> user+system CPU seconds, every process (from /proc/PID/stat)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                data = Path(f"/proc/{name}/stat").read_bytes()
+            except OSError:
+                continue
+            rest = data[data.rfind(b")") + 2:].split()
+            out[int(name)] = (int(rest[11]) + int(rest[12])) / _HZ
+    return out
+
+
+def ours() -> set[int]:
+    """This harness and everything below it (nginx, wrk, watch)."""
+    me = psutil.Process()
+    return {me.pid} | {c.pid for c in me.children(recursive=True)}
+
+
+def run_wrk(seconds: int) -> tuple[float, str]:
+    p = subprocess.run([WRK, "-t2", f"-c{CONC}", f"-d{seconds}s", "--timeout", "2s",
+                        "-H", "Connection: close", f"http://127.0.0.1:{PORT}/"],
+                       capture_output=True, text=True, timeout=seconds * 3 + 30)
+    m = re.search(r"Requests/sec:\s*([\d.]+)", p.stdout)
+    if p.returncode != 0 or not m:
+        raise RuntimeError(f"wrk failed: {p.stdout}{p.stderr}")
+    errs = re.search(r"Socket errors: .*", p.stdout)
+    return float(m.group(1)), errs.group(0) if errs else ""
+
+
+def measure(side: str, seconds: int) -> dict:
+    watch = start_watch() if side == "B" else None
+    try:
+        if watch is not None:
+            time.sleep(1.5)             # past its first interval: steady state
+            proc = psutil.Process(watch.pid)
+            c0, bpf0, t0 = sum(proc.cpu_times()[:2]), bpf_prog_stats(watch.pid), time.monotonic()
+        before, w0 = all_times(), time.monotonic()
+        rate, errors = run_wrk(seconds)
+        after, mine = all_times(), ours()
+        others = sum(after[p] - before.get(p, 0.0) for p in after if p not in mine)
+        out = {"side": side, "conn_s": rate, "errors": errors,
+               "others_cpu_pct": 100 * others / (time.monotonic() - w0)}
+        if watch is not None:
+            wall = time.monotonic() - t0
+            c1, bpf1 = sum(proc.cpu_times()[:2]), bpf_prog_stats(watch.pid)
+            runs = bpf1[1] - bpf0[1]
+            out.update(watch_cpu_pct=100 * (c1 - c0) / wall,
+                       bpf_cpu_pct=100 * (bpf1[0] - bpf0[0]) / 1e9 / wall,
+                       bpf_runs_s=runs / wall,
+                       bpf_ns_per_run=(bpf1[0] - bpf0[0]) / runs if runs else None)
+        return out
+    finally:
+        if watch is not None:
+            stop(watch)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=int, default=5, help="seconds per wrk run")
+    ap.add_argument("--json", metavar="FILE", help="write every sample here")
+    ap.add_argument("--bpf-stats", action="store_true",
+                    help="also measure the probes' in-kernel run time (kernel.bpf_stats_enabled; "
+                         "the accounting itself slows every BPF program a little)")
+    args = ap.parse_args()
+    for tool in (WRK, NGINX):
+        if not os.path.exists(tool):
+            sys.exit(f"watch_overhead.py: needs {tool}.")
+    where = ensure_netns()
+    signal.signal(signal.SIGTERM, _on_term)
+    env = {"kernel": platform.release(), "cpus": os.cpu_count(),
+           "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+           "rounds": args.rounds, "seconds": args.seconds, "netns": where,
+           "nginx": subprocess.run([NGINX, "-v"], capture_output=True, text=True).stderr.strip()}
+    err.print(f"[bold]watch overhead[/] · kernel {env['kernel']} · {env['cpus']} CPUs · "
+              f"{env['date']} · {args.rounds} rounds × {args.seconds} s · wrk -t2 -c{CONC} "
+              f"short connections → nginx 2 workers · {where}")
+    tmp = tempfile.mkdtemp(prefix="rpctl-watch-bench-")
+    stats_before = BPF_STATS.read_text().strip() \
+        if args.bpf_stats and BPF_STATS.exists() else None
+    samples: list[dict] = []
+    try:
+        if stats_before is not None:
+            BPF_STATS.write_text("1")
+        conf = os.path.join(tmp, "nginx.conf")
+        Path(conf).write_text(NGINX_CONF.format(tmp=tmp, port=PORT))
+        nginx = spawn([NGINX, "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
+                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.STDOUT)
+        wait_http(PORT, nginx)
+        run_wrk(1)                                          # warm-up
+        for rnd in range(args.rounds):
+            for side in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
+                for attempt in range(ATTEMPTS):
+                    s = measure(side, args.seconds)
+                    s["round"] = rnd
+                    if s["others_cpu_pct"] < DISTURBED or attempt == ATTEMPTS - 1:
+                        break
+                    err.print(f"  [yellow]disturbed: other processes used "
+                              f"{s['others_cpu_pct']:.0f}% of a core; again in 2 s[/]")
+                    time.sleep(2)
+                samples.append(s)
+                extra = (f"  watch CPU {s['watch_cpu_pct']:.2f}%  BPF {s['bpf_cpu_pct']:.2f}%"
+                         if side == "B" else "")
+                err.print(f"  round {rnd + 1}/{args.rounds} {side} "
+                          f"{s['conn_s']:9.0f} conn/s{extra}  others "
+                          f"{s['others_cpu_pct']:.0f}%  {s['errors']}")
+        stop(nginx, signal.SIGQUIT)
+    finally:
+        for p in list(reversed(_started)):
+            stop(p, signal.SIGQUIT if p.args[0] == NGINX else signal.SIGTERM)
+        if stats_before is not None:
+            BPF_STATS.write_text(stats_before)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    a = [s["conn_s"] for s in samples if s["side"] == "A"]
+    b = [s for s in samples if s["side"] == "B"]
+    ratio = statistics.median(s["conn_s"] for s in b) / statistics.median(a)
+    cpu = statistics.median(s["watch_cpu_pct"] for s in b)
+    bpf = statistics.median(s["bpf_cpu_pct"] for s in b) if args.bpf_stats else None
+    ns_run = statistics.median(s["bpf_ns_per_run"] or 0 for s in b) if args.bpf_stats else None
+    t = Table(title=f"reuseport-ctl watch overhead · kernel {env['kernel']} · {env['cpus']} CPUs "
+                    f"· {args.rounds} rounds × {args.seconds} s, interleaved",
+              title_justify="left")
+    t.add_column("measure")
+    t.add_column("median", justify="right")
+    t.add_column("min-max", justify="right")
+    t.add_column("goal", justify="right")
+    t.add_column("", justify="left")
+    rng = lambda xs: f"{min(xs):,.0f}-{max(xs):,.0f}"  # noqa: E731
+    t.add_row("A conn/s, no watch", f"{statistics.median(a):,.0f}", rng(a), "", "")
+    t.add_row("B conn/s, watch + all probes", f"{statistics.median(s['conn_s'] for s in b):,.0f}",
+              rng([s["conn_s"] for s in b]), "", "")
+    t.add_row("B ÷ A", f"{ratio:.3f}", "", f"≥ {GOAL_RATIO}", "ok" if ratio >= GOAL_RATIO
+              else "MISSED")
+    t.add_row("watch process CPU, % of one core", f"{cpu:.2f}",
+              f"{min(s['watch_cpu_pct'] for s in b):.2f}-{max(s['watch_cpu_pct'] for s in b):.2f}",
+              f"≤ {GOAL_CPU:g}", "ok" if cpu <= GOAL_CPU else "MISSED")
+    if bpf is not None:
+        t.add_row("its BPF programs, % of one core", f"{bpf:.2f}", "", "", "in-kernel, bpf_stats")
+        t.add_row("BPF ns per program run", f"{ns_run:.0f}", "", "", "")
+    Console().print(t)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"env": env, "ratio": ratio, "watch_cpu_pct": cpu,
+                                               "bpf_cpu_pct": bpf, "samples": samples},
+                                              indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""Per-interval aggregation for `watch` (pure functions over dataclasses).
+
+The verb observes the group once per interval -- which workers serve which
+sockets, the probes' totals, the workers' own counters when the group is
+ours -- as an Observation; step() turns it into a Frame: per-worker totals
+since the watch began, rates over the last interval, shares, the fairness
+figures, and a minute of rate history per worker. The dashboard, the NDJSON
+lines and the Prometheus exporter all render the same Frame.
+
+    state = LiveState(interval=1.0)
+    step(state, first_observation)      # the baseline: every total starts here
+    frame = step(state, next_observation)
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Mapping, Optional, Sequence
+
+from .fairness import jain, max_min_ratio
+
+HISTORY_S = 60.0                # the sparkline's span
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+@dataclass(frozen=True)
+class WorkerObs:
+    """One worker as seen at one observation."""
+    pid: int
+    slot: int                           # the lowest group slot it serves
+    inodes: tuple[int, ...]             # the group's sockets it serves
+    queue_len: int = 0                  # TCP: connections in its accept queue(s); UDP: bytes
+    cpu_percent: Optional[float] = None # since the previous observation, % of one core
+    cpu_seconds: Optional[float] = None # user + system since the process started
+    accepts: Optional[int] = None       # own group: the worker's counter (connections or
+                                        # datagrams); None: count data-ready instead
+    eagain: Optional[int] = None        # own group: the worker's EAGAIN counter
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything read at one instant. Probe counts are totals since the
+    probes were attached (the watch began); own-group counters are totals
+    since the worker started (step() subtracts the baseline)."""
+    ts: float                           # time.monotonic()
+    wall: float                         # time.time(), for the output
+    workers: tuple[WorkerObs, ...]
+    lookups: Optional[int] = None       # None: no lookup probe
+    data_ready: Mapping[int, int] = field(default_factory=dict)     # inode -> events
+    wakeups: Mapping[int, int] = field(default_factory=dict)        # pid -> wakeups
+    accept_eagain: Mapping[int, int] = field(default_factory=dict)  # pid -> EAGAIN
+    listening: bool = True              # False: nothing listens on the port now
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    pid: int
+    slot: int
+    cpu_percent: Optional[float]
+    cpu_seconds: Optional[float]
+    accepts: Optional[int]              # since the watch began (None: not counted)
+    accepts_per_s: Optional[float]      # over the last interval (None: first sight)
+    share: float                        # of the current workers' accepts
+    history: tuple[float, ...]          # accepts/s, oldest first, at most a minute
+    data_ready: Optional[int]           # events on the sockets it serves
+    data_ready_per_s: Optional[float]
+    wakeups: Optional[int]              # its process wakeups caused by a data-ready
+    wakeups_per_event: Optional[float]  # wakeups / data_ready
+    spurious_wakeups: Optional[int]     # wakeups that found nothing (accept/recv EAGAIN)
+    queue_len: int
+
+
+@dataclass(frozen=True)
+class Frame:
+    wall: float
+    elapsed: float                      # seconds since the watch began
+    interval: float                     # seconds since the previous frame
+    listening: bool
+    rows: tuple[WorkerRow, ...]         # in slot order
+    lookups: Optional[int]
+    lookups_per_s: Optional[float]
+    data_ready: Optional[int]           # every listener of the port, since the watch began
+    data_ready_per_s: Optional[float]
+    wakeups: Optional[int]
+    wakeups_per_event: Optional[float]
+    accepts: Optional[int]              # summed over the current workers
+    accepts_per_s: Optional[float]
+    jain: float                         # over the current workers' accepts
+    max_min_ratio: float                # inf: a worker got none while another got some
+    joined: tuple[int, ...]             # pids that appeared since the previous frame
+    left: tuple[int, ...]               # pids that went
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    """What the header says about the watched group (changes rarely)."""
+    port: int
+    proto: str
+    policy: str                         # reuseport-ctl's policy on the group, or "kernel"
+    lookup_strategy: str = "none"       # probe strategy names (probes/strategy.py)
+    data_ready_strategy: str = "none"
+    wakeups_strategy: str = "none"
+    kernel: str = ""
+    addr: str = ""                      # the group's local endpoint
+    own: bool = False                   # a group this process started (run --watch)
+
+    @property
+    def count_of(self) -> str:
+        return "connections" if self.proto == "tcp" else "datagrams"
+
+
+@dataclass
+class _Seen:
+    """What the state remembers of one worker between observations."""
+    base_accepts: int = 0
+    base_eagain: int = 0
+    accepts: Optional[int] = None
+    data_ready: Optional[int] = None
+    history: deque = field(default_factory=deque)
+
+
+@dataclass
+class LiveState:
+    interval: float = 1.0
+    counted: tuple[bool, bool, bool] = (True, True, True)   # data-ready, wakeups, EAGAIN probes on
+    t0: Optional[float] = None
+    prev: Optional[Observation] = None
+    seen: dict[int, _Seen] = field(default_factory=dict)
+
+    @property
+    def history_len(self) -> int:
+        return max(1, math.ceil(HISTORY_S / self.interval))
+
+
+# --- small pure helpers ----------------------------------------------------------
+
+def rate(now: Optional[int], before: Optional[int], seconds: float) -> Optional[float]:
+    """(now - before) / seconds; None if either is unknown or no time passed."""
+    if now is None or before is None or seconds <= 0:
+        return None
+    return (now - before) / seconds
+
+
+def per_event(count: Optional[int], events: Optional[int]) -> Optional[float]:
+    """count / events, None when there was no event (or nothing counted)."""
+    if count is None or not events:
+        return None
+    return count / events
+
+
+def sparkline(values: Sequence[float], width: int) -> str:
+    """The last `width` values as block characters scaled to their maximum
+    (a blank for zero); left-padded with spaces to `width`."""
+    vals = list(values)[-width:] if width > 0 else []
+    top = max(vals, default=0)
+    out = []
+    for v in vals:
+        if top <= 0 or v <= 0:
+            out.append(" ")
+        else:
+            out.append(SPARK[min(len(SPARK) - 1, int(v / top * (len(SPARK) - 1) + 0.5))])
+    return "".join(out).rjust(width)
+
+
+def shares(counts: Sequence[Optional[int]]) -> list[float]:
+    known = [c or 0 for c in counts]
+    total = sum(known)
+    return [c / total if total else 0.0 for c in known]
+
+
+def degraded_note(data_ready: str, lookup: str, own: bool) -> Optional[str]:
+    """One sentence when the kernel lacks a probe, saying what is still shown."""
+    if data_ready != "none":
+        return None
+    still = ["accept-queue depth", "CPU"]
+    if lookup != "none":
+        still.insert(0, f"listener lookups ({lookup})")
+    if own:
+        still.insert(0, "accepts and spurious wakeups from the workers' own counters")
+    return (f"this kernel has neither a kprobe on sock_def_readable nor the sock:sk_data_ready "
+            f"tracepoint, so data-ready events, wakeups and (for a server reuseport-ctl did "
+            f"not start) per-worker accepts are not counted; still shown: "
+            f"{', '.join(still)}.")
+
+
+# --- the step ---------------------------------------------------------------------
+
+def step(state: LiveState, obs: Observation) -> Frame:
+    """Fold one observation into the state; the frame the UI and exporters show."""
+    first = state.prev is None
+    if first:
+        state.t0 = obs.ts
+    prev = state.prev
+    dt = obs.ts - prev.ts if prev is not None else 0.0
+    dr_on, wk_on, ea_on = state.counted
+    now_pids = [w.pid for w in obs.workers]
+    before = set(state.seen)
+    joined = tuple(p for p in now_pids if p not in before) if not first else ()
+    left = tuple(sorted(before - set(now_pids)))
+    for pid in left:
+        del state.seen[pid]
+
+    rows: list[WorkerRow] = []
+    for w in sorted(obs.workers, key=lambda w: (w.slot, w.pid)):
+        s = state.seen.get(w.pid)
+        if s is None:
+            # Own counters count from the worker's start: the watch's baseline
+            # is what it had when the watch first saw it.
+            s = state.seen[w.pid] = _Seen(base_accepts=w.accepts or 0, base_eagain=w.eagain or 0,
+                                          history=deque(maxlen=state.history_len))
+            new = True
+        else:
+            new = False
+        ready = sum(obs.data_ready.get(i, 0) for i in w.inodes) if dr_on else None
+        if w.accepts is not None:
+            accepts: Optional[int] = w.accepts - s.base_accepts
+        else:
+            accepts = ready             # a foreign server: one data-ready per queued connection
+        if w.eagain is not None:
+            spurious: Optional[int] = w.eagain - s.base_eagain
+        else:
+            spurious = obs.accept_eagain.get(w.pid, 0) if ea_on else None
+        wakeups = obs.wakeups.get(w.pid, 0) if wk_on else None
+        acc_rate = None if new else rate(accepts, s.accepts, dt)
+        ready_rate = None if new else rate(ready, s.data_ready, dt)
+        if not first:
+            s.history.append(acc_rate or 0.0)
+        s.accepts, s.data_ready = accepts, ready
+        rows.append(WorkerRow(
+            pid=w.pid, slot=w.slot, cpu_percent=w.cpu_percent, cpu_seconds=w.cpu_seconds,
+            accepts=accepts, accepts_per_s=acc_rate, share=0.0, history=tuple(s.history),
+            data_ready=ready, data_ready_per_s=ready_rate, wakeups=wakeups,
+            wakeups_per_event=per_event(wakeups, ready), spurious_wakeups=spurious,
+            queue_len=w.queue_len))
+
+    counts = [r.accepts or 0 for r in rows]
+    rows = [_with_share(r, sh) for r, sh in zip(rows, shares(counts))]
+    total_ready = sum(obs.data_ready.values()) if dr_on else None
+    total_wakeups = sum(obs.wakeups.values()) if wk_on else None
+    prev_ready = sum(prev.data_ready.values()) if prev is not None and dr_on else None
+    known = [r.accepts for r in rows if r.accepts is not None]
+    accepts_total = sum(known) if known else None
+    rates = [r.accepts_per_s for r in rows if r.accepts_per_s is not None]
+    frame = Frame(
+        wall=obs.wall, elapsed=obs.ts - state.t0, interval=dt, listening=obs.listening,
+        rows=tuple(rows), lookups=obs.lookups,
+        lookups_per_s=rate(obs.lookups, prev.lookups if prev else None, dt),
+        data_ready=total_ready, data_ready_per_s=rate(total_ready, prev_ready, dt),
+        wakeups=total_wakeups, wakeups_per_event=per_event(total_wakeups, total_ready),
+        accepts=accepts_total, accepts_per_s=sum(rates) if rates else None,
+        jain=jain(counts), max_min_ratio=max_min_ratio(counts), joined=joined, left=left)
+    state.prev = obs
+    return frame
+
+
+def _with_share(r: WorkerRow, share: float) -> WorkerRow:
+    return replace(r, share=share)

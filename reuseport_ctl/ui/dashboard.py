@@ -1,0 +1,127 @@
+"""The `watch` dashboard: a rich renderable over one Frame (stats/live.py),
+plus the small terminal helper that reads 'q' without waiting for Enter.
+
+Header: the group (port, size, policy, probe strategies, kernel) and the
+fairness figures; one row per worker; a footer with workers that joined or
+left and what the keys do.
+"""
+from __future__ import annotations
+
+import math
+import os
+import select
+import sys
+import termios
+import tty
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from ..stats.live import Frame, GroupInfo, sparkline
+
+BAR = 10
+SPARK_WIDTH = 20
+
+
+def _bar(share: float, widest: float) -> Text:
+    n = round(BAR * share / widest) if widest else 0
+    return Text.assemble(("█" * n, "green"), ("·" * (BAR - n), "grey37"),
+                         f" {100 * share:5.1f}%")
+
+
+def _f(x: Optional[float], fmt: str = "{:,.0f}", none: str = "-") -> str:
+    return none if x is None else fmt.format(x)
+
+
+def _ratio(r: float) -> str:
+    return "∞" if math.isinf(r) else f"{r:.2f}"
+
+
+def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
+    unit = "conn/s" if g.proto == "tcp" else "datagrams/s"
+    where = g.addr or f"port {g.port}"
+    t = Text.assemble(
+        ("reuseport-ctl watch ", "bold"), f"{g.proto} {where} · ",
+        (f"{len(frame.rows)} workers", "bold"), f" · policy {g.policy}",
+        " (ours)" if g.own else "", f" · kernel {g.kernel}\n",
+        f"probes: lookup {g.lookup_strategy}, data-ready {g.data_ready_strategy}, "
+        f"wakeups {g.wakeups_strategy}\n",
+        "fairness: Jain ", (f"{frame.jain:.3f}", "bold"),
+        " · max:min ", (_ratio(frame.max_min_ratio), "bold"),
+        f" · {_f(frame.accepts_per_s)} {unit}",
+        f" · lookups {_f(frame.lookups)} ({_f(frame.lookups_per_s)}/s)",
+        f" · wakeups/event {_f(frame.wakeups_per_event, '{:.2f}')}",
+        f" · {frame.elapsed:.0f} s")
+    if not frame.listening:
+        t.append(f"\nnothing listens on {g.proto} port {g.port} now; waiting", style="yellow")
+    if note:
+        t.append(f"\n{note}", style="yellow")
+    return t
+
+
+def table(frame: Frame, g: GroupInfo) -> Table:
+    tcp = g.proto == "tcp"
+    t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
+    t.add_column("slot", justify="right")
+    t.add_column("pid", justify="right")
+    t.add_column("cpu%", justify="right")
+    t.add_column("share", no_wrap=True)
+    t.add_column("conn/s" if tcp else "dgram/s", justify="right")
+    t.add_column("last minute", no_wrap=True, min_width=SPARK_WIDTH)
+    t.add_column("queue", justify="right")
+    t.add_column("ready/s", justify="right")
+    t.add_column("wakeups/ev", justify="right")
+    t.add_column("spurious", justify="right")
+    widest = max((r.share for r in frame.rows), default=0.0)
+    for r in frame.rows:
+        t.add_row(
+            str(r.slot), str(r.pid), _f(r.cpu_percent, "{:.0f}"), _bar(r.share, widest),
+            _f(r.accepts_per_s), Text(sparkline(r.history, SPARK_WIDTH), style="cyan"),
+            Text(str(r.queue_len), style="bold red" if r.queue_len and tcp else ""),
+            _f(r.data_ready_per_s), _f(r.wakeups_per_event, "{:.2f}"),
+            _f(r.spurious_wakeups, "{:,}"))
+    return t
+
+
+def render(frame: Frame, g: GroupInfo, note: Optional[str] = None,
+           events: tuple[str, ...] = (), keys: bool = False) -> RenderableType:
+    parts: list[RenderableType] = [header(frame, g, note), table(frame, g)]
+    foot = list(events[-3:])
+    if keys:
+        foot.append("q quits")
+    if foot:
+        parts.append(Text(" · ".join(foot), style="grey62"))
+    return Group(*parts)
+
+
+@contextmanager
+def keys() -> Iterator[Optional[Callable[[], str]]]:
+    """While inside: a function returning the keys typed so far (without
+    Enter), or None when stdin is not a terminal. The terminal is restored
+    on the way out."""
+    try:
+        fd = sys.stdin.fileno() if sys.stdin is not None else -1
+    except (OSError, ValueError):           # replaced or closed stdin
+        fd = -1
+    if fd < 0 or not os.isatty(fd):
+        yield None
+        return
+    old = termios.tcgetattr(fd)
+    try:
+        tty.setcbreak(fd)
+
+        def pressed() -> str:
+            got = ""
+            while select.select([fd], [], [], 0)[0]:
+                chunk = os.read(fd, 64)
+                if not chunk:
+                    break
+                got += chunk.decode(errors="replace")
+            return got
+        yield pressed
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, old)
