@@ -10,6 +10,7 @@ from rich.console import Console
 
 from .. import pins
 from ..kernel.owners import process_name
+from ..policies import help_text as policy_names
 from ..ui.attach_view import render_attach, render_detach, render_status
 
 ATTACH_EPILOG = """\b
@@ -57,8 +58,7 @@ def _with_names(d: dict) -> dict:
 @click.option("--pid", type=int, help="A process of the server (when several groups match).")
 @click.option("--host", help="The group's local address (when several groups match).")
 @proto_opt
-@click.option("--policy", required=True, help="kernel, cpu, mod, hash, threshold, consistent, "
-              "round-robin, weighted:W1,W2,.., least-loaded, drain:K")
+@click.option("--policy", required=True, help="One of: " + policy_names() + ".")
 @json_opt
 def attach(port, pid, host, proto, policy, as_json):
     """Attach a selection policy to the SO_REUSEPORT group on a port."""

@@ -8,6 +8,7 @@ import click
 
 from ..errors import UserError
 from ..kernel.process import usable_cpus
+from ..policies import help_text as policy_names
 from ..policies import parse_policy
 from ..workers.supervisor import MODELS, RunConfig, Supervisor, client_host, parse_cpus
 
@@ -32,7 +33,7 @@ Examples:
 @click.option("--model", "-m", type=click.Choice(MODELS), default="reuseport", show_default=True,
               help="How workers share the traffic.")
 @click.option("--policy", default="kernel", show_default=True,
-              help="Selection policy for the reuseport group (see `reuseport-ctl --help`).")
+              help="Selection policy for the reuseport group: " + policy_names() + ".")
 @click.option("--cpus", default=None,
               help="Pin worker i to CPU list[i % len], e.g. 0,1 or 0-3, or auto: worker k on "
                    "CPU k (lines up with --policy cpu) [default: usable CPUs].")

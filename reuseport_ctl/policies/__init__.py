@@ -21,6 +21,12 @@ CBPF = ("cpu", "mod")
 EBPF = ("hash", "threshold", "consistent", "round-robin", "weighted", "least-loaded", "drain",
         "queue", "numa")
 NAMES = ("kernel",) + CBPF + EBPF
+SPELLING = {"weighted": "weighted:W1,W2,..", "drain": "drain:K"}
+
+
+def help_text() -> str:
+    """The policy names as a user types them, for --help."""
+    return ", ".join(SPELLING.get(n, n) for n in NAMES)
 
 
 @dataclass(frozen=True)
