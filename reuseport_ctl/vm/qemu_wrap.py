@@ -1,0 +1,43 @@
+"""A qemu-system-x86_64 in front of the real one, on vng's PATH only.
+
+vng sends the guest's serial console (ttyS0: early boot, kernel messages,
+panics) to /dev/null unless --verbose, and with --verbose mixes it into the
+command's stderr. A second serial port does not help (the 8250 driver has one
+console for all its ports). So this wrapper swaps vng's
+`-chardev file,id=console,path=/dev/null` for a file of ours
+($REUSEPORT_CTL_VM_CONSOLE), then execs the real QEMU with the same pid (so it
+stays in the runner's process group). Every other argument is passed as is.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+NAME = "qemu-system-x86_64"
+
+
+def real_qemu(own_dir: str) -> str | None:
+    path = [p for p in os.environ.get("PATH", "").split(":")
+            if p and os.path.realpath(p) != os.path.realpath(own_dir)]
+    return shutil.which(NAME, path=":".join(path))
+
+
+def rewrite(args: list[str], console: str | None) -> list[str]:
+    if not console:
+        return list(args)
+    return [f"file,id=console,path={console}" if a == "file,id=console,path=/dev/null" else a
+            for a in args]
+
+
+def main() -> None:
+    own = os.environ.get("REUSEPORT_CTL_VM_BIN", os.path.dirname(os.path.abspath(sys.argv[0])))
+    real = os.environ.get("REUSEPORT_CTL_VM_QEMU") or real_qemu(own)
+    if not real:
+        sys.exit(f"{NAME}: the real QEMU is not on PATH (apt-get install qemu-system-x86)")
+    args = rewrite(sys.argv[1:], os.environ.get("REUSEPORT_CTL_VM_CONSOLE"))
+    os.execv(real, [real, *args])
+
+
+if __name__ == "__main__":
+    main()

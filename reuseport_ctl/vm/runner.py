@@ -1,0 +1,381 @@
+"""Boot another kernel under QEMU with virtme-ng, run one command in it,
+and bring back its output and exit status.
+
+The guest shares the host's root filesystem read-only (virtio-fs, with
+writable overlays on /tmp, /var, /etc ... that vanish with the VM), so it runs
+the host's venv and the project's files as they are. The guest command runs
+as root with the caller's environment (PATH first gets the venv's bin/).
+
+Life cycle: vng (and so QEMU and the virtio-fs daemon) runs in a process
+group of its own; on exit, time-out, error, Ctrl-C or SIGTERM the whole group
+is killed and waited for, and the private work directory (sockets, console
+log, guest script) is removed. Nothing outlives run().
+
+Exit status: the guest command's own; 124 on time-out, 125 when the VM could
+not be set up or did not boot, 130 on Ctrl-C (see errors.py).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import accel as _accel
+from . import kernels
+from .errors import EXIT_TIMEOUT, VMError
+
+C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+MARK = "@@reuseport-ctl-vm:"
+# Drivers udev would load for QEMU's q35 devices that the guest command never
+# needs; each module load is slow under TCG (~10 s of boot saved in all).
+SKIP_MODULES = ("kvm", "kvm_amd", "kvm_intel", "ahci", "libahci", "sr_mod", "cdrom",
+                "powernow_k8", "acpi_cpufreq", "i6300esb", "pcspkr", "serio_raw",
+                "evdev", "joydev", "button", "sg")
+CONSOLE_TAIL = 15
+# Host variables that mean nothing (or something wrong) inside the guest.
+ENV_DROP = {"_", "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "TMPDIR", "XDG_RUNTIME_DIR",
+            "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
+            "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS", "MAIL", "LS_COLORS",
+            "PYTEST_CURRENT_TEST", "INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET"}
+PKG_FIX = ("apt-get install qemu-system-x86 busybox-static, and pip install virtme-ng "
+           "into the venv (scripts/bootstrap does both)")
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    kernel: kernels.Kernel
+    accel: _accel.Accel
+    booted: bool
+    boot_seconds: float | None        # from start to the guest command starting
+    seconds: float                    # from start to the VM gone
+    console_tail: list[str] = field(default_factory=list)
+    stdout: bytes = b""               # the guest's output, when run(capture=True)
+    stderr: bytes = b""
+
+
+# --- what the runner needs -----------------------------------------------------------
+
+def vng_binary() -> str | None:
+    here = os.path.dirname(sys.executable)
+    return shutil.which("vng", path=here) or shutil.which("vng")
+
+
+def _busybox() -> str | None:
+    for p in ("/bin/busybox", "/usr/bin/busybox", "/usr/lib/initramfs-tools/bin/busybox"):
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def missing_tools() -> list[str]:
+    """What is missing on this host to boot a VM, each as a few words."""
+    out = []
+    if _accel.qemu_binary() is None:
+        out.append("QEMU (qemu-system-x86)")
+    if not os.access(C_VIRTIOFSD, os.X_OK):
+        out.append(f"virtiofsd ({C_VIRTIOFSD}, from qemu-system-common)")
+    if _busybox() is None:
+        out.append("a static busybox (busybox-static)")
+    if vng_binary() is None:
+        out.append("virtme-ng (pip install virtme-ng)")
+    return out
+
+
+def vm_available(kernel: str = "6.12") -> tuple[bool, str]:
+    """Can this host boot `kernel` in a VM? (ok, reason). Installs nothing:
+    a Debian kernel the distribution offers counts as available when we may
+    install it (root)."""
+    miss = missing_tools()
+    if miss:
+        return False, f"no {', no '.join(miss)}: {PKG_FIX}"
+    if os.geteuid() != 0:
+        return False, "the VM runner needs root (kernel images and packages are root's)"
+    try:
+        k = kernels.resolve(kernel, install_missing=False)
+        return True, f"{k.describe()} under {_accel.choose('auto').name.upper()}"
+    except VMError as e:
+        if kernels.looks_like_path(kernel):
+            return False, str(e)
+        cands = [r for r in kernels.available_releases() if kernels.matches(kernel, r)]
+        if cands:
+            return True, f"kernel {cands[-1]} will be installed on first use"
+        return False, str(e)
+
+
+# --- the guest side ------------------------------------------------------------------
+
+def guest_env(base: dict | None = None) -> dict:
+    env = {k: v for k, v in (os.environ if base is None else base).items()
+           if k not in ENV_DROP and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)}
+    venv_bin = os.path.dirname(sys.executable)
+    path = [p for p in env.get("PATH", "").split(":") if p]
+    std = ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+    env["PATH"] = ":".join(dict.fromkeys([venv_bin, *path, *std]))
+    env["HOME"] = "/root"
+    env.setdefault("LANG", "C.UTF-8")
+    return env
+
+
+def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None) -> str:
+    """The shell script the guest runs: mounts bpffs/tracefs if absent, sets
+    the environment, runs the command, and marks start and exit on the
+    console (so the host can tell "did not boot" from "command failed")."""
+    if len(command) == 1:
+        cmd = command[0]                         # one string: a shell command line
+    else:
+        cmd = shlex.join(command)
+    lines = ["#!/bin/sh", "# written by reuseport-ctl vm; runs inside the guest",
+             f"echo '{MARK} up' >/dev/console 2>/dev/null"]
+    for k, v in sorted(env.items()):
+        lines.append(f"export {k}={shlex.quote(v)}")
+    if headers is not None and headers.is_dir():
+        # a build tree (or an image whose release has no /lib/modules/<v>/build)
+        lines.append(f"[ -e /lib/modules/$(uname -r)/build ] || "
+                     f"export BCC_KERNEL_SOURCE={shlex.quote(str(headers))}")
+    lines += [
+        "grep -q ' /sys/fs/bpf bpf ' /proc/mounts || mount -t bpf bpf /sys/fs/bpf 2>/dev/null",
+        "grep -q ' /sys/kernel/tracing tracefs ' /proc/mounts || "
+        "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null",
+        "mkdir -p /var/cache/reuseport-ctl 2>/dev/null",
+        f"cd {shlex.quote(cwd)} 2>/dev/null || cd /",
+        cmd,
+        "rc=$?",
+        f"echo \"{MARK} exit $rc\" >/dev/console 2>/dev/null",
+        "exit $rc",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- the host side -------------------------------------------------------------------
+
+def vng_command(vng: str, k: kernels.Kernel, acc: _accel.Accel, *, cpus: int, memory: str,
+                exec_line: str) -> list[str]:
+    cmd = [vng, "--run", str(k.image), "--user", "root", "--name", "reuseport-ctl-vm",
+           "--cpus", str(cpus), "--memory", memory,
+           # kernel messages up to info level on the console we keep (the
+           # wrapper sends ttyS0 to a file): boot log, panics, our marks
+           "--append", f"loglevel=7 module_blacklist={','.join(SKIP_MODULES)}",
+           "--exec", exec_line]
+    if acc.name == "tcg":
+        cmd += ["--disable-kvm", "--qemu-opts=-accel tcg,thread=multi"]
+    return cmd
+
+
+def _wrappers(bindir: Path) -> None:
+    """bin/virtiofsd (the shim) and bin/qemu-system-x86_64 (the console
+    wrapper), both running modules of this package with our Python."""
+    pkg_parent = Path(__file__).resolve().parents[2]
+    for name, module in (("virtiofsd", "virtiofsd_shim"), ("qemu-system-x86_64", "qemu_wrap")):
+        w = bindir / name
+        w.write_text("#!/bin/sh\n"
+                     f"PYTHONPATH={shlex.quote(str(pkg_parent))}${{PYTHONPATH:+:$PYTHONPATH}} "
+                     f"exec {shlex.quote(sys.executable)} -m reuseport_ctl.vm.{module} \"$@\"\n")
+        w.chmod(0o755)
+
+
+def group_members(pgid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 3.0) -> None:
+    """SIGTERM the whole group (QEMU exits cleanly on it), then SIGKILL
+    whatever is left; reap vng; wait until no member is alive."""
+    pgid = proc.pid
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if proc.poll() is not None and not group_members(pgid):
+                return
+            time.sleep(0.05)
+    proc.poll()
+
+
+def _console_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return []
+    return [ln.rstrip("\r") for ln in text.splitlines()]
+
+
+def _tail(lines: list[str]) -> list[str]:
+    keep = [ln for ln in lines if ln.strip() and MARK not in ln]
+    return keep[-CONSOLE_TAIL:]
+
+
+def _format_tail(lines: list[str]) -> str:
+    if not lines:
+        return " The console stayed empty."
+    return " Last console lines:\n" + "\n".join(f"  | {ln}" for ln in lines)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _relay(src, dest, keep: list | None, mute: threading.Event) -> threading.Thread:
+    """Copy a pipe to `dest` as it comes (and into `keep`). QEMU opens
+    /proc/self/fd/1 and 2 anew: on a pipe that is the same pipe, whereas on a
+    regular file it would get its own offset and overwrite ours."""
+    out = getattr(dest, "buffer", dest) if dest is not None else None
+
+    def pump():
+        fd = src.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            if keep is not None:
+                keep.append(chunk)
+            if out is not None and not mute.is_set():
+                try:
+                    out.write(chunk)
+                    out.flush()
+                except (OSError, ValueError):
+                    pass
+        src.close()
+    t = threading.Thread(target=pump, daemon=True)
+    t.start()
+    return t
+
+
+def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str = "2G",
+        timeout: float = 300, accel: str = "auto", cwd: str | None = None,
+        env: dict | None = None, stdout=None, stderr=None, log=sys.stderr,
+        install: bool = True, capture: bool = False) -> RunResult:
+    """Boot `kernel`, run `command` (a list of words, or one shell command
+    line) as root in the guest, and return its exit status. Guest stdout and
+    stderr go to `stdout`/`stderr` (default: ours; a file object, or False to
+    drop them) as they come; with capture=True they are also returned."""
+    stdout = sys.stdout if stdout is None else (None if stdout is False else stdout)
+    stderr = sys.stderr if stderr is None else (None if stderr is False else stderr)
+    kept_out: list | None = [] if capture else None
+    kept_err: list | None = [] if capture else None
+    relays: list = []
+    mute = threading.Event()      # set when we stop the VM: its dying words are noise
+    if not command:
+        raise VMError("no command given: put it after --, e.g. scripts/vm -- reuseport-ctl doctor.")
+    miss = missing_tools()
+    if miss:
+        raise VMError(f"cannot boot a VM: no {', no '.join(miss)}; {PKG_FIX}.")
+    k = kernels.resolve(kernel, install_missing=install, log=log)
+    acc = _accel.choose(accel)
+    vng = vng_binary()
+    cwd = cwd or os.getcwd()
+
+    work = Path(tempfile.mkdtemp(prefix="reuseport-ctl-vm-", dir="/tmp"))
+    proc = None
+    old = {}
+    started = time.monotonic()
+    boot_s = None
+    timed_out = False
+    try:
+        (work / "bin").mkdir()
+        _wrappers(work / "bin")
+        script = work / "guest.sh"
+        script.write_text(guest_script(command, guest_env(env), cwd, k.headers))
+        console = work / "console.log"
+        console.touch()
+        vcmd = vng_command(vng, k, acc, cpus=cpus, memory=memory, exec_line=f"sh {script}")
+        venv = dict(os.environ, TMPDIR=str(work), REUSEPORT_CTL_VM_CONSOLE=str(console),
+                    REUSEPORT_CTL_VM_BIN=str(work / "bin"),
+                    REUSEPORT_CTL_VM_QEMU=_accel.qemu_binary(),
+                    PATH=f"{work / 'bin'}:{os.path.dirname(vng)}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        print(f"reuseport-ctl vm: booting {k.describe()} under {acc.name.upper()} "
+              f"({acc.reason}); {cpus} CPUs, {memory}, time-out {timeout:g} s",
+              file=log, flush=True)
+
+        def _raise(signum, frame):
+            raise _Stop(signum)
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                old[s] = signal.signal(s, _raise)
+            except ValueError:          # not the main thread
+                pass
+        proc = subprocess.Popen(vcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=venv, cwd="/",
+                                start_new_session=True)
+        relays = [_relay(proc.stdout, stdout, kept_out, mute),
+                  _relay(proc.stderr, stderr, kept_err, mute)]
+        while True:
+            rc = proc.poll()
+            if boot_s is None and f"{MARK} up" in console.read_text(errors="replace"):
+                boot_s = time.monotonic() - started
+            if rc is not None:
+                break
+            if time.monotonic() - started > timeout:
+                timed_out = True
+                break
+            time.sleep(0.1)
+    except _Stop:
+        raise KeyboardInterrupt from None
+    finally:
+        if proc is not None:
+            if proc.poll() is None:
+                mute.set()
+            kill_group(proc)
+        for t in relays:
+            t.join(5)
+        for s, h in old.items():
+            signal.signal(s, h)
+        lines = _console_lines(work / "console.log")
+        keep = os.environ.get("REUSEPORT_CTL_VM_CONSOLE_LOG")
+        if keep:                        # for debugging a boot: keep the whole console
+            try:
+                shutil.copyfile(work / "console.log", keep)
+            except OSError:
+                pass
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.monotonic() - started
+    text = "\n".join(lines)
+    booted = boot_s is not None or f"{MARK} up" in text
+    exits = re.findall(re.escape(MARK) + r" exit (\d+)", text)
+    tail = _tail(lines)
+    if timed_out:
+        where = ("the command was still running" if booted
+                 else "the kernel never reached the command")
+        raise VMError(f"The VM ({k.describe()}) did not finish within the {timeout:g} s "
+                      f"time-out ({where}); it was stopped.{_format_tail(tail)}",
+                      EXIT_TIMEOUT)
+    if not booted:
+        raise VMError(f"{k.describe()} did not boot to the command: QEMU/vng exited "
+                      f"with status {rc} after {seconds:.1f} s.{_format_tail(tail)}")
+    # The exit mark can be lost when the guest powers off before the UART
+    # drains; vng's status is the command's status then.
+    code = int(exits[-1]) if exits else rc
+    if re.search(r"Kernel panic|BUG:|Oops", text):
+        print(f"reuseport-ctl vm: the guest kernel reported a crash.{_format_tail(tail)}",
+              file=log, flush=True)
+    print(f"reuseport-ctl vm: booted in {boot_s or 0:.1f} s; the command exited {code} "
+          f"after {seconds:.1f} s in all ({acc.name.upper()})", file=log, flush=True)
+    return RunResult(code, k, acc, booted, boot_s, seconds, tail,
+                     b"".join(kept_out or []), b"".join(kept_err or []))
