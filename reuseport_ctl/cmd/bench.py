@@ -1,0 +1,159 @@
+"""reuseport-ctl bench: the server models and policies compared over a sweep
+of load levels and per-request work."""
+from __future__ import annotations
+
+import json
+import signal
+
+import click
+
+from ..errors import UserError
+from ..experiments import bench as B
+
+EPILOG = """\b
+Examples:
+  reuseport-ctl bench --short-connections
+      every model and policy, concurrency 1,4,16,64, work 0 and 100 µs, 3 repeats
+  reuseport-ctl bench --models shared-accept,shared-epoll,reuseport --policies none \\
+      --workers 4 --concurrency 1,64 --work-us 100 --short-connections --plot bench.png
+      the seed's headline: one shared socket against a reuseport group
+  reuseport-ctl bench --models reuseport --policies round-robin,least-loaded --json
+      the eBPF policies against the kernel's hash, keep-alive, as JSON
+
+\b
+Columns: conns/s, latency p50/p99 (client side), max:min (busiest worker's
+connections over the idlest's; ∞: a worker got none), Jain's index, the
+per-worker shares (busiest first), wakeups/conn (process wakeups caused by a
+listener data-ready, per accepted connection: 1 is wake-one, N is the herd,
+<1 means busy workers found connections without sleeping), EAGAIN/conn
+(wakeups whose accept() found nothing), CPU % of one core (a client
+process, the busiest worker, the acceptor; all: the whole machine's CPUs,
+other tenants included) and who saturated (>= 90 % of a core: the
+dispatcher's acceptor, the workers, the client; "machine": every CPU was
+>= 90 % busy). Each cell is the median over the repeats, with the min-max.
+"""
+
+
+def _policies(spec: str) -> list[str]:
+    if spec.strip().lower() in ("", "none"):
+        return []
+    return B.split_policies(spec)
+
+
+@click.command("bench", epilog=EPILOG)
+@click.option("--models", default=",".join(B.DEFAULT_MODELS), show_default=True,
+              help="Server models to compare, comma-separated.")
+@click.option("--policies", default=",".join(B.DEFAULT_POLICIES), show_default=True,
+              help="Selection policies to run the reuseport model with, besides the "
+                   "kernel's hash; 'none' for the hash alone.")
+@click.option("--workers", "-w", type=int, default=4, show_default=True,
+              help="Worker processes, the same for every model.")
+@click.option("--conns", type=int, default=2000, show_default=True,
+              help="Connections per load point.")
+@click.option("--concurrency", "-c", default=",".join(map(str, B.DEFAULT_CONCURRENCY)),
+              show_default=True, help="Client concurrency levels to sweep (connections in "
+                                      "flight), comma-separated.")
+@click.option("--work-us", default=",".join(map(str, B.DEFAULT_WORK_US)), show_default=True,
+              help="Busy CPU per request in the worker, in µs, comma-separated: emulates "
+                   "request processing.")
+@click.option("--repeat", "-r", type=int, default=3, show_default=True,
+              help="Repeats of every point (a spread, not one lucky number).")
+@click.option("--short-connections", is_flag=True,
+              help="One request per connection (the high-turnover case) instead of keep-alive.")
+@click.option("--requests-per-conn", type=int, default=10, show_default=True,
+              help="Keep-alive requests per connection (ignored with --short-connections).")
+@click.option("--port", "-p", type=int, default=8080, show_default=True,
+              help="Port every model serves on, in turn.")
+@click.option("--cpus", default=None,
+              help="Pin worker i to CPU list[i % len], e.g. 0,1 [default: no pinning].")
+@click.option("--no-probes", is_flag=True, help="Do not count wakeups (no bcc needed).")
+@click.option("--host-netns", is_flag=True,
+              help="Run in the current network namespace instead of a private one.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a JSON list: one object per model, load point and repeat.")
+@click.option("--plot", "plot_path", default=None, metavar="FILE.png",
+              help="Write the per-worker shares per model, side by side, to a PNG.")
+def bench(models, policies, workers, conns, concurrency, work_us, repeat, short_connections,
+          requests_per_conn, port, cpus, no_probes, host_netns, as_json, plot_path):
+    """Run the same load against each server model in turn (reuseport with the
+    kernel's hash and with each policy, shared-accept, shared-epoll,
+    shared-epoll-exclusive, dispatcher), over a sweep of client concurrency
+    and per-request work, and compare throughput, latency, fairness of the
+    per-worker distribution, wakeups per connection and saturation."""
+    from ..workers.supervisor import parse_cpus
+    if plot_path is not None and not plot_path.lower().endswith(".png"):
+        raise UserError(f"--plot writes a PNG: give a file name ending in .png, not {plot_path!r}.")
+    cfg = B.BenchConfig(
+        setups=B.setups_for([m.strip() for m in models.split(",") if m.strip()],
+                            _policies(policies)),
+        workers=workers, conns=conns,
+        concurrency=B.parse_int_list(concurrency, "--concurrency"),
+        work_us=B.parse_int_list(work_us, "--work-us"), repeat=repeat,
+        requests_per_conn=1 if short_connections else requests_per_conn,
+        port=port, cpus=parse_cpus(cpus) if cpus else None, probes=not no_probes)
+    cfg.validate()
+    if not host_netns:
+        from ..kernel.netns import enter_private_netns
+        enter_private_netns()
+    restore = _sigterm_interrupts()
+    try:
+        result = _run(cfg)
+    finally:
+        restore()
+    if plot_path:
+        from ..ui.bench_plot import plot_bench
+        if result.points:
+            plot_bench(result, plot_path)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    else:
+        from rich.console import Console
+
+        from ..ui.bench_view import render_bench
+        console = Console()
+        if not console.is_terminal:
+            console.width = 160
+        console.print(render_bench(result))
+        if plot_path and result.points:
+            console.print(f"plot: {plot_path}")
+    if result.interrupted:
+        raise KeyboardInterrupt
+
+
+def _run(cfg: B.BenchConfig) -> B.BenchResult:
+    """run_bench under a progress bar on stderr (refreshed by hand: no thread,
+    because the supervisor forks)."""
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn)
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return B.run_bench(cfg)
+    with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=console, transient=True,
+                  auto_refresh=False) as bar:
+        task = bar.add_task("", total=cfg.total_points)
+
+        def start(done, label):
+            bar.update(task, completed=done, description=label)
+            bar.refresh()
+
+        def point(done, total, p):
+            bar.update(task, completed=done)
+            bar.refresh()
+        return B.run_bench(cfg, on_point=point, on_start=start)
+
+
+def _sigterm_interrupts():
+    """SIGTERM between two points acts like Ctrl-C (the supervisor catches both
+    while a point runs and cleans up before run_bench returns)."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+COMMANDS = [bench]

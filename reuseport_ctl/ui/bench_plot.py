@@ -1,0 +1,77 @@
+"""The bench plot: per-worker shares per model, side by side, one panel per
+load point (rows: client concurrency, columns: work per request).
+
+Within a panel each model is a group of bars, the busiest worker first (the
+mean over repeats of the k-th largest share; the whisker spans the repeats'
+min-max); the dashed line is the fair share 1/N, and the number above the
+group is the median max:min. matplotlib with the Agg backend: no display."""
+from __future__ import annotations
+
+import math
+
+
+def plot_bench(result, path: str) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..experiments.bench import summarize
+
+    rows = summarize(result)
+    works = sorted({r.work_us for r in rows})
+    concs = sorted({r.concurrency for r in rows})
+    labels = list(dict.fromkeys(r.label for r in rows))
+    cell = {(r.work_us, r.concurrency, r.label): r for r in rows}
+    n = result.config["workers"]
+    fig, axes = plt.subplots(len(concs), len(works), squeeze=False, sharey=True, sharex=True,
+                             figsize=(max(7.5, 0.6 * len(labels) * len(works) + 1.5),
+                                      2.2 * len(concs) + 1.8))
+    cmap = plt.get_cmap("viridis")
+    width = 0.8 / n
+    top = max((max(r.shares_hi) for r in rows if r.shares_hi), default=1.0)
+    for j, work in enumerate(works):
+        for i, conc in enumerate(concs):
+            ax = axes[i][j]
+            for x, label in enumerate(labels):
+                r = cell.get((work, conc, label))
+                if r is None:
+                    continue
+                for k, share in enumerate(r.shares_sorted):
+                    lo, hi = r.shares_lo[k], r.shares_hi[k]
+                    ax.bar(x - 0.4 + width * (k + 0.5), share, width,
+                           color=cmap(k / max(1, n - 1)),
+                           yerr=([[max(0.0, share - lo)], [max(0.0, hi - share)]]
+                                 if r.repeats > 1 else None),
+                           error_kw={"elinewidth": 0.6, "capsize": 1.5},
+                           label=(f"{_ordinal(k)} busiest" if x == 0 else None))
+                m = r.max_min.median
+                ax.text(x, min(1.02, max(r.shares_hi) + 0.03),
+                        "∞" if m is None or math.isinf(m) else f"{m:.1f}",
+                        ha="center", va="bottom", fontsize=7,
+                        color="firebrick" if m is None or m >= 1.5 else "black")
+            ax.axhline(1 / n, ls="--", lw=0.8, color="grey")
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=7)
+            ax.tick_params(axis="x", labelbottom=i == len(concs) - 1)
+            ax.set_ylim(0, min(1.12, top + 0.12))
+            ax.set_title(f"concurrency {conc}, work {work} µs", fontsize=9)
+            if j == 0:
+                ax.set_ylabel("share of connections")
+    env, cfg = result.env, result.config
+    kind = "short connections" if cfg["requests_per_conn"] == 1 else \
+        f"keep-alive ×{cfg['requests_per_conn']}"
+    fig.suptitle(f"reuseport-ctl bench · kernel {env['kernel']} · {env['cpus']} CPUs\n"
+                 f"per-worker share of connections, busiest first ({n} workers, {kind}, "
+                 f"{cfg['repeat']} repeats); number: median max:min", fontsize=9)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, names, loc="lower center", ncol=min(n, 8), fontsize=7,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _ordinal(k: int) -> str:
+    return {0: "1st", 1: "2nd", 2: "3rd"}.get(k, f"{k + 1}th")

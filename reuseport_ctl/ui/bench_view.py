@@ -1,0 +1,123 @@
+"""Rendering of a bench: one table per load point (setups side by side, the
+median of the repeats with its min-max), then where each model's imbalance
+appears. The numbers are the ones --json prints, summarized by
+experiments.bench.summarize()."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from ..experiments.bench import IMBALANCED, BenchResult, Row, Spread, imbalances, summarize, worst
+
+
+def _num(x: Optional[float], fmt: str) -> str:
+    if x is None:
+        return "-"
+    if math.isinf(x):
+        return "∞"
+    return format(x, fmt)
+
+
+def spread(s: Spread, fmt: str, always: bool = False) -> str:
+    """'1.52 (1.31–2.10)': median, and the range when there was more than one value."""
+    m = _num(s.median, fmt)
+    if s.lo is None or (s.lo == s.hi and not always):
+        return m
+    return f"{m} ({_num(s.lo, fmt)}–{_num(s.hi, fmt)})"
+
+
+def _ratio_style(m: Optional[float]) -> str:
+    if m is None:
+        return ""
+    return "bold red" if m >= 2 else "yellow" if m >= IMBALANCED else "green"
+
+
+def shares_text(r: Row) -> str:
+    """Mean share of the busiest, the 2nd busiest, ... worker, in %."""
+    return "/".join(f"{100 * s:.0f}" for s in r.shares_sorted)
+
+
+def headline(result: BenchResult) -> str:
+    """Where each setup's worst imbalance was (median max:min over repeats)."""
+    rows = summarize(result)
+    parts = []
+    for label, r in worst(rows).items():
+        parts.append(f"{label} {_num(r.max_min.median, '.2f')}:1 "
+                     f"(c={r.concurrency}, {r.work_us} µs)")
+    return "worst max:min per model: " + "; ".join(parts)
+
+
+def render_bench(result: BenchResult) -> RenderableType:
+    rows = summarize(result)
+    env, cfg = result.env, result.config
+    kind = ("short connections (1 request each)" if cfg["requests_per_conn"] == 1 else
+            f"keep-alive ({cfg['requests_per_conn']} requests per connection)")
+    parts: list[RenderableType] = [Text(
+        f"bench · kernel {env['kernel']} · {env['cpus']} CPUs · {cfg['workers']} workers · "
+        f"{cfg['conns']} connections per point · {kind} · {cfg['repeat']} repeat(s); "
+        f"median (min–max)", style="bold")]
+    by_point: dict[tuple[int, int], list[Row]] = {}
+    for r in rows:
+        by_point.setdefault((r.work_us, r.concurrency), []).append(r)
+    for (work, conc), rs in by_point.items():
+        parts.append(_point_table(work, conc, rs))
+    parts.append(_findings(rows))
+    parts.append(Text(f"wakeups: {result.probe}", style="dim"))
+    if result.interrupted:
+        parts.append(Text("interrupted: the table shows the points done so far", style="red"))
+    return Group(*parts)
+
+
+def _point_table(work: int, conc: int, rows: Sequence[Row]) -> Table:
+    t = Table(title=f"concurrency {conc} · work {work} µs per request", title_justify="left",
+              caption="shares: busiest worker first · CPU: % of one core for a client "
+                      "process / the busiest worker / the acceptor / all CPUs (everyone's)",
+              caption_justify="left", caption_style="dim",
+              box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    t.add_column("model")
+    t.add_column("conns/s", justify="right")
+    t.add_column("p50 ms", justify="right")
+    t.add_column("p99 ms", justify="right")
+    t.add_column("max:min", justify="right")
+    t.add_column("Jain", justify="right")
+    t.add_column("shares %", justify="right")
+    t.add_column("wakeups/conn", justify="right")
+    t.add_column("EAGAIN/conn", justify="right")
+    t.add_column("CPU % c/w/a/all", justify="right")
+    t.add_column("saturated")
+    for r in rows:
+        t.add_row(r.label, spread(r.conns_per_s, ".0f"), _num(r.p50_ms.median, ".2f"),
+                  _num(r.p99_ms.median, ".2f"),
+                  Text(spread(r.max_min, ".2f"), style=_ratio_style(r.max_min.median)),
+                  _num(r.jain.median, ".3f"), shares_text(r),
+                  spread(r.wakeups_per_conn, ".2f"), _num(r.spurious_per_conn.median, ".2f"),
+                  _cpu(r.cpu), ", ".join(r.saturated) or "-")
+        if r.errors:
+            t.add_row(Text(f"  {r.errors} failed connections", style="red"))
+    return t
+
+
+def _cpu(c: dict) -> str:
+    acc = "-" if c["acceptor"] is None else f"{c['acceptor']:.0f}"
+    return f"{c['client']:.0f}/{c['worker']:.0f}/{acc}/{c['machine']:.0f}"
+
+
+def _findings(rows: Sequence[Row]) -> Table:
+    bad = imbalances(rows)
+    t = Table(title=f"where each model's imbalance appears (median max:min ≥ {IMBALANCED})",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("model")
+    t.add_column("worst max:min", justify="right")
+    t.add_column("at")
+    t.add_column("imbalanced load points (concurrency/work µs)")
+    for label, r in worst(rows).items():
+        pts = bad.get(label, [])
+        t.add_row(label, Text(_num(r.max_min.median, ".2f"), style=_ratio_style(r.max_min.median)),
+                  f"c={r.concurrency}, {r.work_us} µs",
+                  ", ".join(f"{p.concurrency}/{p.work_us}" for p in pts) or "none")
+    return t
