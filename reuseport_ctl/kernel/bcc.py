@@ -24,8 +24,12 @@ def header_tree() -> HeaderTree:
 def bcc_module():
     """Import bcc (Debian's python3-bpfcc) with BCC_KERNEL_SOURCE set."""
     tree = header_tree()
+    # bcc reads this from the environment (children inherit it); for the
+    # kernel's own tree bcc needs none, and a stale one would mislead it.
     if tree.stand_in:
         os.environ["BCC_KERNEL_SOURCE"] = str(tree.path)
+    else:
+        os.environ.pop("BCC_KERNEL_SOURCE", None)
     try:
         import bcc  # noqa: F401
     except ImportError:

@@ -45,7 +45,9 @@ CONSOLE_TAIL = 15
 ENV_DROP = {"_", "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "TMPDIR", "XDG_RUNTIME_DIR",
             "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
             "DISPLAY", "WAYLAND_DISPLAY", "DBUS_SESSION_BUS_ADDRESS", "MAIL", "LS_COLORS",
-            "PYTEST_CURRENT_TEST", "INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET"}
+            "PYTEST_CURRENT_TEST", "INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET",
+            # the host's header tree for bcc is not the guest kernel's
+            "BCC_KERNEL_SOURCE", "BCC_LINUX_VERSION_CODE"}
 PKG_FIX = ("apt-get install qemu-system-x86 busybox-static, and pip install virtme-ng "
            "into the venv (scripts/bootstrap does both)")
 
