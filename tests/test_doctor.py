@@ -26,6 +26,7 @@ from reuseport_ctl.ui.doctor_view import doctor_report, render_doctor
 EXPECTED = ["SO_REUSEPORT", "SO_ATTACH_REUSEPORT_CBPF", "SO_ATTACH_REUSEPORT_EBPF",
             "SK_REUSEPORT", "REUSEPORT_SOCKARRAY", "SELECT_OR_MIGRATE",
             "net.ipv4.tcp_migrate_req", "sk_lookup", "kprobes", "fentry", "tracepoints",
+            "sk_data_ready tracepoint",
             "raw_tracepoints", "tp_btf", "BTF", "UDP 4-tuple hash", "EPOLLEXCLUSIVE",
             "pidfd_getfd", "capabilities", "bcc", "kernel headers", "nginx", "wrk"]
 
@@ -81,7 +82,7 @@ def test_strategies_follow_the_facilities(doctor_json):
         if facs["sk_lookup"]["ok"] and facs["bcc"]["ok"]:
             assert probes["lookup"]["strategy"] == "sk_lookup"
             assert "not kprobe" in probes["lookup"]["reason"]
-        if facs["tracepoints"]["ok"] and facs["bcc"]["ok"]:
+        if facs["sk_data_ready tracepoint"]["ok"] and facs["bcc"]["ok"]:
             assert probes["data_ready"]["strategy"] == "tracepoint"
             assert probes["data_ready"]["target"] == "sock:sk_data_ready"
     if facs["tracepoints"]["ok"] and facs["bcc"]["ok"]:

@@ -45,6 +45,7 @@ SK_LOOKUP = "sk_lookup"
 KPROBES = "kprobes"
 FENTRY = "fentry"
 TRACEPOINTS = "tracepoints"
+DATA_READY_TRACEPOINT = "sk_data_ready tracepoint"
 RAW_TRACEPOINTS = "raw_tracepoints"
 TP_BTF = "tp_btf"
 BTF = "BTF"
@@ -76,8 +77,10 @@ WITHOUT = {
     KPROBES: "lookups are counted by the sk_lookup observer instead, data-ready by "
              "the sock:sk_data_ready tracepoint; no lookup latency histogram",
     FENTRY: "nothing lost: probes use kprobes or tracepoints (fentry is only cheaper)",
-    TRACEPOINTS: "data-ready and wakeup counts need kprobes instead; without either "
-                 "only per-worker distribution is shown",
+    TRACEPOINTS: "wakeups are not counted; data-ready counts need kprobes instead; "
+                 "without either only per-worker distribution is shown",
+    DATA_READY_TRACEPOINT: "data-ready is counted by a kprobe on sock_def_readable where "
+                           "the kernel has kprobes (the tracepoint exists since 6.3)",
     RAW_TRACEPOINTS: "tracefs tracepoints carry the probes",
     TP_BTF: "tracefs tracepoints carry the probes",
     BTF: "probes that read kernel structs (accept backlog) are off; selection and "
@@ -262,31 +265,39 @@ def probe_fentry() -> Facility:
         return _fac(FENTRY, True, f"fentry program for {FENTRY_FUNC} loaded")
 
 
-def probe_tracepoints() -> Facility:
+def _attach_tracepoint(fac: str, event: str) -> Facility:
+    """Attach a BPF program to a tracefs tracepoint for real (through perf)."""
     where = "mounted" if tracefs.mounted() else "not mounted, mountable"
     try:
         with tracefs.scratch() as root, ExitStack() as st:
-            missing = [ev for ev in (DATA_READY_TP, WAKEUP_TP)
-                       if not tracefs.event_dir(root, ev).is_dir()]
-            if missing:
-                return _fac(TRACEPOINTS, False, f"tracefs {where}; no {', '.join(missing)}")
-            # Attach for real: a BPF program on sk_data_ready through perf.
+            if not tracefs.event_dir(root, event).is_dir():
+                return _fac(fac, False, f"tracefs {where}; no {event}")
             prog = _fd(st, bpf.prog_load(bpf.PROG_TYPE_TRACEPOINT, bpf.ret_imm(0),
                                          name="rpd_tp"))
             ev = _fd(st, _perf_event_open(PERF_TYPE_TRACEPOINT,
-                                          tracefs.tracepoint_id(DATA_READY_TP, root)))
+                                          tracefs.tracepoint_id(event, root)))
             fcntl.ioctl(ev, PERF_EVENT_IOC_SET_BPF, prog)
-            return _fac(TRACEPOINTS, True, f"tracefs {where}; {DATA_READY_TP} attached, "
-                                           f"{WAKEUP_TP} present")
+            return _fac(fac, True, f"tracefs {where}; {event} attached")
     except OSError as e:
-        return _fac(TRACEPOINTS, False, f"{_why(e)}")
+        return _fac(fac, False, f"{event}: {_why(e)}")
+
+
+def probe_tracepoints() -> Facility:
+    return _attach_tracepoint(TRACEPOINTS, WAKEUP_TP)
+
+
+def probe_data_ready_tracepoint() -> Facility:
+    return _attach_tracepoint(DATA_READY_TRACEPOINT, DATA_READY_TP)
 
 
 def probe_raw_tracepoints() -> Facility:
     with ExitStack() as st:
         prog = _fd(st, bpf.prog_load(bpf.PROG_TYPE_RAW_TRACEPOINT, bpf.ret_imm(0),
                                      name="rpd_rawtp"))
-        _fd(st, bpf.raw_tracepoint_open("sk_data_ready", prog))
+        try:
+            _fd(st, bpf.raw_tracepoint_open("sk_data_ready", prog))
+        except OSError as e:
+            return _fac(RAW_TRACEPOINTS, False, f"raw tracepoint sk_data_ready: {_why(e)}")
         return _fac(RAW_TRACEPOINTS, True, "sk_data_ready attached (no tracefs needed)")
 
 
@@ -445,7 +456,8 @@ PROBES: list[tuple[str, Callable[[], Facility]]] = [
     (SK_REUSEPORT, probe_sk_reuseport), (SOCKARRAY, probe_sockarray),
     (MIGRATE, probe_migrate), (MIGRATE_REQ, probe_migrate_req),
     (SK_LOOKUP, probe_sk_lookup), (KPROBES, probe_kprobes), (FENTRY, probe_fentry),
-    (TRACEPOINTS, probe_tracepoints), (RAW_TRACEPOINTS, probe_raw_tracepoints),
+    (TRACEPOINTS, probe_tracepoints), (DATA_READY_TRACEPOINT, probe_data_ready_tracepoint),
+    (RAW_TRACEPOINTS, probe_raw_tracepoints),
     (TP_BTF, probe_tp_btf), (BTF, probe_btf), (UHASH4, probe_uhash4),
     (EPOLLEXCLUSIVE, probe_epollexclusive), (PIDFD_GETFD, probe_pidfd_getfd),
     (CAPABILITIES, probe_capabilities), (HEADERS, probe_headers), (BCC, probe_bcc),

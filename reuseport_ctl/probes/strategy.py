@@ -42,7 +42,7 @@ CHAINS: dict[str, tuple[Step, ...]] = {
     "data_ready": (
         Step("kprobe", "sock_def_readable", (F.KPROBES, F.BCC),
              "kprobe on sock_def_readable counts data-ready events"),
-        Step("tracepoint", F.DATA_READY_TP, (F.TRACEPOINTS, F.BCC),
+        Step("tracepoint", F.DATA_READY_TP, (F.DATA_READY_TRACEPOINT, F.BCC),
              "the sock:sk_data_ready tracepoint (inside sock_def_readable) counts them"),
     ),
     # Wakeups: which worker processes each data-ready event woke.

@@ -65,7 +65,7 @@ def probes_kprobe(ctx):
 
 
 @check("probes-fallback", selftest=None,
-       needs=(F.SO_REUSEPORT, F.SK_LOOKUP, F.TRACEPOINTS, F.BCC, F.HEADERS), timeout=60)
+       needs=(F.SO_REUSEPORT, F.SK_LOOKUP, F.DATA_READY_TRACEPOINT, F.BCC, F.HEADERS), timeout=60)
 def probes_fallback(ctx):
     """With the fallback strategies (an sk_lookup observer linked to the
     network namespace, the sock:sk_data_ready tracepoint) the tool counts
