@@ -220,7 +220,7 @@ class MigrateProgram:
         self.prog_fd = -1
         self._member: Optional[socket.socket] = None
         try:
-            self.socks_fd = self._own(_map_create(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8,
+            self.socks_fd = self._own(bpf.create_map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8,
                                                   max_slots, "rp_mig_socks"))
             cflags = [f"-DSOCKS_FD={self.socks_fd}", f"-DMAX_SLOTS={max_slots}"]
             try:
@@ -337,14 +337,6 @@ class MigrateProgram:
             os.close(fd)
         self._fds.clear()
         self.prog_fd = -1
-
-
-def _map_create(*args) -> int:
-    try:
-        return bpf.map_create(*args)
-    except OSError as e:
-        raise UserError(f"cannot create a BPF map ({e.strerror}): run as root, or "
-                        f"with CAP_BPF and CAP_NET_ADMIN.") from None
 
 
 # --- children ------------------------------------------------------------------------

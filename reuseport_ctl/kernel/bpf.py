@@ -92,6 +92,17 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int,
     return bpf(MAP_CREATE, attr)
 
 
+def create_map(map_type: int, key_size: int, value_size: int, max_entries: int,
+               name: str = "") -> int:
+    """map_create, with a refusal turned into the sentence a user can act on."""
+    from ..errors import UserError
+    try:
+        return map_create(map_type, key_size, value_size, max_entries, name)
+    except OSError as e:
+        raise UserError(f"cannot create a BPF map ({e.strerror}): run as root, or "
+                        f"with CAP_BPF and CAP_NET_ADMIN.") from None
+
+
 def _elem_attr(map_fd: int, key: bytes, value: ctypes.Array | None, flags: int = 0):
     kbuf = ctypes.create_string_buffer(key, len(key))
     vaddr = ctypes.addressof(value) if value is not None else 0

@@ -24,6 +24,7 @@ import struct
 from pathlib import Path
 from typing import Optional
 
+from .. import cpulist
 from ..errors import UserError
 from ..nic.model import Channels, Irq, Nic, Rss, RxQueue, Topology, TxQueue
 
@@ -34,28 +35,8 @@ PROC_IRQ = Path("/proc/irq")
 # --- CPU lists and masks ------------------------------------------------------
 
 
-def parse_cpulist(text: str) -> list[int]:
-    """'0-2,5' -> [0, 1, 2, 5]."""
-    out: list[int] = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
-def format_cpulist(cpus) -> str:
-    """[0, 1, 2, 5] -> '0-2,5' (the kernel's own spelling)."""
-    cpus = sorted(set(cpus))
-    parts, i = [], 0
-    while i < len(cpus):
-        j = i
-        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
-            j += 1
-        parts.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
-        i = j + 1
-    return ",".join(parts)
+parse_cpulist = cpulist.parse
+format_cpulist = cpulist.format
 
 
 def parse_mask(text: str) -> list[int]:

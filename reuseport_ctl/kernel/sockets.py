@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 from ..errors import UserError
-from . import bpf
 
 # /proc/net/tcp states that hold a port: LISTEN (0A) and bound-only CLOSE (07).
 

@@ -23,19 +23,12 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .. import cpulist as _cpulist
 from .model import Nic, Topology, Worker
 
 
 def cpulist(cpus) -> str:
-    cpus = sorted(set(cpus))
-    parts, i = [], 0
-    while i < len(cpus):
-        j = i
-        while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
-            j += 1
-        parts.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
-        i = j + 1
-    return ",".join(parts) or "none (off)"
+    return _cpulist.format(cpus) or "none (off)"
 
 
 def mask(cpus) -> str:

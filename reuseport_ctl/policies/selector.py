@@ -142,7 +142,7 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None) -> None:
         raise UserError(f"policy {policy.name} handles up to {max_slots} sockets; "
                         f"the group has {n}.")
     least = policy.name == "least-loaded"
-    socks_fd = _map_create(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rp_socks")
+    socks_fd = bpf.create_map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rp_socks")
     sel._own_fds.append(socks_fd)
     sel.maps["socks"] = socks_fd
     for slot, s in enumerate(socks):
@@ -214,11 +214,3 @@ def numa_table(nodes: list[int]) -> list[int]:
     if len(table) > TABLE_SIZE:
         raise UserError(f"policy numa handles up to {(TABLE_SIZE - NODE_DIR) // 2} sockets.")
     return table
-
-
-def _map_create(*args) -> int:
-    try:
-        return bpf.map_create(*args)
-    except OSError as e:
-        raise UserError(f"cannot create a BPF map ({e.strerror}): run as root, or "
-                        f"with CAP_BPF and CAP_NET_ADMIN.") from None

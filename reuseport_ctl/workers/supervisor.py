@@ -35,6 +35,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from .. import cpulist
 from ..errors import UserError
 from ..kernel import process
 from ..kernel import sockets as ksock
@@ -97,14 +98,10 @@ def parse_cpus(spec: str, usable: Optional[list[int]] = None,
                             f"usable here (usable: {','.join(map(str, usable))}): use "
                             f"--workers {_first_gap(usable)} or fewer, or list the CPUs.")
         return tuple(range(workers))
-    cpus: list[int] = []
     try:
-        for part in spec.split(","):
-            lo, _, hi = part.strip().partition("-")
-            first, last = int(lo), int(hi or lo)
-            if first < 0 or last < first:
-                raise ValueError
-            cpus.extend(range(first, last + 1))
+        cpus = cpulist.parse(spec)
+        if not cpus:
+            raise ValueError
     except ValueError:
         raise UserError(f"bad CPU list {spec!r}: write CPUs like 0,1 or 0-3.") from None
     bad = [c for c in cpus if c not in usable]
