@@ -26,17 +26,23 @@
 #define RP_AF_INET6     10
 #define RP_IPPROTO_UDP  17
 
-// [class] lookups for PORT; class = 0 tcp4, 1 tcp6, 2 udp4, 3 udp6
-BPF_ARRAY(rp_lookups, u64, 4);
+// [class] lookups for PORT; class = 0 tcp4, 1 tcp6, 2 udp4, 3 udp6.
+// Per CPU: a plain increment of this CPU's slot (the verifier inlines the
+// lookup), no atomic on a cache line shared by every CPU taking SYNs; user
+// space sums the CPUs once per interval.
+BPF_PERCPU_ARRAY(rp_lookups, u64, 4);
 
 static __always_inline void count_lookup(u32 cls)
 {
     u64 *c = rp_lookups.lookup(&cls);
     if (c)
-        __sync_fetch_and_add(c, 1);
+        *c += 1;
 }
 
 #ifdef SK_LOOKUP
+// Runs for every listener lookup in the netns (every SYN, every unconnected
+// datagram, any port): two context loads decide, nothing else is read
+// unless it is PORT.
 int rp_lk_observe(struct bpf_sk_lookup *ctx)
 {
     if (ctx->local_port != PORT || ctx->protocol != PROTO)

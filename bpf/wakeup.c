@@ -17,9 +17,16 @@
 //   -DSKC_NET_OFF, -DNET_INUM_OFF    struct offsets from the running
 //                                    kernel's BTF
 //   -DNETNS_INUM=<inode>             only sockets of this netns (0: any)
-// and for how a wakeup is tied to the data-ready that made it:
-//   -DDR_KPROBE                      data-ready by kprobe on sock_def_readable;
-//                                    its kretprobe ends the scope (exact)
+// how data-ready is seen (none of these: the tracefs tracepoint
+// sock:sk_data_ready, program rp_dr_tp):
+//   -DDR_KPROBE                      kprobe on sock_def_readable; its
+//                                    kretprobe ends the scope (exact)
+//   -DDR_RAW_TP                      raw tracepoint sk_data_ready (rp_dr_raw):
+//                                    called with the struct sock * directly,
+//                                    no perf event record is built
+// -DTASK_PID_OFF (task_struct.pid, BTF) enables rp_wk_raw, the raw
+// tracepoint sched_waking; without it only rp_wk_tp (tracefs) is built.
+// And for how a wakeup is tied to the data-ready that made it:
 //   -DSDR_START, -DSDR_END           (tracepoint) sock_def_readable's address
 //                                    range, from kallsyms: a wakeup counts when
 //                                    the waker's kernel stack is inside it
@@ -94,20 +101,27 @@ static __always_inline int watched(const void *sk, u64 *cookie)
     return 1;
 }
 
+// Called for every data-ready of every socket on the machine: the common
+// case (another port) costs one 2-byte read and a per-CPU array lookup (the
+// verifier inlines it), and writes the mark only if it was set.
 static __always_inline void data_ready(const void *sk)
 {
     u32 zero = 0;
     u64 cookie = 0, init = 0;
+    int w = watched(sk, &cookie);
     struct rp_mark *m = rp_wk_mark.lookup(&zero);
     if (!m)
         return;
-    if (!watched(sk, &cookie)) {
-        m->active = 0;
+    if (!w) {
+        if (m->active)
+            m->active = 0;
         return;
     }
     add(rp_ready.lookup_or_try_init(&cookie, &init));
     m->cookie = cookie;
+#ifdef WINDOW_NS
     m->ts = bpf_ktime_get_ns();
+#endif
     m->active = 1;
 }
 
@@ -124,6 +138,13 @@ int rp_dr_kretprobe(struct pt_regs *ctx)
     struct rp_mark *m = rp_wk_mark.lookup(&zero);
     if (m)
         m->active = 0;
+    return 0;
+}
+#elif defined(DR_RAW_TP)
+// raw tracepoint sk_data_ready: TP_PROTO(const struct sock *sk)
+int rp_dr_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+    data_ready((const void *)ctx->args[0]);
     return 0;
 }
 #else
@@ -169,27 +190,57 @@ static __always_inline int in_sock_def_readable(void *ctx)
 }
 #endif
 
-int rp_wk_tp(struct rp_sched_waking_args *args)
+// Called for every wakeup on the machine. Cheapest test first: is a watched
+// listener's data-ready being handled on this CPU (an inlined per-CPU array
+// lookup, usually no); only then the pid filter, and last the scope check
+// (a stack walk where SDR_START is given).
+static __always_inline struct rp_mark *active_mark(void)
 {
-    u32 pid = args->pid, zero = 0;
-    u64 init = 0;
-    if (!rp_pids.lookup(&pid))
-        return 0;
+    u32 zero = 0;
     struct rp_mark *m = rp_wk_mark.lookup(&zero);
     if (!m || !m->active)
         return 0;
+    return m;
+}
+
+static __always_inline void count_wakeup(void *ctx, u32 pid, struct rp_mark *m)
+{
+    u64 init = 0;
+    if (!rp_pids.lookup(&pid))
+        return;
 #if defined(DR_KPROBE)
     // the kretprobe clears the mark: active means inside sock_def_readable
 #elif defined(SDR_START)
-    if (!in_sock_def_readable(args))
-        return 0;
+    if (!in_sock_def_readable(ctx))
+        return;
 #else
     if (bpf_ktime_get_ns() - m->ts > WINDOW_NS)
-        return 0;
+        return;
 #endif
     add(rp_wakeups.lookup_or_try_init(&pid, &init));
+}
+
+int rp_wk_tp(struct rp_sched_waking_args *args)
+{
+    struct rp_mark *m = active_mark();
+    if (m)
+        count_wakeup(args, args->pid, m);
     return 0;
 }
+
+#ifdef TASK_PID_OFF
+// raw tracepoint sched_waking: TP_PROTO(struct task_struct *p)
+int rp_wk_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct rp_mark *m = active_mark();
+    if (!m)
+        return 0;
+    u32 pid = 0;
+    bpf_probe_read_kernel(&pid, sizeof(pid), (void *)ctx->args[0] + TASK_PID_OFF);
+    count_wakeup(ctx, pid, m);
+    return 0;
+}
+#endif
 
 // syscalls:sys_exit_accept4 / sys_exit_accept / sys_exit_recvfrom
 struct rp_sys_exit_args {

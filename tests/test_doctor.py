@@ -82,10 +82,15 @@ def test_strategies_follow_the_facilities(doctor_json):
         if facs["sk_lookup"]["ok"] and facs["bcc"]["ok"]:
             assert probes["lookup"]["strategy"] == "sk_lookup"
             assert "not kprobe" in probes["lookup"]["reason"]
-        if facs["sk_data_ready tracepoint"]["ok"] and facs["bcc"]["ok"]:
+        if facs["raw_tracepoints"]["ok"] and facs["bcc"]["ok"]:
+            assert probes["data_ready"]["strategy"] == "raw_tracepoint"
+            assert probes["data_ready"]["target"] == "sk_data_ready (raw tracepoint)"
+        elif facs["sk_data_ready tracepoint"]["ok"] and facs["bcc"]["ok"]:
             assert probes["data_ready"]["strategy"] == "tracepoint"
             assert probes["data_ready"]["target"] == "sock:sk_data_ready"
-    if facs["tracepoints"]["ok"] and facs["bcc"]["ok"]:
+    if facs["raw_tracepoints"]["ok"] and facs["BTF"]["ok"] and facs["bcc"]["ok"]:
+        assert probes["wakeups"]["strategy"] == "raw_tracepoint"
+    elif facs["tracepoints"]["ok"] and facs["bcc"]["ok"]:
         assert probes["wakeups"]["strategy"] == "tracepoint"
 
 
@@ -162,10 +167,13 @@ def _all(ok: bool, **overrides) -> list[Facility]:
 
 def test_choose_prefers_the_best_working_strategy():
     assert {p: s.name for p, s in choose(_all(True)).items()} == \
-        {"lookup": "kprobe", "data_ready": "kprobe", "wakeups": "tracepoint"}
+        {"lookup": "kprobe", "data_ready": "kprobe", "wakeups": "raw_tracepoint"}
     s = choose(_all(True, kprobes=False))
-    assert (s["lookup"].name, s["data_ready"].name) == ("sk_lookup", "tracepoint")
+    assert (s["lookup"].name, s["data_ready"].name) == ("sk_lookup", "raw_tracepoint")
     assert "not kprobe: no kprobes" in s["lookup"].reason
+    s = choose(_all(True, kprobes=False, raw_tracepoints=False))
+    assert (s["data_ready"].name, s["wakeups"].name) == ("tracepoint", "tracepoint")
+    assert "not raw_tracepoint: no raw_tracepoints" in s["wakeups"].reason
     s = choose(_all(True, kprobes=False, sk_lookup=False))
     assert s["lookup"].name == "selector"
     s = choose(_all(True, bcc=False))

@@ -237,7 +237,7 @@ def test_chain_falls_back_when_kprobe_cannot_attach(netns, strategies):
         with ProbeSession(sup.port, "tcp", sup.pids().values(), chosen) as ps:
             lk, dr = ps.strategies["lookup"], ps.strategies["data_ready"]
             assert lk.name == "sk_lookup" and "kprobe failed to attach" in lk.reason
-            assert dr.name == "tracepoint" and "kprobe failed to attach" in dr.reason
+            assert dr.name == "raw_tracepoint" and "kprobe failed to attach" in dr.reason
             run_load(HOST, sup.port, "tcp", conns=10, concurrency=1)
             t = settled_read(ps, lambda t: sum(t.data_ready.values()) == 10)
             assert t.lookups == 10 and sum(t.data_ready.values()) == 10

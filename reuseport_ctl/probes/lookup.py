@@ -82,7 +82,7 @@ class LookupProbe:
         if self._bpf is None:
             return None, {}, None
         table = self._bpf[b"rp_lookups"]
-        counts = {c: table[ct.c_int(i)].value for i, c in enumerate(CLASSES)}
+        counts = {c: table.sum(ct.c_int(i)).value for i, c in enumerate(CLASSES)}  # per CPU
         by_class = {c: n for c, n in counts.items() if c.startswith(self.proto)}
         latency = None
         if self.name == "kprobe":

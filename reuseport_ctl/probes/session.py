@@ -21,7 +21,7 @@ from ..kernel import diag, features
 from .lookup import LookupProbe
 from .programs import PROTO_NUMBERS, netns_inum
 from .strategy import CHAINS, Strategy, choose
-from .wakeup import WAKING_TP, WakeupProbe
+from .wakeup import WakeupProbe
 
 OWN_NETNS = "/proc/thread-self/ns/net"
 
@@ -119,11 +119,14 @@ class ProbeSession:
             return Strategy("none", "wakeups are counted per data-ready event, and the "
                                     "data-ready probe is off")
         if wp.wakeups == "none":
-            return Strategy("none", f"{WAKING_TP} could not be attached ({wp.wakeups_error})")
+            return Strategy("none", f"{wp.wakeups_error}; this probe is off")
         eagain = (f"; EAGAIN from {', '.join(wp.eagain_tps)}" if wp.eagain_tps
                   else "; no syscalls tracepoints: no EAGAIN counts")
-        return Strategy(wp.wakeups, f"{chosen.reason}; {WAKING_TP} (the waker's side of "
-                                    f"sched_wakeup); {wp.scope}{eagain}", WAKING_TP)
+        step = next(s for s in CHAINS["wakeups"] if s.name == wp.wakeups)
+        # the chosen one, or a later one in the chain when it failed to attach
+        reason = chosen.reason if wp.wakeups == chosen.name else \
+            f"{wp.wakeups_error}; {step.gives}"
+        return Strategy(wp.wakeups, f"{reason}; {wp.scope}{eagain}", step.target)
 
     # --- use --------------------------------------------------------------------
 

@@ -28,6 +28,10 @@ class Strategy:
     target: str = ""
 
 
+# The raw tracepoint steps' targets (as doctor shows them).
+RAW_DATA_READY = "sk_data_ready (raw tracepoint)"
+RAW_WAKING = "sched_waking (raw tracepoint)"
+
 CHAINS: dict[str, tuple[Step, ...]] = {
     # Listener lookup: __inet_lookup_listener picks the group and the socket.
     "lookup": (
@@ -39,14 +43,23 @@ CHAINS: dict[str, tuple[Step, ...]] = {
              "the selector program counts its own decisions; only steered groups"),
     ),
     # Data-ready: sock_def_readable runs when data or a connection is queued.
+    # A raw tracepoint calls the program with the struct sock * directly; the
+    # tracefs tracepoint (through perf) first builds the whole event record,
+    # for every data-ready of every socket on the machine.
     "data_ready": (
         Step("kprobe", "sock_def_readable", (F.KPROBES, F.BCC),
              "kprobe on sock_def_readable counts data-ready events"),
+        Step("raw_tracepoint", RAW_DATA_READY, (F.RAW_TRACEPOINTS, F.BCC),
+             "the sk_data_ready raw tracepoint (inside sock_def_readable, no perf "
+             "event record built) counts them"),
         Step("tracepoint", F.DATA_READY_TP, (F.DATA_READY_TRACEPOINT, F.BCC),
              "the sock:sk_data_ready tracepoint (inside sock_def_readable) counts them"),
     ),
     # Wakeups: which worker processes each data-ready event woke.
     "wakeups": (
+        Step("raw_tracepoint", RAW_WAKING, (F.RAW_TRACEPOINTS, F.BTF, F.BCC),
+             "the sched_waking raw tracepoint (the waker-side twin of sched_wakeup; no "
+             "perf event record built), filtered to worker pids, counts process wakeups"),
         Step("tracepoint", F.WAKEUP_TP, (F.TRACEPOINTS, F.BCC),
              "sched:sched_waking (the waker-side twin of sched_wakeup), filtered to worker pids, counts process wakeups"),
     ),

@@ -2,10 +2,14 @@
 programs, the pid filter map and the counters.
 
 Strategies (probes/strategy.py):
-  data_ready  kprobe (+kretprobe) on sock_def_readable, or the tracepoint
-              sock:sk_data_ready that fires inside it
-  wakeups     tracepoint sched:sched_waking filtered to the watched pids; the
-              waker-context twin of sched:sched_wakeup (see bpf/wakeup.c)
+  data_ready  kprobe (+kretprobe) on sock_def_readable, or the sk_data_ready
+              tracepoint that fires inside it: as a raw tracepoint (the
+              program gets the struct sock * directly) or, failing that,
+              through tracefs/perf (sock:sk_data_ready, which builds the
+              whole event record first, for every socket on the machine)
+  wakeups     sched_waking filtered to the watched pids, the waker-context
+              twin of sched_wakeup (see bpf/wakeup.c): raw tracepoint (p->pid
+              read at its BTF offset) or, failing that, sched:sched_waking
 plus accept/accept4 (recvfrom for UDP) returning EAGAIN from the syscalls
 tracepoints, where this kernel has them.
 """
@@ -22,6 +26,11 @@ from .programs import PROTO_NUMBERS, SOCK_FIELDS, netns_macros, program_source
 
 MAX_PIDS = 4096
 WAKING_TP = "sched:sched_waking"
+RAW_WAKING_TP = "sched_waking"
+DATA_READY_TP = "sock:sk_data_ready"
+RAW_DATA_READY_TP = "sk_data_ready"
+DATA_READY_STRATEGIES = ("kprobe", "raw_tracepoint", "tracepoint")
+WAKEUP_STRATEGIES = ("raw_tracepoint", "tracepoint")     # best first
 DATA_READY_FUNC = "sock_def_readable"
 # Where kallsyms hides addresses: a wakeup within this long after the
 # data-ready on the same CPU is taken as caused by it.
@@ -35,13 +44,18 @@ def _sdr_range() -> tuple[int, int] | None:
     return symbol_range(DATA_READY_FUNC)
 
 
+def wakeup_target(strategy: str) -> str:
+    """What a wakeup strategy attaches to, as the reasons name it."""
+    return f"raw tracepoint {RAW_WAKING_TP}" if strategy == "raw_tracepoint" else WAKING_TP
+
+
 class WakeupProbe:
     def __init__(self, port: int, proto: str, netns: str):
         self.port, self.proto, self.netns = port, proto, netns
         self.data_ready = self.wakeups = "none"
         self.scope = ""                 # how wakeups are tied to data-ready (for the reason)
         self.eagain_tps: list[str] = []
-        self.wakeups_error = ""
+        self.wakeups_error = ""         # why better wakeup strategies did not attach
         self._bpf = None
         self._pids: set[int] = set()
 
@@ -58,40 +72,68 @@ class WakeupProbe:
 
     def _attach(self, data_ready: str, wakeups: str) -> None:
         from ..kernel.bcc import compile_program
-        if data_ready not in ("kprobe", "tracepoint"):
+        if data_ready not in DATA_READY_STRATEGIES:
             raise UserError(f"unknown data-ready strategy {data_ready!r}.")
+        if wakeups != "none" and wakeups not in WAKEUP_STRATEGIES:
+            raise UserError(f"unknown wakeup strategy {wakeups!r}.")
         flags = [f"-DPORT={self.port}", f"-DPROTO={PROTO_NUMBERS[self.proto]}",
                  f"-DMAX_PIDS={MAX_PIDS}", *btf.offset_macros(SOCK_FIELDS),
                  *netns_macros(self.netns)]
         if data_ready == "kprobe":
             flags.append("-DDR_KPROBE")
             self.scope = f"wakeups counted between {DATA_READY_FUNC}'s kprobe and kretprobe"
-        elif (r := _sdr_range()) is not None:
-            flags += [f"-DSDR_START={r[0]:#x}ULL", f"-DSDR_END={r[1]:#x}ULL"]
-            self.scope = f"wakeups counted when the waker's stack is inside {DATA_READY_FUNC}"
         else:
-            flags.append(f"-DWINDOW_NS={WINDOW_NS}")
-            self.scope = (f"kallsyms hides addresses: wakeups counted within "
-                          f"{WINDOW_NS // 1000} us of the data-ready on the same CPU")
-        tracefs.ensure()
+            if data_ready == "raw_tracepoint":
+                flags.append("-DDR_RAW_TP")
+            if (r := _sdr_range()) is not None:
+                flags += [f"-DSDR_START={r[0]:#x}ULL", f"-DSDR_END={r[1]:#x}ULL"]
+                self.scope = f"wakeups counted when the waker's stack is inside {DATA_READY_FUNC}"
+            else:
+                flags.append(f"-DWINDOW_NS={WINDOW_NS}")
+                self.scope = (f"kallsyms hides addresses: wakeups counted within "
+                              f"{WINDOW_NS // 1000} us of the data-ready on the same CPU")
+        # The wakeup strategies to try, best first, from the one chosen.
+        tries = list(WAKEUP_STRATEGIES[WAKEUP_STRATEGIES.index(wakeups):]) \
+            if wakeups != "none" else []
+        failed: list[str] = []
+        if "raw_tracepoint" in tries:
+            try:
+                flags.append(f"-DTASK_PID_OFF={btf.member_offset('task_struct', 'pid')}")
+            except btf.BTFError as e:
+                tries.remove("raw_tracepoint")
+                failed.append(f"raw tracepoint {RAW_WAKING_TP}: {e}")
+        if data_ready == "tracepoint":
+            tracefs.ensure()            # (a tracefs wakeup fallback mounts it when tried)
         b = self._bpf = compile_program(program_source("wakeup.c"), flags)
         pids, self._pids = self._pids, set()
         self.set_pids(pids)             # pids given before the program existed
         if data_ready == "kprobe":
             b.attach_kprobe(event=DATA_READY_FUNC.encode(), fn_name=b"rp_dr_kprobe")
             b.attach_kretprobe(event=DATA_READY_FUNC.encode(), fn_name=b"rp_dr_kretprobe")
+        elif data_ready == "raw_tracepoint":
+            b.attach_raw_tracepoint(tp=RAW_DATA_READY_TP.encode(), fn_name=b"rp_dr_raw")
         else:
-            b.attach_tracepoint(tp=b"sock:sk_data_ready", fn_name=b"rp_dr_tp")
+            b.attach_tracepoint(tp=DATA_READY_TP.encode(), fn_name=b"rp_dr_tp")
         self.data_ready = data_ready
-        if wakeups == "none":
+        for name in tries:
+            try:
+                if name == "raw_tracepoint":
+                    b.attach_raw_tracepoint(tp=RAW_WAKING_TP.encode(), fn_name=b"rp_wk_raw")
+                else:
+                    tracefs.ensure()
+                    b.attach_tracepoint(tp=WAKING_TP.encode(), fn_name=b"rp_wk_tp")
+            except Exception as e:      # data-ready still counts without it
+                failed.append(f"{wakeup_target(name)} failed to attach ({e})")
+                continue
+            self.wakeups = name
+            break
+        self.wakeups_error = "; ".join(failed)
+        if self.wakeups == "none":
             return
         try:
-            b.attach_tracepoint(tp=WAKING_TP.encode(), fn_name=b"rp_wk_tp")
-        except Exception as e:          # data-ready still counts without it
-            self.wakeups_error = str(e)
+            root = tracefs.ensure()
+        except UserError:               # no tracefs: no EAGAIN counts
             return
-        self.wakeups = wakeups
-        root = tracefs.ensure()
         for tp in EAGAIN_TPS[self.proto]:
             if tracefs.event_dir(root, tp).is_dir():      # CONFIG_FTRACE_SYSCALLS
                 b.attach_tracepoint(tp=tp.encode(), fn_name=b"rp_ea_tp")
