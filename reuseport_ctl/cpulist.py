@@ -5,11 +5,12 @@ from typing import Iterable
 
 
 def parse(text: str) -> list[int]:
-    """'0-2,5' -> [0, 1, 2, 5]; ValueError on anything else."""
+    """'0-2,5' -> [0, 1, 2, 5] ('' -> [], as sysfs writes a node without CPUs);
+    ValueError on anything else."""
     out: list[int] = []
+    if not text.strip():
+        return out
     for part in text.strip().split(","):
-        if not part.strip():
-            continue
         lo, _, hi = part.strip().partition("-")
         first, last = int(lo), int(hi or lo)
         if first < 0 or last < first:

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+from nginx import nginx as start_nginx
 from reuseport_ctl import groups, pins
 from reuseport_ctl.errors import UserError
 from reuseport_ctl.kernel import bpf, diag
@@ -203,40 +204,10 @@ def test_udp_group_held_by_one_process(port):
 
 # --- nginx: master holds every socket, each worker epolls its own --------------------------
 
-NGINX = "/usr/sbin/nginx"
-
-
 @pytest.fixture
 def nginx(port, tmp_path):
-    if not os.path.exists(NGINX):
-        pytest.skip("nginx is not installed")
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(
-        f'worker_processes 2; daemon off; pid {tmp_path}/nginx.pid; '
-        f'error_log {tmp_path}/err.log; events {{}} http {{ access_log off; '
-        f'server {{ listen 127.0.0.1:{port} reuseport; location / {{ '
-        f'add_header X-Worker $pid; return 200 "ok\\n"; }} }} }}\n')
-    p = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(tmp_path), "-e",
-                          f"{tmp_path}/err.log"], stderr=subprocess.DEVNULL)
-    try:
-        # ready when both workers answer (each has added its socket to epoll)
-        for _ in range(200):
-            try:
-                if len(hits(port, 20)) == 2:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise AssertionError("nginx did not start: " + (tmp_path / "err.log").read_text())
+    with start_nginx(port, tmp_path) as (p, _workers):
         yield port, p
-    finally:
-        p.send_signal(signal.SIGQUIT)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 def test_nginx_drain_through_the_cli(nginx, cli):

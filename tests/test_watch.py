@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nginx import nginx as start_nginx
 from reuseport_ctl.load.client import run_load
 from reuseport_ctl.policies import Policy
 from reuseport_ctl.probes.session import default_strategies
@@ -27,7 +27,6 @@ from reuseport_ctl.stats.fairness import jain, max_min_ratio
 from reuseport_ctl.workers.supervisor import RunConfig, Supervisor
 
 EXE = shutil.which("reuseport-ctl", path=os.path.dirname(sys.executable)) or "reuseport-ctl"
-NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin") or "/usr/sbin/nginx"
 HOST = "127.0.0.1"
 WORKERS = 3
 NOBODY = 65534
@@ -255,64 +254,11 @@ def test_prometheus_counters_match_and_quit_leaves_nothing(netns, cli, strategie
 
 # --- any server: nginx ---------------------------------------------------------------------
 
-NGINX_CONF = """\
-worker_processes 2;
-daemon off;
-user root;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 1024; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
-    }}
-}}
-"""
-
-
 @pytest.fixture
-def nginx(netns):
-    if not os.access(NGINX, os.X_OK):
-        pytest.skip("nginx is not installed")
-    tmp = tempfile.mkdtemp(prefix="rpctl-watch-nginx-")
+def nginx(netns, tmp_path):
     port = 18181
-    conf = os.path.join(tmp, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(tmp=tmp, port=port))
-    p = subprocess.Popen([NGINX, "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                r = run_load(HOST, port, "tcp", conns=1, concurrency=1)
-                if r.ok == 1:
-                    break
-            except Exception:
-                pass
-            if p.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"nginx did not start: {p.communicate()[1]!r}")
-            time.sleep(0.1)
-        import psutil
-        workers = sorted(c.pid for c in psutil.Process(p.pid).children())
-        assert len(workers) == 2
+    with start_nginx(port, tmp_path) as (p, workers):
         yield port, p.pid, workers
-    finally:
-        p.send_signal(signal.SIGQUIT)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def test_watching_nginx_shows_its_workers_and_shares(nginx, strategies):

@@ -1,0 +1,84 @@
+"""A real nginx for the tests: the distribution's package, started by the
+test with reuseport and N workers, each answering with header X-Worker: its pid."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import psutil
+import pytest
+
+NGINX = "/usr/sbin/nginx"
+CONF = """\
+worker_processes {workers};
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
+    }}
+}}
+"""
+
+
+def _answers(port: int) -> bool:
+    import socket
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return c.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+@contextmanager
+def nginx(port: int, tmp: Path, workers: int = 2) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """nginx on 127.0.0.1:port until the block ends; yields (master, worker pids)
+    once every worker has its listener in epoll (each answered)."""
+    if not os.access(NGINX, os.X_OK):
+        pytest.skip("nginx is not installed (scripts/bootstrap installs nginx-light)")
+    conf = tmp / "nginx.conf"
+    conf.write_text(CONF.format(tmp=tmp, port=port, workers=workers))
+    p = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            kids = sorted(c.pid for c in psutil.Process(p.pid).children()) \
+                if p.poll() is None else []
+            if len(kids) == workers and _answers(port) and _all_epolling(port, kids):
+                break
+            if p.poll() is not None or time.monotonic() > deadline:
+                log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""
+                raise AssertionError(f"nginx did not start: {log[-2000:]}")
+            time.sleep(0.05)
+        yield p, kids
+    finally:
+        p.send_signal(signal.SIGQUIT)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _all_epolling(port: int, pids: list[int]) -> bool:
+    """Each worker's epoll watches one of the port's listeners: it serves."""
+    from reuseport_ctl.kernel import diag, owners
+    inodes = {s.inode for s in diag.listeners(port, "tcp")}
+    return all(owners.epoll_watched(pid) & inodes for pid in pids)
