@@ -21,9 +21,8 @@ involved (client processes and wrk's threads, server workers, nginx
 workers, this harness) and of each CPU; a process (or wrk thread) at >= 90 %
 of one core over the run is what limited the figure.
 
-Only loopback traffic, inside a network namespace: if this process is still
-in the init network namespace it re-executes itself under `unshare --net`
-and says so. Everything it starts (servers, clients) is stopped on exit,
+Only loopback traffic, inside a private network namespace that the script
+enters before it starts anything (harness.private_netns). Everything it starts (servers, clients) is stopped on exit,
 on Ctrl-C, on SIGTERM and on errors.
 """
 from __future__ import annotations
@@ -36,19 +35,20 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import psutil
 from rich.console import Console
 from rich.table import Table
+
+from harness import exit_on_sigterm, private_netns, spawn, stop, stop_all, wait_http
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
@@ -57,7 +57,6 @@ RPCTL = shutil.which("reuseport-ctl", path=str(VENV_BIN)) or str(VENV_BIN / "reu
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")) \
     or "/usr/sbin/nginx"
-NETNS_MARK = "REUSEPORT_CTL_BENCH_NETNS"
 SATURATED = 90.0            # % of one core
 DISTURBED = 20.0            # other processes' CPU (% of one core) that voids a sample
 ATTEMPTS = 3                # measurements of one sample before a disturbed one is kept
@@ -76,102 +75,7 @@ err = Console(stderr=True)
 
 # --- network namespace ----------------------------------------------------------
 
-def _netns_ino(pid: str) -> Optional[int]:
-    try:
-        return os.stat(f"/proc/{pid}/ns/net").st_ino
-    except OSError:
-        return None
-
-
-def ensure_netns() -> str:
-    """Re-exec under `unshare --net` unless already in a namespace other than
-    init's; then bring loopback up. Returns a line saying where we run."""
-    mine, init = _netns_ino("self"), _netns_ino("1")
-    if os.environ.get(NETNS_MARK) != "1" and (init is None or mine == init):
-        if os.geteuid() != 0:
-            sys.exit("benchmarks/core.py: needs root (network namespace, BPF selectors).")
-        err.print("[bold]core.py:[/] not in a private network namespace: re-executing "
-                  "under `unshare --net` (loopback only).")
-        env = dict(os.environ, **{NETNS_MARK: "1"})
-        unshare = shutil.which("unshare") or "/usr/bin/unshare"
-        os.execve(unshare, [unshare, "--net", "--", sys.executable, str(HERE), *sys.argv[1:]],
-                  env)
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    names = [ln.split(":")[1].strip() for ln in links.splitlines() if ":" in ln]
-    how = "fresh namespace from unshare --net" if os.environ.get(NETNS_MARK) == "1" \
-        else "caller's namespace"
-    return f"netns inode {_netns_ino('self')} ({how}; links: {', '.join(names)})"
-
-
-# --- process bookkeeping ----------------------------------------------------------
-
-_started: list[subprocess.Popen] = []
-
-
-def spawn(argv: list[str], **kw) -> subprocess.Popen:
-    p = subprocess.Popen(argv, **kw)
-    _started.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen, sig: int = signal.SIGTERM, grace: float = 5.0) -> None:
-    """Stop one process we started, and (by pid) whatever it left behind."""
-    if p.poll() is None:
-        try:
-            kids = psutil.Process(p.pid).children(recursive=True)
-        except psutil.Error:
-            kids = []
-        try:
-            p.send_signal(sig)
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        except ProcessLookupError:
-            pass
-        for k in kids:
-            try:
-                if k.is_running():
-                    k.kill()
-            except psutil.Error:
-                pass
-    if p in _started:
-        _started.remove(p)
-
-
-def stop_all() -> None:
-    for p in list(reversed(_started)):
-        stop(p, signal.SIGQUIT if getattr(p, "is_nginx", False) else signal.SIGTERM)
-    # Anything still below us (a grandchild whose parent died first): by pid.
-    for k in psutil.Process().children(recursive=True):
-        try:
-            k.kill()
-        except psutil.Error:
-            pass
-
-
-def _on_term(signum, frame):
-    raise SystemExit(128 + signum)
-
-
 # --- servers ------------------------------------------------------------------------
-
-def wait_http(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"server on port {port} not answering within {timeout:.0f} s")
-
 
 @dataclass
 class Server:
@@ -221,7 +125,6 @@ def start_nginx() -> Server:
         f.write(NGINX_CONF.format(workers=WORKERS, tmp=tmp, port=PORT_NGINX))
     p = spawn([NGINX, "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    p.is_nginx = True   # type: ignore[attr-defined]
     srv = Server("nginx", PORT_NGINX, p, "nginx", tmp)
     wait_http(PORT_NGINX, p)
     return srv
@@ -708,8 +611,8 @@ def main() -> int:
     if not os.path.exists(WRK) or not os.path.exists(NGINX):
         sys.exit(f"benchmarks/core.py: needs wrk ({WRK}) and nginx ({NGINX}).")
 
-    where = ensure_netns()
-    signal.signal(signal.SIGTERM, _on_term)
+    where = private_netns("core.py")
+    exit_on_sigterm()
     command = "benchmarks/core.py " + " ".join(sys.argv[1:])
     env = {"kernel": platform.release(), "cpus": os.cpu_count(),
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -771,7 +674,7 @@ def main() -> int:
             stop(srv.proc, signal.SIGQUIT if srv.kind == "nginx" else signal.SIGTERM, grace=10)
             if srv.tmp:
                 shutil.rmtree(srv.tmp, ignore_errors=True)
-        stop_all()
+        stop_all(NGINX)
         shutil.rmtree(logdir, ignore_errors=True)
     rows = summarize(samples)
     print_tables(rows, samples, header)
@@ -787,6 +690,6 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        stop_all()
+        stop_all(NGINX)
         err.print("interrupted: everything started was stopped.")
         sys.exit(130)

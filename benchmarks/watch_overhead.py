@@ -17,8 +17,8 @@ watch process's own CPU over each B measurement as % of one core (goal
 <= 5 %), with its BPF programs' run time from kernel.bpf_stats_enabled
 (the in-kernel cost, paid by whichever CPU handles the packet) beside it.
 
-Loopback only, inside a network namespace: if this process is still in
-the init namespace it re-executes itself under `unshare --net`. Everything
+Loopback only, inside a private network namespace (harness.private_netns).
+Everything
 it starts is stopped on exit, Ctrl-C, SIGTERM and errors.
 """
 from __future__ import annotations
@@ -31,7 +31,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,12 +42,13 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
+from harness import exit_on_sigterm, private_netns, spawn, stop, stop_all, wait_http
+
 HERE = Path(__file__).resolve()
 VENV_BIN = Path(sys.executable).parent
 RPCTL = shutil.which("reuseport-ctl", path=str(VENV_BIN)) or str(VENV_BIN / "reuseport-ctl")
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin") or "/usr/sbin/nginx"
-NETNS_MARK = "REUSEPORT_CTL_BENCH_NETNS"
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 PORT = 18590
 CONC = 32
@@ -79,65 +79,6 @@ http {{
     }}
 }}
 """
-
-
-def ensure_netns() -> str:
-    def ino(pid):
-        try:
-            return os.stat(f"/proc/{pid}/ns/net").st_ino
-        except OSError:
-            return None             # init's namespace is not ours to inspect
-    init = ino(1)
-    if os.environ.get(NETNS_MARK) != "1" and (init is None or ino("self") == init):
-        if os.geteuid() != 0:
-            sys.exit("watch_overhead.py: needs root (network namespace, BPF probes).")
-        err.print("[bold]watch_overhead.py:[/] re-executing under `unshare --net` (loopback only).")
-        unshare = shutil.which("unshare") or "/usr/bin/unshare"
-        os.execve(unshare, [unshare, "--net", "--", sys.executable, str(HERE), *sys.argv[1:]],
-                  dict(os.environ, **{NETNS_MARK: "1"}))
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-    return f"netns inode {ino('self')}"
-
-
-_started: list[subprocess.Popen] = []
-
-
-def spawn(argv, **kw) -> subprocess.Popen:
-    p = subprocess.Popen(argv, **kw)
-    _started.append(p)
-    return p
-
-
-def stop(p: subprocess.Popen, sig=signal.SIGTERM, grace=10.0) -> None:
-    if p.poll() is None:
-        p.send_signal(sig)
-        try:
-            p.wait(grace)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-    if p in _started:
-        _started.remove(p)
-
-
-def _on_term(signum, frame):
-    raise SystemExit(128 + signum)
-
-
-def wait_http(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"nginx on port {port} not answering within {timeout:.0f} s")
 
 
 def start_watch() -> subprocess.Popen:
@@ -245,8 +186,8 @@ def main() -> int:
     for tool in (WRK, NGINX):
         if not os.path.exists(tool):
             sys.exit(f"watch_overhead.py: needs {tool}.")
-    where = ensure_netns()
-    signal.signal(signal.SIGTERM, _on_term)
+    where = private_netns("watch_overhead.py")
+    exit_on_sigterm()
     env = {"kernel": platform.release(), "cpus": os.cpu_count(),
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
            "rounds": args.rounds, "seconds": args.seconds, "netns": where,
@@ -286,8 +227,7 @@ def main() -> int:
                           f"{s['others_cpu_pct']:.0f}%  {s['errors']}")
         stop(nginx, signal.SIGQUIT)
     finally:
-        for p in list(reversed(_started)):
-            stop(p, signal.SIGQUIT if p.args[0] == NGINX else signal.SIGTERM)
+        stop_all(NGINX)
         if stats_before is not None:
             BPF_STATS.write_text(stats_before)
         shutil.rmtree(tmp, ignore_errors=True)
