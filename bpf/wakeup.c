@@ -5,8 +5,8 @@
 //               listener socket cookie.
 //   wakeups     process wakeups of the watched pids (rp_pids) made while
 //               such a data-ready is being handled on this CPU.
-//   eagain      accept/accept4 (TCP) or recvfrom (UDP) of a watched pid
-//               returning -EAGAIN: a wakeup that found nothing to do.
+//   eagain      (opt-in) accept/accept4 (TCP) or recvfrom (UDP) of a watched
+//               pid returning -EAGAIN: a wakeup that found nothing to do.
 //
 // Everything is counted here, in maps; user space reads them once per
 // interval. No perf buffer.
@@ -20,43 +20,34 @@
 // how data-ready is seen (none of these: the tracefs tracepoint
 // sock:sk_data_ready, program rp_dr_tp):
 //   -DDR_KPROBE                      kprobe on sock_def_readable; its
-//                                    kretprobe ends the scope (exact)
+//                                    kretprobe ends the scope
 //   -DDR_RAW_TP                      raw tracepoint sk_data_ready (rp_dr_raw):
 //                                    called with the struct sock * directly,
 //                                    no perf event record is built
 // -DTASK_PID_OFF (task_struct.pid, BTF) enables rp_wk_raw, the raw
 // tracepoint sched_waking; without it only rp_wk_tp (tracefs) is built.
-// And for how a wakeup is tied to the data-ready that made it:
-//   -DSDR_START, -DSDR_END           (tracepoint) sock_def_readable's address
-//                                    range, from kallsyms: a wakeup counts when
-//                                    the waker's kernel stack is inside it
-//   -DWINDOW_NS                      (tracepoint, no kallsyms) a wakeup counts
-//                                    within WINDOW_NS of the data-ready
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ptrace.h>
 
 #define RP_TCP_LISTEN   10
 #define RP_EAGAIN       11
-#define RP_STACK_DEPTH  32
 
-// The data-ready being handled on this CPU. Set by a data-ready of a watched
-// listener, cleared by any other data-ready on this CPU (and, with the
-// kprobe, by sock_def_readable's return).
+// The data-ready being handled on this CPU: set by a data-ready of a watched
+// listener; a wakeup of a watched pid while it is set was made by it.
 //
-// Why this is sound with the tracepoint: sk_data_ready fires at the top of
-// sock_def_readable, and the wakeups it causes (wake_up_interruptible_sync_poll
-// on the socket's wait queue: blocked accept(), recvfrom(), or epoll's
-// ep_poll_callback waking each epoll_wait()er) follow synchronously on the
-// same CPU, in softirq or with BH off, before anything else can run there.
-// sched_waking (not sched_wakeup) is used because it fires in the waker's
-// context; sched_wakeup of an idle remote CPU is deferred to that CPU's IPI.
-// What could follow on this CPU after sock_def_readable returns without
-// another data-ready in between (a write-space wakeup, a signal) is excluded
-// by checking that the waker's stack is inside sock_def_readable (or, where
-// kallsyms hides addresses, by a short time window).
+// Why that holds: sk_data_ready fires at the top of sock_def_readable, and
+// the wakeups it makes (wake_up_interruptible_sync_poll on the socket's wait
+// queue: a blocked accept() or recvfrom(), or epoll's ep_poll_callback waking
+// each epoll_wait()er) follow at once on the same CPU, in softirq with the
+// wait-queue lock held and interrupts off. The mark ends where that scope
+// ends: with the kprobe, at sock_def_readable's return; with the tracepoints,
+// at the next data-ready on this CPU (another socket's, or this one's next),
+// at the end of the softirq (irq:softirq_exit) and at any hrtimer expiry
+// (timer:hrtimer_expire_entry: an epoll_wait or nanosleep timeout firing in
+// a hard interrupt), the only other things that run on this CPU before it is
+// handed back and could wake a worker. Both end hooks run a few stores, not
+// the stack walk that checking the waker's stack would take (~4 us a wakeup).
 struct rp_mark {
-    u64 cookie;
-    u64 ts;
     u64 active;
 };
 BPF_PERCPU_ARRAY(rp_wk_mark, struct rp_mark, 1);
@@ -76,19 +67,26 @@ static __always_inline void add(void *map_lookup_ret)
 // sock_diag generates one, see probes/session.py).
 static __always_inline int watched(const void *sk, u64 *cookie)
 {
-    u16 num = 0, proto = 0;
-    bpf_probe_read_kernel(&num, sizeof(num), (void *)sk + SKC_NUM_OFF);
-    if (num != PORT)
-        return 0;
-    bpf_probe_read_kernel(&proto, sizeof(proto), (void *)sk + SK_PROTOCOL_OFF);
-    if (proto != PROTO)
+    // skc_num and skc_state sit a few bytes apart in sock_common: one read
+    // serves both (little-endian: skc_num is its low 16 bits).
+    u64 near = 0;
+    bpf_probe_read_kernel(&near, sizeof(near), (void *)sk + SKC_NUM_OFF);
+    if ((u16)near != PORT)
         return 0;
 #if PROTO == 6
+#if SKC_STATE_OFF > SKC_NUM_OFF && SKC_STATE_OFF < SKC_NUM_OFF + 8
+    u8 state = near >> (8 * (SKC_STATE_OFF - SKC_NUM_OFF));
+#else
     u8 state = 0;
     bpf_probe_read_kernel(&state, sizeof(state), (void *)sk + SKC_STATE_OFF);
+#endif
     if (state != RP_TCP_LISTEN)
         return 0;           // an accepted connection on the port, not a listener
 #endif
+    u16 proto = 0;
+    bpf_probe_read_kernel(&proto, sizeof(proto), (void *)sk + SK_PROTOCOL_OFF);
+    if (proto != PROTO)
+        return 0;
 #if NETNS_INUM
     u64 net = 0;
     u32 inum = 0;
@@ -101,8 +99,30 @@ static __always_inline int watched(const void *sk, u64 *cookie)
     return 1;
 }
 
+static __always_inline void end_scope(void)
+{
+    u32 zero = 0;
+    struct rp_mark *m = rp_wk_mark.lookup(&zero);
+    if (m && m->active)
+        m->active = 0;
+}
+
+// irq:softirq_exit and timer:hrtimer_expire_entry, raw or through tracefs
+// (the arguments are not needed)
+int rp_end_raw(struct bpf_raw_tracepoint_args *ctx)
+{
+    end_scope();
+    return 0;
+}
+
+int rp_end_tp(void *args)
+{
+    end_scope();
+    return 0;
+}
+
 // Called for every data-ready of every socket on the machine: the common
-// case (another port) costs one 2-byte read and a per-CPU array lookup (the
+// case (another port) costs one 8-byte read and a per-CPU array lookup (the
 // verifier inlines it), and writes the mark only if it was set.
 static __always_inline void data_ready(const void *sk)
 {
@@ -118,10 +138,6 @@ static __always_inline void data_ready(const void *sk)
         return;
     }
     add(rp_ready.lookup_or_try_init(&cookie, &init));
-    m->cookie = cookie;
-#ifdef WINDOW_NS
-    m->ts = bpf_ktime_get_ns();
-#endif
     m->active = 1;
 }
 
@@ -134,10 +150,7 @@ int rp_dr_kprobe(struct pt_regs *ctx)
 
 int rp_dr_kretprobe(struct pt_regs *ctx)
 {
-    u32 zero = 0;
-    struct rp_mark *m = rp_wk_mark.lookup(&zero);
-    if (m)
-        m->active = 0;
+    end_scope();
     return 0;
 }
 #elif defined(DR_RAW_TP)
@@ -173,27 +186,9 @@ struct rp_sched_waking_args {
     int target_cpu;
 };
 
-#if !defined(DR_KPROBE) && defined(SDR_START)
-static __always_inline int in_sock_def_readable(void *ctx)
-{
-    u64 ips[RP_STACK_DEPTH] = {};
-    long n = bpf_get_stack(ctx, ips, sizeof(ips), 0);
-    if (n <= 0)
-        return 0;
-    for (int i = 0; i < RP_STACK_DEPTH; i++) {
-        if (i * 8 >= n)
-            break;
-        if (ips[i] > SDR_START && ips[i] <= SDR_END)
-            return 1;
-    }
-    return 0;
-}
-#endif
-
 // Called for every wakeup on the machine. Cheapest test first: is a watched
 // listener's data-ready being handled on this CPU (an inlined per-CPU array
-// lookup, usually no); only then the pid filter, and last the scope check
-// (a stack walk where SDR_START is given).
+// lookup, usually no); only then the pid filter.
 static __always_inline struct rp_mark *active_mark(void)
 {
     u32 zero = 0;
@@ -203,28 +198,17 @@ static __always_inline struct rp_mark *active_mark(void)
     return m;
 }
 
-static __always_inline void count_wakeup(void *ctx, u32 pid, struct rp_mark *m)
+static __always_inline void count_wakeup(u32 pid)
 {
     u64 init = 0;
-    if (!rp_pids.lookup(&pid))
-        return;
-#if defined(DR_KPROBE)
-    // the kretprobe clears the mark: active means inside sock_def_readable
-#elif defined(SDR_START)
-    if (!in_sock_def_readable(ctx))
-        return;
-#else
-    if (bpf_ktime_get_ns() - m->ts > WINDOW_NS)
-        return;
-#endif
-    add(rp_wakeups.lookup_or_try_init(&pid, &init));
+    if (rp_pids.lookup(&pid))
+        add(rp_wakeups.lookup_or_try_init(&pid, &init));
 }
 
 int rp_wk_tp(struct rp_sched_waking_args *args)
 {
-    struct rp_mark *m = active_mark();
-    if (m)
-        count_wakeup(args, args->pid, m);
+    if (active_mark())
+        count_wakeup(args->pid);
     return 0;
 }
 
@@ -232,12 +216,11 @@ int rp_wk_tp(struct rp_sched_waking_args *args)
 // raw tracepoint sched_waking: TP_PROTO(struct task_struct *p)
 int rp_wk_raw(struct bpf_raw_tracepoint_args *ctx)
 {
-    struct rp_mark *m = active_mark();
-    if (!m)
+    if (!active_mark())
         return 0;
     u32 pid = 0;
     bpf_probe_read_kernel(&pid, sizeof(pid), (void *)ctx->args[0] + TASK_PID_OFF);
-    count_wakeup(ctx, pid, m);
+    count_wakeup(pid);
     return 0;
 }
 #endif

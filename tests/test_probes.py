@@ -175,8 +175,9 @@ def test_accept_eagain_matches_workers(netns, strategies):
     with group("tcp", model="shared-epoll") as sup:
         sup.start()
         sup.wait_ready()
-        with ProbeSession(sup.port, "tcp", sup.pids().values(), strategies) as ps:
-            if "EAGAIN from" not in ps.strategies["wakeups"].reason:
+        with ProbeSession(sup.port, "tcp", sup.pids().values(), strategies,
+                          eagain=True) as ps:
+            if not ps.counts_eagain:
                 pytest.skip("this kernel has no syscalls tracepoints")
             run_load(HOST, sup.port, "tcp", conns=60, concurrency=2)
             t = settled_read(ps, lambda t: sum(counter(sup, "accepts")) == 60)
@@ -184,6 +185,24 @@ def test_accept_eagain_matches_workers(netns, strategies):
             t = ps.read()
             eagain = dict(zip(sup.pids().values(), counter(sup, "eagain")))
             assert {p: c for p, c in eagain.items() if c} == t.accept_eagain
+
+
+def test_accept_eagain_is_opt_in(netns, strategies):
+    """Without eagain=True nothing hooks the syscalls: the herd's EAGAINs
+    happen (the workers count them) but the session counts none."""
+    if strategies["wakeups"].name == "none":
+        pytest.skip(f"no wakeup probe: {strategies['wakeups'].reason}")
+    with group("tcp", model="shared-epoll") as sup:
+        sup.start()
+        sup.wait_ready()
+        with ProbeSession(sup.port, "tcp", sup.pids().values(), strategies) as ps:
+            assert not ps.counts_eagain
+            assert "EAGAIN not counted" in ps.strategies["wakeups"].reason
+            run_load(HOST, sup.port, "tcp", conns=60, concurrency=2)
+            settled_read(ps, lambda t: sum(counter(sup, "accepts")) == 60)
+            time.sleep(0.2)
+            assert sum(counter(sup, "eagain")) > 0
+            assert ps.read().accept_eagain == {}
 
 
 def test_set_pids_changes_what_is_counted(netns, strategies):

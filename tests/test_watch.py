@@ -20,6 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nginx import nginx as start_nginx
+from reuseport_ctl.kernel import bpf
 from reuseport_ctl.load.client import run_load
 from reuseport_ctl.policies import Policy
 from reuseport_ctl.probes.session import default_strategies
@@ -190,6 +191,43 @@ def test_ndjson_accounts_for_every_connection(netns, strategies, proto):
         # Totals never go down from one line to the next.
         totals = [d["accepts"] for d in lines]
         assert totals == sorted(totals)
+
+
+@pytest.mark.parametrize("spurious", [False, True])
+def test_spurious_wakeups_of_another_server_are_opt_in(netns, strategies, spurious):
+    """Watched as another server (not `run --watch`): only with --spurious is
+    the EAGAIN program loaded (on the syscalls tracepoints, which slow every
+    syscall on the machine), and then each worker's count is the one the
+    worker keeps itself; without it the field is null. (The exact count
+    under a herd, where EAGAINs happen, is test_probes'
+    test_accept_eagain_matches_workers.)"""
+    if strategies["wakeups"].name == "none":
+        pytest.skip(f"no wakeup probe: {strategies['wakeups'].reason}")
+    n = 60
+    with group("tcp") as sup:
+        sup.start()
+        sup.wait_ready()
+        args = ["--spurious"] if spurious else []
+        before_ids = set(bpf.prog_names())
+        w = Watcher("--port", sup.port, "--json", "--interval", 0.5, "--duration", 3, *args)
+        try:
+            w.started()
+            loaded = {name for i, name in bpf.prog_names().items() if i not in before_ids}
+            eagain0 = counters(sup, "eagain")
+            r = run_load(HOST, sup.port, "tcp", conns=n, concurrency=2)
+            assert r.ok == n
+            settle(lambda: sum(counters(sup, "accepts")), n)
+            code, lines, err = w.finish()
+        finally:
+            w.kill()
+        assert code == 0, err
+        assert "rp_wk_raw" in loaded or "rp_wk_tp" in loaded       # wakeups are on
+        assert ("rp_ea_tp" in loaded) == spurious
+        got = [x["spurious_wakeups"] for x in lines[-1]["workers"]]
+        if spurious:
+            assert got == [b - a for a, b in zip(eagain0, counters(sup, "eagain"))]
+        else:
+            assert got == [None] * WORKERS
 
 
 # --- Prometheus ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ Examples:
   reuseport-ctl watch --port 80 --prometheus 9101  then scrape 127.0.0.1:9101/metrics
   reuseport-ctl watch --proto udp --port 5353 --interval 5 --duration 60 --json
   reuseport-ctl watch --port 8080 --wait           start before the server does
+  reuseport-ctl watch --port 8080 --spurious       also count accept()s that found nothing
   reuseport-ctl run --workers 4 --watch            our own group, with its own counters
 
 \b
@@ -40,8 +41,9 @@ Columns: slot and pid of each worker, its CPU, its share of the group's
 connections since the watch began, connections (UDP: datagrams) per second
 and their last minute, accept-queue depth, data-ready events per second on
 its listener, process wakeups per data-ready event, and spurious wakeups
-(accept or recvfrom said EAGAIN). q, Ctrl-C or SIGTERM quits and detaches
-every probe.
+(accept or recvfrom said EAGAIN: counted by our own workers; for another
+server only with --spurious, else "-"). q, Ctrl-C or SIGTERM quits and
+detaches every probe.
 """
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
@@ -210,7 +212,7 @@ class Watch:
 
     def __init__(self, source, interval: float, as_json: bool = False,
                  prometheus: Optional[str] = None, strategies: Optional[dict] = None,
-                 transient: bool = False, stderr: bool = False):
+                 transient: bool = False, stderr: bool = False, spurious: bool = False):
         from ..probes.session import ProbeSession
 
         self.source, self.interval, self.as_json = source, interval, as_json
@@ -227,7 +229,9 @@ class Watch:
             try:
                 self.session = self._stack.enter_context(ProbeSession(
                     source.port, source.proto, self.pids, strategies,
-                    selections=source.selections))
+                    selections=source.selections,
+                    # our own workers count their EAGAINs: no syscalls tracepoints
+                    eagain=spurious and not source.own))
             except (UserError, KeyboardInterrupt):
                 raise
             except Exception as e:         # bcc and the bpf() layer raise plain errors
@@ -237,7 +241,7 @@ class Watch:
             names = {k: st.get(k).name if st.get(k) else "none"
                      for k in ("lookup", "data_ready", "wakeups")}
             self.note = degraded_note(names["data_ready"], names["lookup"], source.own)
-            eagain = source.own or "EAGAIN from" in getattr(st.get("wakeups"), "reason", "")
+            eagain = source.own or self.session.counts_eagain
             self.state = LiveState(interval=interval,
                                    counted=(names["data_ready"] != "none",
                                             names["wakeups"] != "none", eagain))
@@ -385,7 +389,12 @@ def _gone(port: int, proto: str) -> UserError:
                    "(ADDR defaults to 127.0.0.1).")
 @click.option("--wait", is_flag=True,
               help="If nothing listens on the port (yet, or any more), keep waiting.")
-def watch(port, proto, host, pid, interval, duration, as_json, prometheus, wait):
+@click.option("--spurious", is_flag=True,
+              help="Also count spurious wakeups (accept/accept4, UDP recvfrom, returning "
+                   "EAGAIN) with the syscalls tracepoints. Off by default: while any "
+                   "syscall tracepoint is on, every syscall of every process on the "
+                   "machine takes the kernel's slow path (docs/watch.md has the cost).")
+def watch(port, proto, host, pid, interval, duration, as_json, prometheus, wait, spurious):
     """Show live, per worker, how the kernel spreads a reuseport group's
     connections (TCP) or datagrams (UDP), and how its workers are woken."""
     _check(interval, duration)
@@ -398,7 +407,8 @@ def watch(port, proto, host, pid, interval, duration, as_json, prometheus, wait)
         raise UserError(f"nothing is listening on {proto} port {port} (no {what} socket in "
                         f"this network namespace); --wait waits for it.")
     stop = _Stop()
-    with stop.signals(), Watch(source, interval, as_json, prometheus) as w:
+    with stop.signals(), Watch(source, interval, as_json, prometheus,
+                               spurious=spurious) as w:
         w.announce()
         _loop(w, duration, stop, wait)
 

@@ -56,17 +56,21 @@ def socket_cookies(port: int, proto: str) -> dict[int, int]:
 class ProbeSession:
     def __init__(self, port: int, proto: str = "tcp", pids: Iterable[int] = (),
                  strategies: dict | None = None, *, netns: str = OWN_NETNS,
-                 selections: Optional[Callable[[], Optional[list[int]]]] = None):
+                 selections: Optional[Callable[[], Optional[list[int]]]] = None,
+                 eagain: bool = False):
         """Attach the probes for `port`. strategies: choose()'s answer (doctor
         already has one); None probes the kernel for it. netns: the watched
         server's network namespace (e.g. /proc/<pid>/ns/net). selections: the
-        group's selector counters, used for lookups by the "selector" strategy."""
+        group's selector counters, used for lookups by the "selector" strategy.
+        eagain: also count accept/recvfrom EAGAINs from the syscalls
+        tracepoints (every syscall on the machine pays for it while attached)."""
         if proto not in PROTO_NUMBERS:
             raise UserError(f"protocol must be tcp or udp, not {proto!r}.")
         if not 1 <= port <= 65535:
             raise UserError(f"port must be between 1 and 65535, not {port}.")
         self.port, self.proto, self.netns = port, proto, netns
         self._selections = selections
+        self._eagain = eagain
         self._uncookied = 0
         self._own_netns = netns_inum(netns) == netns_inum(OWN_NETNS)
         chosen = dict(strategies) if strategies is not None else default_strategies()
@@ -83,7 +87,7 @@ class ProbeSession:
             wk_name = wk.name if wk is not None else "none"
             self.strategies["data_ready"] = self._chain(
                 "data_ready", chosen.get("data_ready"),
-                lambda name: self._wakeup.attach(name, wk_name))
+                lambda name: self._wakeup.attach(name, wk_name, eagain))
             self.strategies["wakeups"] = self._wakeups_strategy(wk)
         except BaseException:
             self.close()
@@ -120,13 +124,23 @@ class ProbeSession:
                                     "data-ready probe is off")
         if wp.wakeups == "none":
             return Strategy("none", f"{wp.wakeups_error}; this probe is off")
-        eagain = (f"; EAGAIN from {', '.join(wp.eagain_tps)}" if wp.eagain_tps
-                  else "; no syscalls tracepoints: no EAGAIN counts")
+        if wp.eagain_tps:
+            eagain = f"; EAGAIN from {', '.join(wp.eagain_tps)}"
+        elif self._eagain:
+            eagain = "; no syscalls tracepoints: no EAGAIN counts"
+        else:
+            eagain = "; EAGAIN not counted (opt-in: the syscalls tracepoints slow every syscall)"
+
         step = next(s for s in CHAINS["wakeups"] if s.name == wp.wakeups)
         # the chosen one, or a later one in the chain when it failed to attach
         reason = chosen.reason if wp.wakeups == chosen.name else \
             f"{wp.wakeups_error}; {step.gives}"
         return Strategy(wp.wakeups, f"{reason}; {wp.scope}{eagain}", step.target)
+
+    @property
+    def counts_eagain(self) -> bool:
+        """Whether accept/recvfrom EAGAINs are counted (read().accept_eagain)."""
+        return bool(self._wakeup.eagain_tps)
 
     # --- use --------------------------------------------------------------------
 

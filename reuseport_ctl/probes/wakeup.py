@@ -10,18 +10,23 @@ Strategies (probes/strategy.py):
   wakeups     sched_waking filtered to the watched pids, the waker-context
               twin of sched_wakeup (see bpf/wakeup.c): raw tracepoint (p->pid
               read at its BTF offset) or, failing that, sched:sched_waking
-plus accept/accept4 (recvfrom for UDP) returning EAGAIN from the syscalls
-tracepoints, where this kernel has them.
+A wakeup counts while a watched listener's data-ready is being handled on
+the CPU: up to sock_def_readable's return (kprobe), or up to the next
+data-ready, softirq end or hrtimer expiry there (tracepoints; see
+bpf/wakeup.c).
+
+Opt-in (eagain=True): accept/accept4 (recvfrom for UDP) returning EAGAIN,
+from the syscalls tracepoints. Off by default because enabling any syscall
+tracepoint sends every syscall of every process on the machine through the
+kernel's slow path; our own workers count their EAGAINs themselves.
 """
 from __future__ import annotations
 
 import ctypes as ct
-from functools import lru_cache
 from typing import Iterable
 
 from ..errors import UserError
 from ..kernel import btf, tracefs
-from ..kernel.kallsyms import symbol_range
 from .programs import PROTO_NUMBERS, SOCK_FIELDS, netns_macros, program_source
 
 MAX_PIDS = 4096
@@ -32,16 +37,12 @@ RAW_DATA_READY_TP = "sk_data_ready"
 DATA_READY_STRATEGIES = ("kprobe", "raw_tracepoint", "tracepoint")
 WAKEUP_STRATEGIES = ("raw_tracepoint", "tracepoint")     # best first
 DATA_READY_FUNC = "sock_def_readable"
-# Where kallsyms hides addresses: a wakeup within this long after the
-# data-ready on the same CPU is taken as caused by it.
-WINDOW_NS = 200_000
+# Where a data-ready's scope ends when it is seen by a tracepoint (the
+# kprobe strategy has sock_def_readable's kretprobe): (raw name, tracefs name).
+SCOPE_ENDS = (("softirq_exit", "irq:softirq_exit"),
+              ("hrtimer_expire_entry", "timer:hrtimer_expire_entry"))
 EAGAIN_TPS = {"tcp": ("syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"),
               "udp": ("syscalls:sys_exit_recvfrom",)}
-
-
-@lru_cache(maxsize=1)
-def _sdr_range() -> tuple[int, int] | None:
-    return symbol_range(DATA_READY_FUNC)
 
 
 def wakeup_target(strategy: str) -> str:
@@ -59,18 +60,19 @@ class WakeupProbe:
         self._bpf = None
         self._pids: set[int] = set()
 
-    def attach(self, data_ready: str, wakeups: str) -> None:
+    def attach(self, data_ready: str, wakeups: str, eagain: bool = False) -> None:
         """Attach the data-ready strategy and, if not "none", the wakeup one
-        (which needs data-ready: that is what it scopes wakeups by)."""
+        (which needs data-ready: that is what it scopes wakeups by); with
+        eagain, also the syscalls tracepoints that count EAGAINs."""
         if data_ready == "none":
             return
         try:
-            self._attach(data_ready, wakeups)
+            self._attach(data_ready, wakeups, eagain)
         except BaseException:
             self.close()
             raise
 
-    def _attach(self, data_ready: str, wakeups: str) -> None:
+    def _attach(self, data_ready: str, wakeups: str, eagain: bool) -> None:
         from ..kernel.bcc import compile_program
         if data_ready not in DATA_READY_STRATEGIES:
             raise UserError(f"unknown data-ready strategy {data_ready!r}.")
@@ -85,13 +87,8 @@ class WakeupProbe:
         else:
             if data_ready == "raw_tracepoint":
                 flags.append("-DDR_RAW_TP")
-            if (r := _sdr_range()) is not None:
-                flags += [f"-DSDR_START={r[0]:#x}ULL", f"-DSDR_END={r[1]:#x}ULL"]
-                self.scope = f"wakeups counted when the waker's stack is inside {DATA_READY_FUNC}"
-            else:
-                flags.append(f"-DWINDOW_NS={WINDOW_NS}")
-                self.scope = (f"kallsyms hides addresses: wakeups counted within "
-                              f"{WINDOW_NS // 1000} us of the data-ready on the same CPU")
+            self.scope = ("wakeups counted from the data-ready to the next one, the "
+                          "softirq's end or an hrtimer expiry on that CPU")
         # The wakeup strategies to try, best first, from the one chosen.
         tries = list(WAKEUP_STRATEGIES[WAKEUP_STRATEGIES.index(wakeups):]) \
             if wakeups != "none" else []
@@ -122,13 +119,16 @@ class WakeupProbe:
                 else:
                     tracefs.ensure()
                     b.attach_tracepoint(tp=WAKING_TP.encode(), fn_name=b"rp_wk_tp")
+                if data_ready != "kprobe":
+                    self._attach_scope_ends(b, raw=name == "raw_tracepoint")
             except Exception as e:      # data-ready still counts without it
                 failed.append(f"{wakeup_target(name)} failed to attach ({e})")
+                self._detach_wakeups(b)
                 continue
             self.wakeups = name
             break
         self.wakeups_error = "; ".join(failed)
-        if self.wakeups == "none":
+        if self.wakeups == "none" or not eagain:
             return
         try:
             root = tracefs.ensure()
@@ -138,6 +138,25 @@ class WakeupProbe:
             if tracefs.event_dir(root, tp).is_dir():      # CONFIG_FTRACE_SYSCALLS
                 b.attach_tracepoint(tp=tp.encode(), fn_name=b"rp_ea_tp")
                 self.eagain_tps.append(tp)
+
+    @staticmethod
+    def _attach_scope_ends(b, raw: bool) -> None:
+        for raw_name, tp in SCOPE_ENDS:
+            if raw:
+                b.attach_raw_tracepoint(tp=raw_name.encode(), fn_name=b"rp_end_raw")
+            else:
+                b.attach_tracepoint(tp=tp.encode(), fn_name=b"rp_end_tp")
+
+    @staticmethod
+    def _detach_wakeups(b) -> None:
+        """Undo a wakeup strategy that attached only in part (so the next
+        one in the chain starts clean)."""
+        for raw_name in (RAW_WAKING_TP, *(r for r, _ in SCOPE_ENDS)):
+            if raw_name.encode() in b.raw_tracepoint_fds:
+                b.detach_raw_tracepoint(raw_name.encode())
+        for tp in (WAKING_TP, *(t for _, t in SCOPE_ENDS)):
+            if tp.encode() in b.tracepoint_fds:
+                b.detach_tracepoint(tp.encode())
 
     def set_pids(self, pids: Iterable[int]) -> None:
         want = {int(p) for p in pids}
