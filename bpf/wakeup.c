@@ -6,7 +6,9 @@
 //   wakeups     process wakeups of the watched pids (rp_pids) made while
 //               such a data-ready is being handled on this CPU.
 //   eagain      (opt-in) accept/accept4 (TCP) or recvfrom (UDP) of a watched
-//               pid returning -EAGAIN: a wakeup that found nothing to do.
+//               pid returning -EAGAIN: a wakeup that found nothing to do;
+//               and returning >= 0: a connection (datagram) it took, which
+//               is how workers sharing one listener are told apart.
 //
 // Everything is counted here, in maps; user space reads them once per
 // interval. No perf buffer.
@@ -56,6 +58,7 @@ BPF_HASH(rp_ready, u64, u64, 4096);            // listener cookie -> data-ready 
 BPF_HASH(rp_pids, u32, u8, MAX_PIDS);          // the watched pids (filter)
 BPF_HASH(rp_wakeups, u32, u64, MAX_PIDS);      // pid -> wakeups by a listener data-ready
 BPF_HASH(rp_eagain, u32, u64, MAX_PIDS);       // pid -> accept/recvfrom returning EAGAIN
+BPF_HASH(rp_done, u32, u64, MAX_PIDS);         // pid -> accept/recvfrom returning >= 0
 
 static __always_inline void add(void *map_lookup_ret)
 {
@@ -234,12 +237,15 @@ struct rp_sys_exit_args {
 
 int rp_ea_tp(struct rp_sys_exit_args *args)
 {
-    if (args->ret != -RP_EAGAIN)
+    if (args->ret < 0 && args->ret != -RP_EAGAIN)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 init = 0;
     if (!rp_pids.lookup(&tgid))
         return 0;
-    add(rp_eagain.lookup_or_try_init(&tgid, &init));
+    if (args->ret < 0)
+        add(rp_eagain.lookup_or_try_init(&tgid, &init));
+    else
+        add(rp_done.lookup_or_try_init(&tgid, &init));
     return 0;
 }

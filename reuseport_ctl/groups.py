@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import UserError
 from .kernel import diag, owners
@@ -30,6 +30,7 @@ class Member:
     addr: str           # "127.0.0.1:8080", "[::]:8080"
     queue_len: int      # accept-queue length (TCP) / bytes queued (UDP)
     holders: tuple[int, ...] = ()   # every pid holding the socket
+    servers: tuple[int, ...] = ()   # every pid serving it (several: a shared listener)
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class ReuseportGroup:
     members: tuple[Member, ...]
     uid: int = 0
     ifindex: int = 0
+    reuseport: bool = True  # False: found with require_reuseport=False, and not a group
 
     @property
     def addr(self) -> str:
@@ -97,9 +99,12 @@ def _norm_host(host: str) -> str:
 
 
 def find_group(port: int, proto: str = "tcp", pid: int | None = None,
-               host: str | None = None) -> ReuseportGroup:
+               host: str | None = None, require_reuseport: bool = True) -> ReuseportGroup:
     """The one reuseport group on `port`, narrowed by `pid` (any process that
-    holds one of its sockets) and `host` (its local address)."""
+    holds one of its sockets) and `host` (its local address). With
+    require_reuseport=False a listener without SO_REUSEPORT (one socket
+    shared by pre-forked workers, or a single process) is returned too, its
+    `reuseport` False: there is nothing to steer, but it can be watched."""
     if not 0 < port < 65536:
         raise UserError(f"port {port} is not a port number (1-65535).")
     if pid is not None and not owners.pid_exists(pid):
@@ -134,10 +139,11 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
         have = ", ".join(g.listeners[0].endpoint for g in groups)
         raise UserError(f"port {port} has {len(groups)} reuseport groups ({have}): "
                         f"choose one with --host or --pid.")
-    return _build(groups[0], held, port, proto)
+    return _build(groups[0], held, port, proto, require_reuseport)
 
 
-def _build(cand: _Candidate, held: dict, port: int, proto: str) -> ReuseportGroup:
+def _build(cand: _Candidate, held: dict, port: int, proto: str,
+           require_reuseport: bool = True) -> ReuseportGroup:
     inodes = [s.inode for s in cand.listeners]
     orphans = [i for i in inodes if not held[i]]
     if orphans:
@@ -151,16 +157,19 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str) -> ReuseportGrou
     members = tuple(
         Member(slot=n, inode=s.inode, pid=serving[s.inode].pid, fd=serving[s.inode].fd,
                family=s.family, addr=s.endpoint, queue_len=s.queue_len,
-               holders=tuple(sorted({h.pid for h in held[s.inode]})))
+               holders=tuple(sorted({h.pid for h in held[s.inode]})),
+               servers=owners.serving_pids(s.inode, held[s.inode], watched))
         for n, s in enumerate(by_slot))
     group = ReuseportGroup(port=port, proto=proto, members=members,
                            uid=cand.listeners[0].uid, ifindex=cand.ifindex)
-    _check_reuseport(group)
-    return group
+    if _uses_reuseport(group):
+        return group
+    if require_reuseport:
+        raise UserError(f"the listener on port {group.port} does not use SO_REUSEPORT, "
+                        f"so there is no group to steer.")
+    return replace(group, reuseport=False)
 
 
-def _check_reuseport(group: ReuseportGroup) -> None:
+def _uses_reuseport(group: ReuseportGroup) -> bool:
     with group.taken() as socks:
-        if not all(owners.uses_reuseport(s) for s in socks):
-            raise UserError(f"the listener on port {group.port} does not use SO_REUSEPORT, "
-                            f"so there is no group to steer.")
+        return all(owners.uses_reuseport(s) for s in socks)

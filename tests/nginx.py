@@ -1,5 +1,5 @@
 """A real nginx for the tests: the distribution's package, started by the
-test with reuseport and N workers, each answering with header X-Worker: its pid."""
+test with N workers (reuseport unless told otherwise), each answering with header X-Worker: its pid."""
 from __future__ import annotations
 
 import os
@@ -28,7 +28,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     server {{
-        listen 127.0.0.1:{port} reuseport;
+        listen 127.0.0.1:{port}{reuseport};
         location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
     }}
 }}
@@ -46,13 +46,16 @@ def _answers(port: int) -> bool:
 
 
 @contextmanager
-def nginx(port: int, tmp: Path, workers: int = 2) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+def nginx(port: int, tmp: Path, workers: int = 2,
+          reuseport: bool = True) -> Iterator[tuple[subprocess.Popen, list[int]]]:
     """nginx on 127.0.0.1:port until the block ends; yields (master, worker pids)
-    once every worker has its listener in epoll (each answered)."""
+    once every worker has its listener in epoll (each answered). Without
+    reuseport the workers share the master's one listener."""
     if not os.access(NGINX, os.X_OK):
         pytest.skip("nginx is not installed (scripts/bootstrap installs nginx-light)")
     conf = tmp / "nginx.conf"
-    conf.write_text(CONF.format(tmp=tmp, port=port, workers=workers))
+    conf.write_text(CONF.format(tmp=tmp, port=port, workers=workers,
+                                reuseport=" reuseport" if reuseport else ""))
     p = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)

@@ -35,6 +35,7 @@ NOBODY = 65534
 # The documented NDJSON fields (docs/watch.md), at least these.
 TOP_FIELDS = {"ts", "elapsed", "interval", "port", "proto", "policy", "count_of",
               "lookup_strategy", "data_ready_strategy", "wakeups_strategy", "listening",
+              "reuseport",
               "group_size", "lookups", "lookups_per_s", "accepts", "accepts_per_s",
               "data_ready", "data_ready_per_s", "wakeups", "wakeups_per_event", "jain",
               "max_min_ratio", "joined", "left", "workers"}
@@ -230,6 +231,50 @@ def test_spurious_wakeups_of_another_server_are_opt_in(netns, strategies, spurio
             assert got == [None] * WORKERS
 
 
+@pytest.mark.parametrize("model,spurious", [("shared-epoll", False), ("shared-epoll", True),
+                                            ("shared-accept", False)])
+def test_a_listener_shared_without_reuseport(netns, strategies, model, spurious):
+    """A pre-fork server without SO_REUSEPORT (one listener, every worker on
+    it) is watched too: its workers are the processes that serve the socket
+    (not the parent that only holds it), each sees every data-ready of the
+    shared listener, and which worker took each connection is known only
+    with --spurious (accept() returning a socket); without it accepts and
+    the fairness figures are null rather than made up."""
+    n = 60
+    cfg = RunConfig(workers=WORKERS, port=0, proto="tcp", model=model, policy=Policy("kernel"))
+    with Supervisor(cfg) as sup:
+        sup.start()
+        sup.wait_ready()
+        args = ["--spurious"] if spurious else []
+        w = Watcher("--port", sup.port, "--json", "--interval", 0.5, "--duration", 3, *args)
+        try:
+            said = w.started()
+            assert f"({WORKERS} workers" in said
+            accepts0 = counters(sup, "accepts")
+            r = run_load(HOST, sup.port, "tcp", conns=n, concurrency=2)
+            assert r.ok == n
+            settle(lambda: sum(counters(sup, "accepts")), n)
+            time.sleep(0.3)
+            code, lines, err = w.finish()
+        finally:
+            w.kill()
+        assert code == 0, err
+        last = lines[-1]
+        assert sorted(x["pid"] for x in last["workers"]) == sorted(sup.pids().values())
+        assert last["data_ready"] == n
+        assert [x["data_ready"] for x in last["workers"]] == [n] * WORKERS
+        got = [x["accepts"] for x in last["workers"]]
+        if spurious:
+            by_pid = dict(zip(sup.pids().values(),
+                              [b - a for a, b in zip(accepts0, counters(sup, "accepts"))]))
+            assert got == [by_pid[x["pid"]] for x in last["workers"]]
+            assert last["accepts"] == n
+            assert last["jain"] == pytest.approx(jain(got), abs=1e-4)
+        else:
+            assert got == [None] * WORKERS
+            assert last["jain"] is None and last["max_min_ratio"] is None
+
+
 # --- Prometheus ---------------------------------------------------------------------------
 
 def scrape(url: str) -> dict:
@@ -321,6 +366,32 @@ def test_watching_nginx_shows_its_workers_and_shares(nginx, strategies):
     # nginx names the worker that answered (X-Worker: $pid): the same split.
     assert {str(p): x["accepts"] for p, x in rows.items() if x["accepts"]} == r.per_worker
     assert last["lookups"] == n                                # only the load's SYNs
+
+
+def test_watching_nginx_without_reuseport(netns, tmp_path, strategies):
+    """nginx's classic setup (one listener, every worker epolls it; with
+    --spurious each worker's accept() says who took the connection): the
+    workers and the split nginx itself reports."""
+    port, n = 18183, 200
+    with start_nginx(port, tmp_path, reuseport=False) as (p, workers):
+        w = Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3, "--spurious")
+        try:
+            said = w.started()
+            assert "(2 workers" in said
+            r = run_load(HOST, port, "tcp", conns=n, concurrency=4)
+            assert r.ok == n
+            time.sleep(0.3)
+            code, lines, err = w.finish()
+        finally:
+            w.kill()
+    assert code == 0, err
+    last = lines[-1]
+    check_line(last, port, "tcp")
+    assert last["reuseport"] is False
+    rows = {x["pid"]: x for x in last["workers"]}
+    assert sorted(rows) == workers and p.pid not in rows      # the workers, not the master
+    assert last["data_ready"] == n == last["accepts"]
+    assert {str(q): x["accepts"] for q, x in rows.items() if x["accepts"]} == r.per_worker
 
 
 # --- workers come and go --------------------------------------------------------------------

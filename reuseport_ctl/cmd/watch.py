@@ -42,8 +42,10 @@ connections since the watch began, connections (UDP: datagrams) per second
 and their last minute, accept-queue depth, data-ready events per second on
 its listener, process wakeups per data-ready event, and spurious wakeups
 (accept or recvfrom said EAGAIN: counted by our own workers; for another
-server only with --spurious, else "-"). q, Ctrl-C or SIGTERM quits and
-detaches every probe.
+server only with --spurious, else "-"). A server without SO_REUSEPORT (one
+listener shared by pre-forked workers) is shown too; which worker took each
+connection there needs --spurious. q, Ctrl-C or SIGTERM quits and detaches
+every probe.
 """
 
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
@@ -104,14 +106,19 @@ class CpuSampler:
 
 def _by_pid(group: ReuseportGroup) -> list[WorkerObs]:
     """The group's members folded per serving process (a worker may serve
-    several sockets), in slot order."""
+    several sockets, and a listener without SO_REUSEPORT is served by every
+    worker that shares it), in slot order."""
     rows: dict[int, dict] = {}
     for m in group.members:
-        r = rows.setdefault(m.pid, {"slot": m.slot, "inodes": [], "queue": 0})
-        r["slot"] = min(r["slot"], m.slot)
-        r["inodes"].append(m.inode)
-        r["queue"] += m.queue_len
-    return [WorkerObs(pid=p, slot=r["slot"], inodes=tuple(r["inodes"]), queue_len=r["queue"])
+        for pid in m.servers or (m.pid,):
+            r = rows.setdefault(pid, {"slot": m.slot, "inodes": [], "queue": 0,
+                                      "shared": False})
+            r["slot"] = min(r["slot"], m.slot)
+            r["inodes"].append(m.inode)
+            r["queue"] += m.queue_len
+            r["shared"] |= len(m.servers) > 1
+    return [WorkerObs(pid=p, slot=r["slot"], inodes=tuple(r["inodes"]), queue_len=r["queue"],
+                      shared=r["shared"])
             for p, r in rows.items()]
 
 
@@ -128,7 +135,8 @@ class ForeignSource:
         that cannot be read this instant (a process exiting mid-scan) keeps
         its last members, less those that exited."""
         try:
-            self.group = find_group(self.port, self.proto, pid=self.pid, host=self.host)
+            self.group = find_group(self.port, self.proto, pid=self.pid, host=self.host,
+                                    require_reuseport=False)
         except UserError:
             if not diag.listeners(self.port, self.proto):
                 self.group = None
@@ -160,6 +168,12 @@ class ForeignSource:
 
     def addr(self) -> str:
         return self.group.addr if self.group is not None else ""
+
+    def reuseport(self) -> bool:
+        return self.group is None or self.group.reuseport
+
+    def listeners(self) -> int:
+        return len(self.group.members) if self.group is not None else 1
 
 
 class OwnSource:
@@ -195,6 +209,12 @@ class OwnSource:
 
     def policy(self) -> str:
         return str(self.sup.cfg.policy)
+
+    def reuseport(self) -> bool:
+        return self.sup.cfg.model == "reuseport"
+
+    def listeners(self) -> int:
+        return len(self._inodes)
 
     def selections(self) -> Optional[list[int]]:
         return self.sup.selections()
@@ -249,7 +269,8 @@ class Watch:
                 port=source.port, proto=source.proto, policy=source.policy(),
                 lookup_strategy=names["lookup"], data_ready_strategy=names["data_ready"],
                 wakeups_strategy=names["wakeups"], kernel=platform.release(),
-                addr=source.addr(), own=source.own)
+                addr=source.addr(), own=source.own, reuseport=source.reuseport(),
+                listeners=source.listeners())
             if prometheus is not None:
                 from ..export.prometheus import Exporter, parse_listen
                 self.exporter = self._stack.enter_context(Exporter(*parse_listen(prometheus)))
@@ -327,10 +348,12 @@ class Watch:
         cpu = self._cpu.sample(pids)
         workers = [WorkerObs(pid=w.pid, slot=w.slot, inodes=w.inodes, queue_len=w.queue_len,
                              cpu_percent=cpu[w.pid][0], cpu_seconds=cpu[w.pid][1],
-                             accepts=w.accepts, eagain=w.eagain) for w in workers]
+                             accepts=w.accepts, eagain=w.eagain, shared=w.shared)
+                   for w in workers]
         return Observation(ts=t.ts, wall=time.time(), workers=tuple(workers),
                            lookups=t.lookups, data_ready=ready, wakeups=dict(t.wakeups),
-                           accept_eagain=dict(t.accept_eagain), listening=listening)
+                           accept_eagain=dict(t.accept_eagain), accepted=dict(t.accepted),
+                           listening=listening)
 
     def tick(self, wait: bool) -> bool:
         """Observe, step, output. False when the group went away and --wait
@@ -390,10 +413,11 @@ def _gone(port: int, proto: str) -> UserError:
 @click.option("--wait", is_flag=True,
               help="If nothing listens on the port (yet, or any more), keep waiting.")
 @click.option("--spurious", is_flag=True,
-              help="Also count spurious wakeups (accept/accept4, UDP recvfrom, returning "
-                   "EAGAIN) with the syscalls tracepoints. Off by default: while any "
-                   "syscall tracepoint is on, every syscall of every process on the "
-                   "machine takes the kernel's slow path (docs/watch.md has the cost).")
+              help="Also hook the return of accept/accept4 (UDP: recvfrom) with the "
+                   "syscalls tracepoints: spurious wakeups (EAGAIN) and, where workers "
+                   "share one listener without SO_REUSEPORT, which worker took each "
+                   "connection. Off by default: while any syscall tracepoint is on, every "
+                   "syscall of every process on the machine takes the kernel's slow path.")
 def watch(port, proto, host, pid, interval, duration, as_json, prometheus, wait, spurious):
     """Show live, per worker, how the kernel spreads a reuseport group's
     connections (TCP) or datagrams (UDP), and how its workers are woken."""

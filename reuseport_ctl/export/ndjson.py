@@ -34,6 +34,7 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
         "data_ready_strategy": group.data_ready_strategy,
         "wakeups_strategy": group.wakeups_strategy,
         "listening": frame.listening,
+        "reuseport": group.reuseport,
         "group_size": len(frame.rows),
         "lookups": frame.lookups,
         "lookups_per_s": _num(frame.lookups_per_s, 1),

@@ -117,12 +117,14 @@ class FrameCollector(Collector):
                 c = CounterMetricFamily(name, help_, labels=GROUP_LABELS)
                 c.add_metric(g, value)
                 yield c
-        yield _gauge("reuseport_ctl_jain_index", "Jain's fairness index of the workers' "
-                     "accepts since the watch began (1: equal, 1/n: one took all).",
-                     g, frame.jain)
-        yield _gauge("reuseport_ctl_max_min_ratio", "Busiest worker's accepts over the "
-                     "idlest's since the watch began (+Inf: one got none).", g,
-                     frame.max_min_ratio)
+        if frame.jain is not None:          # None: the workers' accepts are not counted
+            yield _gauge("reuseport_ctl_jain_index", "Jain's fairness index of the workers' "
+                         "accepts since the watch began (1: equal, 1/n: one took all).",
+                         g, frame.jain)
+        if frame.max_min_ratio is not None:
+            yield _gauge("reuseport_ctl_max_min_ratio", "Busiest worker's accepts over the "
+                         "idlest's since the watch began (+Inf: one got none).", g,
+                         frame.max_min_ratio)
         for name, kind, help_, attr in WORKER_METRICS:
             fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
                 name, help_, labels=WORKER_LABELS)

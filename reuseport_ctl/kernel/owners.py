@@ -97,6 +97,30 @@ def epoll_watched(pid: int) -> set[int]:
     return watched
 
 
+def parent_pid(pid: int) -> int:
+    """The parent's pid (0 if pid is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    return int(data[data.rfind(b")") + 2:].split()[1])
+
+
+def serving_pids(inode: int, hs: list[Holder], watched: dict[int, set[int]]) -> tuple[int, ...]:
+    """Every process that serves one socket: those whose epoll set watches
+    it; if none does (blocking accept() or recvfrom()), every holder but a
+    parent of another holder (a pre-fork master hands its socket down and
+    does not accept on it). A reuseport socket has one; a listener shared
+    by pre-forked workers, all of them."""
+    pids = sorted({h.pid for h in hs})
+    epolling = [p for p in pids if inode in watched.get(p, ())]
+    if epolling:
+        return tuple(epolling)
+    parents = {parent_pid(p) for p in pids}
+    return tuple(p for p in pids if p not in parents) or tuple(pids)
+
+
 def serving_holder(inode: int, hs: list[Holder], watched: dict[int, set[int]],
                    group_count: dict[int, int]) -> Holder:
     """Of the holders of one socket, the one that serves it: a holder whose

@@ -37,6 +37,8 @@ class ProbeTotals:
     data_ready: dict[int, int]          # listener socket cookie -> data-ready events
     wakeups: dict[int, int]             # pid -> process wakeups caused by a listener data-ready
     accept_eagain: dict[int, int]       # pid -> accept/accept4 (UDP: recvfrom) said EAGAIN
+    accepted: dict[int, int]            # pid -> accept/accept4 (UDP: recvfrom) returned >= 0
+                                        # (both only with eagain=True)
 
 
 def default_strategies() -> dict[str, Strategy]:
@@ -156,13 +158,14 @@ class ProbeSession:
         if self.strategies.get("lookup", Strategy("none", "")).name == "selector":
             sel = self._selections() if self._selections else None
             lookups = sum(sel) if sel is not None else None
-        ready, wakeups, eagain = self._wakeup.read()
+        ready, wakeups, eagain, accepted = self._wakeup.read()
         if ready.get(0, 0) > self._uncookied and self._own_netns:
             # a listener that had no cookie yet (one created after we started):
             # asking sock_diag gives it one, counted under it from now on
             self._uncookied = ready[0]
             socket_cookies(self.port, self.proto)
-        return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain)
+        return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain,
+                           accepted)
 
     def close(self) -> None:
         """Detach everything; idempotent."""

@@ -16,7 +16,7 @@ data-ready, softirq end or hrtimer expiry there (tracepoints; see
 bpf/wakeup.c).
 
 Opt-in (eagain=True): accept/accept4 (recvfrom for UDP) returning EAGAIN,
-from the syscalls tracepoints. Off by default because enabling any syscall
+and returning a connection (a datagram), from the syscalls tracepoints. Off by default because enabling any syscall
 tracepoint sends every syscall of every process on the machine through the
 kernel's slow path; our own workers count their EAGAINs themselves.
 """
@@ -173,16 +173,18 @@ class WakeupProbe:
                 table[ct.c_uint(pid)] = ct.c_ubyte(1)
         self._pids = want
 
-    def read(self) -> tuple[dict[int, int], dict[int, int], dict[int, int]]:
-        """(cookie -> data-ready, pid -> wakeups, pid -> EAGAIN), each map read once."""
+    def read(self) -> tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int]]:
+        """(cookie -> data-ready, pid -> wakeups, pid -> EAGAIN, pid -> accepts
+        that returned >= 0), each map read once."""
         if self._bpf is None:
-            return {}, {}, {}
+            return {}, {}, {}, {}
 
         def items(name: bytes) -> dict[int, int]:
             return {k.value: v.value for k, v in self._bpf[name].items()}
         wakeups = items(b"rp_wakeups") if self.wakeups != "none" else {}
         eagain = items(b"rp_eagain") if self.eagain_tps else {}
-        return items(b"rp_ready"), wakeups, eagain
+        done = items(b"rp_done") if self.eagain_tps else {}
+        return items(b"rp_ready"), wakeups, eagain, done
 
     def close(self) -> None:
         if self._bpf is not None:

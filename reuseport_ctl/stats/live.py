@@ -36,6 +36,8 @@ class WorkerObs:
     accepts: Optional[int] = None       # own group: the worker's counter (connections or
                                         # datagrams); None: count data-ready instead
     eagain: Optional[int] = None        # own group: the worker's EAGAIN counter
+    shared: bool = False                # serves a listener other workers serve too (no
+                                        # SO_REUSEPORT): its data-ready events are not its own
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Observation:
     data_ready: Mapping[int, int] = field(default_factory=dict)     # inode -> events
     wakeups: Mapping[int, int] = field(default_factory=dict)        # pid -> wakeups
     accept_eagain: Mapping[int, int] = field(default_factory=dict)  # pid -> EAGAIN
+    accepted: Mapping[int, int] = field(default_factory=dict)       # pid -> accept/recvfrom
+                                                                    # that returned >= 0
     listening: bool = True              # False: nothing listens on the port now
 
 
@@ -61,7 +65,7 @@ class WorkerRow:
     cpu_seconds: Optional[float]
     accepts: Optional[int]              # since the watch began (None: not counted)
     accepts_per_s: Optional[float]      # over the last interval (None: first sight)
-    share: float                        # of the current workers' accepts
+    share: Optional[float]              # of the current workers' accepts (None: not counted)
     history: tuple[float, ...]          # accepts/s, oldest first, at most a minute
     data_ready: Optional[int]           # events on the sockets it serves
     data_ready_per_s: Optional[float]
@@ -86,8 +90,8 @@ class Frame:
     wakeups_per_event: Optional[float]
     accepts: Optional[int]              # summed over the current workers
     accepts_per_s: Optional[float]
-    jain: float                         # over the current workers' accepts
-    max_min_ratio: float                # inf: a worker got none while another got some
+    jain: Optional[float]               # over the current workers' accepts (None: not counted)
+    max_min_ratio: Optional[float]      # inf: a worker got none while another got some
     joined: tuple[int, ...]             # pids that appeared since the previous frame
     left: tuple[int, ...]               # pids that went
 
@@ -104,6 +108,8 @@ class GroupInfo:
     kernel: str = ""
     addr: str = ""                      # the group's local endpoint
     own: bool = False                   # a group this process started (run --watch)
+    reuseport: bool = True              # False: a listener shared without SO_REUSEPORT
+    listeners: int = 1                  # sockets on the port (for the header)
 
     @property
     def count_of(self) -> str:
@@ -215,6 +221,8 @@ def step(state: LiveState, obs: Observation) -> Frame:
         ready = sum(obs.data_ready.get(i, 0) for i in w.inodes) if dr_on else None
         if w.accepts is not None:
             accepts: Optional[int] = w.accepts - s.base_accepts
+        elif w.shared:                  # which sharer took a connection: only accept() knows
+            accepts = obs.accepted.get(w.pid, 0) if ea_on else None
         else:
             accepts = ready             # a foreign server: one data-ready per queued connection
         if w.eagain is not None:
@@ -241,6 +249,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
     prev_ready = sum(prev.data_ready.values()) if prev is not None and dr_on else None
     known = [r.accepts for r in rows if r.accepts is not None]
     accepts_total = sum(known) if known else None
+    counted = len(known) == len(rows)
     rates = [r.accepts_per_s for r in rows if r.accepts_per_s is not None]
     frame = Frame(
         wall=obs.wall, elapsed=obs.ts - state.t0, interval=dt, listening=obs.listening,
@@ -249,10 +258,11 @@ def step(state: LiveState, obs: Observation) -> Frame:
         data_ready=total_ready, data_ready_per_s=rate(total_ready, prev_ready, dt),
         wakeups=total_wakeups, wakeups_per_event=per_event(total_wakeups, total_ready),
         accepts=accepts_total, accepts_per_s=sum(rates) if rates else None,
-        jain=jain(counts), max_min_ratio=max_min_ratio(counts), joined=joined, left=left)
+        jain=jain(counts) if counted else None,
+        max_min_ratio=max_min_ratio(counts) if counted else None, joined=joined, left=left)
     state.prev = obs
     return frame
 
 
 def _with_share(r: WorkerRow, share: float) -> WorkerRow:
-    return replace(r, share=share)
+    return replace(r, share=share if r.accepts is not None else None)

@@ -37,8 +37,8 @@ def _f(x: Optional[float], fmt: str = "{:,.0f}", none: str = "-") -> str:
     return none if x is None else fmt.format(x)
 
 
-def _ratio(r: float) -> str:
-    return "∞" if math.isinf(r) else f"{r:.2f}"
+def _ratio(r: Optional[float]) -> str:
+    return "-" if r is None else "∞" if math.isinf(r) else f"{r:.2f}"
 
 
 def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
@@ -50,12 +50,18 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
         " (ours)" if g.own else "", f" · kernel {g.kernel}\n",
         f"probes: lookup {g.lookup_strategy}, data-ready {g.data_ready_strategy}, "
         f"wakeups {g.wakeups_strategy}\n",
-        "fairness: Jain ", (f"{frame.jain:.3f}", "bold"),
+        "fairness: Jain ", (_f(frame.jain, "{:.3f}"), "bold"),
         " · max:min ", (_ratio(frame.max_min_ratio), "bold"),
         f" · {_f(frame.accepts_per_s)} {unit}",
         f" · lookups {_f(frame.lookups)} ({_f(frame.lookups_per_s)}/s)",
         f" · wakeups/event {_f(frame.wakeups_per_event, '{:.2f}')}",
         f" · {frame.elapsed:.0f} s")
+    if not g.reuseport:
+        t.append(f"\nno SO_REUSEPORT: the workers share {g.listeners} listener"
+                 f"{'' if g.listeners == 1 else 's'}, so the kernel picks no worker: whoever it "
+                 f"wakes and accepts first gets the connection"
+                 + ("" if frame.jain is not None else
+                    " (who that was is counted with --spurious)"), style="yellow")
     if not frame.listening:
         t.append(f"\nnothing listens on {g.proto} port {g.port} now; waiting", style="yellow")
     if note:
@@ -76,10 +82,11 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     t.add_column("ready/s", justify="right")
     t.add_column("wakeups/ev", justify="right")
     t.add_column("spurious", justify="right")
-    widest = max((r.share for r in frame.rows), default=0.0)
+    widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
     for r in frame.rows:
         t.add_row(
-            str(r.slot), str(r.pid), _f(r.cpu_percent, "{:.0f}"), _bar(r.share, widest),
+            str(r.slot), str(r.pid), _f(r.cpu_percent, "{:.0f}"),
+            _bar(r.share, widest) if r.share is not None else "-",
             _f(r.accepts_per_s), Text(sparkline(r.history, SPARK_WIDTH), style="cyan"),
             Text(str(r.queue_len), style="bold red" if r.queue_len and tcp else ""),
             _f(r.data_ready_per_s), _f(r.wakeups_per_event, "{:.2f}"),
