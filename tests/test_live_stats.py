@@ -183,3 +183,33 @@ def test_parse_listen(spec, want):
 def test_parse_listen_refuses(spec):
     with pytest.raises(UserError, match="--prometheus takes"):
         parse_listen(spec)
+
+
+# --- a listener shared without SO_REUSEPORT -----------------------------------------------
+
+def shared(*pids):
+    return tuple(WorkerObs(pid=p, slot=0, inodes=(100,), shared=True) for p in pids)
+
+
+def test_shared_listener_accepts_are_unknown_without_accept_counts():
+    st = LiveState(interval=1.0, counted=(True, True, False))
+    step(st, Observation(ts=0.0, wall=1000.0, workers=shared(11, 22)))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=shared(11, 22),
+                             data_ready={100: 30}, wakeups={11: 20, 22: 15}))
+    # each sharer sees the listener's every event; who took them is unknown
+    assert [r.data_ready for r in f.rows] == [30, 30]
+    assert [r.wakeups_per_event for r in f.rows] == [20 / 30, 15 / 30]
+    assert [r.accepts for r in f.rows] == [None, None]
+    assert [r.share for r in f.rows] == [None, None]
+    assert f.jain is None and f.max_min_ratio is None and f.accepts is None
+    assert frame_dict(f, GROUP)["jain"] is None
+
+
+def test_shared_listener_accepts_from_accept_counts():
+    st = LiveState(interval=1.0, counted=(True, True, True))
+    step(st, Observation(ts=0.0, wall=1000.0, workers=shared(11, 22)))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=shared(11, 22),
+                             data_ready={100: 30}, accepted={11: 20, 22: 10}))
+    assert [r.accepts for r in f.rows] == [20, 10]
+    assert [r.share for r in f.rows] == pytest.approx([2 / 3, 1 / 3])
+    assert f.accepts == 30 and f.max_min_ratio == 2.0

@@ -57,11 +57,10 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
         f" · wakeups/event {_f(frame.wakeups_per_event, '{:.2f}')}",
         f" · {frame.elapsed:.0f} s")
     if not g.reuseport:
-        t.append(f"\nno SO_REUSEPORT: the workers share {g.listeners} listener"
-                 f"{'' if g.listeners == 1 else 's'}, so the kernel picks no worker: whoever it "
-                 f"wakes and accepts first gets the connection"
-                 + ("" if frame.jain is not None else
-                    " (who that was is counted with --spurious)"), style="yellow")
+        t.append(f"\nno SO_REUSEPORT: {len(frame.rows)} workers share {g.listeners} "
+                 f"listener{'' if g.listeners == 1 else 's'}; the kernel picks none, the first "
+                 f"to wake and accept() wins"
+                 + ("" if frame.jain is not None else " (--spurious shows who)"), style="yellow")
     if not frame.listening:
         t.append(f"\nnothing listens on {g.proto} port {g.port} now; waiting", style="yellow")
     if note:
