@@ -166,7 +166,9 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str,
         return group
     if require_reuseport:
         raise UserError(f"the listener on port {group.port} does not use SO_REUSEPORT, "
-                        f"so there is no group to steer.")
+                        f"so there is no group to steer (nginx: add `reuseport` to its "
+                        f"`listen`; `watch --port {group.port}` still shows how the "
+                        f"workers share it).")
     return replace(group, reuseport=False)
 
 
