@@ -294,11 +294,13 @@ def probe_raw_tracepoints() -> Facility:
     with ExitStack() as st:
         prog = _fd(st, bpf.prog_load(bpf.PROG_TYPE_RAW_TRACEPOINT, bpf.ret_imm(0),
                                      name="rpd_rawtp"))
+        # sched_waking: a tracepoint every kernel has (whether sk_data_ready
+        # exists is the data-ready tracepoint facility's question)
         try:
-            _fd(st, bpf.raw_tracepoint_open("sk_data_ready", prog))
+            _fd(st, bpf.raw_tracepoint_open("sched_waking", prog))
         except OSError as e:
-            return _fac(RAW_TRACEPOINTS, False, f"raw tracepoint sk_data_ready: {_why(e)}")
-        return _fac(RAW_TRACEPOINTS, True, "sk_data_ready attached (no tracefs needed)")
+            return _fac(RAW_TRACEPOINTS, False, f"raw tracepoint sched_waking: {_why(e)}")
+        return _fac(RAW_TRACEPOINTS, True, "sched_waking attached (no tracefs needed)")
 
 
 def probe_tp_btf() -> Facility:

@@ -49,7 +49,8 @@ CHAINS: dict[str, tuple[Step, ...]] = {
     "data_ready": (
         Step("kprobe", "sock_def_readable", (F.KPROBES, F.BCC),
              "kprobe on sock_def_readable counts data-ready events"),
-        Step("raw_tracepoint", RAW_DATA_READY, (F.RAW_TRACEPOINTS, F.BCC),
+        Step("raw_tracepoint", RAW_DATA_READY,
+             (F.RAW_TRACEPOINTS, F.DATA_READY_TRACEPOINT, F.BCC),
              "the sk_data_ready raw tracepoint (inside sock_def_readable, no perf "
              "event record built) counts them"),
         Step("tracepoint", F.DATA_READY_TP, (F.DATA_READY_TRACEPOINT, F.BCC),
