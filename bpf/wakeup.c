@@ -28,6 +28,9 @@
 //                                    no perf event record is built
 // -DTASK_PID_OFF (task_struct.pid, BTF) enables rp_wk_raw, the raw
 // tracepoint sched_waking; without it only rp_wk_tp (tracefs) is built.
+// -DTASK_FILES_OFF, -DFILES_FDT_OFF, -DFDT_FD_OFF, -DFDT_MAX_FDS_OFF,
+// -DFILE_PRIVATE_OFF, -DSOCKET_SK_OFF (TCP, BTF): an accept() counts only if
+// the socket it returned is on PORT (without them: any accept of the pid).
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ptrace.h>
 
@@ -235,6 +238,31 @@ struct rp_sys_exit_args {
     long ret;
 };
 
+#ifdef TASK_FILES_OFF
+// Is the socket behind the caller's new fd one of PORT's (accept() hands
+// back a socket whose local port is its listener's)? current->files->fdt->
+// fd[fd]->private_data (the struct socket)->sk->skc_num, at BTF offsets:
+// a worker that also accepts on another port does not count those here.
+static __always_inline int on_port(long fd)
+{
+    u64 task = bpf_get_current_task();
+    void *files = 0, *fdt = 0, *fds = 0, *file = 0, *sock = 0, *sk = 0;
+    u32 max_fds = 0;
+    u16 num = 0;
+    bpf_probe_read_kernel(&files, sizeof(files), (void *)task + TASK_FILES_OFF);
+    bpf_probe_read_kernel(&fdt, sizeof(fdt), files + FILES_FDT_OFF);
+    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), fdt + FDT_MAX_FDS_OFF);
+    if (fd >= max_fds)
+        return 0;
+    bpf_probe_read_kernel(&fds, sizeof(fds), fdt + FDT_FD_OFF);
+    bpf_probe_read_kernel(&file, sizeof(file), fds + fd * sizeof(void *));
+    bpf_probe_read_kernel(&sock, sizeof(sock), file + FILE_PRIVATE_OFF);
+    bpf_probe_read_kernel(&sk, sizeof(sk), sock + SOCKET_SK_OFF);
+    bpf_probe_read_kernel(&num, sizeof(num), sk + SKC_NUM_OFF);
+    return num == PORT;
+}
+#endif
+
 int rp_ea_tp(struct rp_sys_exit_args *args)
 {
     if (args->ret < 0 && args->ret != -RP_EAGAIN)
@@ -243,9 +271,14 @@ int rp_ea_tp(struct rp_sys_exit_args *args)
     u64 init = 0;
     if (!rp_pids.lookup(&tgid))
         return 0;
-    if (args->ret < 0)
+    if (args->ret < 0) {
         add(rp_eagain.lookup_or_try_init(&tgid, &init));
-    else
-        add(rp_done.lookup_or_try_init(&tgid, &init));
+        return 0;
+    }
+#ifdef TASK_FILES_OFF
+    if (!on_port(args->ret))
+        return 0;
+#endif
+    add(rp_done.lookup_or_try_init(&tgid, &init));
     return 0;
 }

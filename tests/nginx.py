@@ -28,7 +28,7 @@ http {{
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
     server {{
-        listen 127.0.0.1:{port}{reuseport};
+        listen 127.0.0.1:{port}{reuseport};{extra}
         location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
     }}
 }}
@@ -46,16 +46,18 @@ def _answers(port: int) -> bool:
 
 
 @contextmanager
-def nginx(port: int, tmp: Path, workers: int = 2,
-          reuseport: bool = True) -> Iterator[tuple[subprocess.Popen, list[int]]]:
-    """nginx on 127.0.0.1:port until the block ends; yields (master, worker pids)
-    once every worker has its listener in epoll (each answered). Without
-    reuseport the workers share the master's one listener."""
+def nginx(port: int, tmp: Path, workers: int = 2, reuseport: bool = True,
+          also: int | None = None) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """nginx on 127.0.0.1:port (and 127.0.0.1:also) until the block ends;
+    yields (master, worker pids) once every worker has its listener in epoll
+    (each answered). Without reuseport the workers share the master's one
+    listener."""
     if not os.access(NGINX, os.X_OK):
         pytest.skip("nginx is not installed (scripts/bootstrap installs nginx-light)")
     conf = tmp / "nginx.conf"
-    conf.write_text(CONF.format(tmp=tmp, port=port, workers=workers,
-                                reuseport=" reuseport" if reuseport else ""))
+    rp = " reuseport" if reuseport else ""
+    extra = f"\n        listen 127.0.0.1:{also}{rp};" if also else ""
+    conf.write_text(CONF.format(tmp=tmp, port=port, workers=workers, reuseport=rp, extra=extra))
     p = subprocess.Popen([NGINX, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "error.log")],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)

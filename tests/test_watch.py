@@ -376,13 +376,15 @@ def test_watching_nginx_shows_its_workers_and_shares(nginx, strategies):
 def test_watching_nginx_without_reuseport(netns, tmp_path, strategies):
     """nginx's classic setup (one listener, every worker epolls it; with
     --spurious each worker's accept() says who took the connection): the
-    workers and the split nginx itself reports."""
-    port, n = 18183, 200
-    with start_nginx(port, tmp_path, reuseport=False) as (p, workers):
+    workers and the split nginx itself reports. The same workers also serve
+    a second port, whose connections must not be counted."""
+    port, other, n = 18183, 18184, 200
+    with start_nginx(port, tmp_path, reuseport=False, also=other) as (p, workers):
         w = Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3, "--spurious")
         try:
             said = w.started()
             assert "(2 workers" in said
+            assert run_load(HOST, other, "tcp", conns=50, concurrency=4).ok == 50
             r = run_load(HOST, port, "tcp", conns=n, concurrency=4)
             assert r.ok == n
             time.sleep(0.3)

@@ -128,6 +128,8 @@ class ProbeSession:
             return Strategy("none", f"{wp.wakeups_error}; this probe is off")
         if wp.eagain_tps:
             eagain = f"; EAGAIN from {', '.join(wp.eagain_tps)}"
+            if wp.accepts_scope:
+                eagain += f", accepts counted: {wp.accepts_scope}"
         elif self._eagain:
             eagain = "; no syscalls tracepoints: no EAGAIN counts"
         else:

@@ -39,6 +39,15 @@ WAKEUP_STRATEGIES = ("raw_tracepoint", "tracepoint")     # best first
 DATA_READY_FUNC = "sock_def_readable"
 # Where a data-ready's scope ends when it is seen by a tracepoint (the
 # kprobe strategy has sock_def_readable's kretprobe): (raw name, tracefs name).
+# From the accept()ing task to the socket behind the fd it returned (BTF).
+ACCEPTED_FD_FIELDS = {
+    "TASK_FILES_OFF": ("task_struct", "files"),
+    "FILES_FDT_OFF": ("files_struct", "fdt"),
+    "FDT_FD_OFF": ("fdtable", "fd"),
+    "FDT_MAX_FDS_OFF": ("fdtable", "max_fds"),
+    "FILE_PRIVATE_OFF": ("file", "private_data"),
+    "SOCKET_SK_OFF": ("socket", "sk"),
+}
 SCOPE_ENDS = (("softirq_exit", "irq:softirq_exit"),
               ("hrtimer_expire_entry", "timer:hrtimer_expire_entry"))
 EAGAIN_TPS = {"tcp": ("syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"),
@@ -56,6 +65,7 @@ class WakeupProbe:
         self.data_ready = self.wakeups = "none"
         self.scope = ""                 # how wakeups are tied to data-ready (for the reason)
         self.eagain_tps: list[str] = []
+        self.accepts_scope = ""         # what an accept() must be to count (eagain=True)
         self.wakeups_error = ""         # why better wakeup strategies did not attach
         self._bpf = None
         self._pids: set[int] = set()
@@ -99,6 +109,12 @@ class WakeupProbe:
             except btf.BTFError as e:
                 tries.remove("raw_tracepoint")
                 failed.append(f"raw tracepoint {RAW_WAKING_TP}: {e}")
+        if eagain and self.proto == "tcp":
+            try:
+                flags += btf.offset_macros(ACCEPTED_FD_FIELDS)
+                self.accepts_scope = f"accept()s of a socket on port {self.port}"
+            except btf.BTFError:
+                self.accepts_scope = "every accept() of the process (no BTF for its fd table)"
         if data_ready == "tracepoint":
             tracefs.ensure()            # (a tracefs wakeup fallback mounts it when tried)
         b = self._bpf = compile_program(program_source("wakeup.c"), flags)
