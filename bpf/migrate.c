@@ -42,6 +42,25 @@ static __always_inline void count(u32 k)
         __sync_fetch_and_add(v, 1);
 }
 
+// The table entry i places after start, wrapping at n; NULL past n.
+static __always_inline u32 *table_at(u32 start, u32 i, u32 n)
+{
+    if (i >= n)
+        return 0;
+    u32 idx = start + i;
+    if (idx >= n)
+        idx -= n;
+    return rp_mig_table.lookup(&idx);
+}
+
+static __always_inline void migrated_to(u32 slot)
+{
+    u64 *to = rp_mig_to.lookup(&slot);
+    if (to)
+        __sync_fetch_and_add(to, 1);
+    count(1);
+}
+
 #if LEAST
 // Accept-queue length of the socket in `slot`, ~0 if the slot is empty or
 // closed. Selecting stores the socket in the context (selected_sk), from
@@ -84,12 +103,7 @@ int rp_migrate(struct sk_reuseport_md *md)
         u32 best = ~0U, best_slot = 0;
 #pragma clang loop unroll(full)
         for (u32 i = 0; i < MAX_SLOTS; i++) {
-            if (i >= n)
-                continue;
-            u32 idx = start + i;
-            if (idx >= n)
-                idx -= n;
-            u32 *slotp = rp_mig_table.lookup(&idx);
+            u32 *slotp = table_at(start, i, n);
             if (!slotp)
                 continue;
             u32 q = queue_of(md, *slotp);
@@ -100,10 +114,7 @@ int rp_migrate(struct sk_reuseport_md *md)
         }
         if (best != ~0U &&
             bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &best_slot, 0) == 0) {
-            u64 *to = rp_mig_to.lookup(&best_slot);
-            if (to)
-                __sync_fetch_and_add(to, 1);
-            count(1);
+            migrated_to(best_slot);
             return SK_PASS;
         }
         count(3);
@@ -114,24 +125,15 @@ int rp_migrate(struct sk_reuseport_md *md)
     // The slot the hash names, or the next live one after it.
 #pragma clang loop unroll(full)
     for (u32 i = 0; i < MAX_SLOTS; i++) {
-        if (i >= n)
-            continue;
-        u32 idx = start + i;
-        if (idx >= n)
-            idx -= n;
-        u32 *slotp = rp_mig_table.lookup(&idx);
+        u32 *slotp = table_at(start, i, n);
         if (!slotp)
             continue;
         u32 slot = *slotp;
         if (bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &slot, 0) == 0) {
-            if (migrating) {
-                u64 *to = rp_mig_to.lookup(&slot);
-                if (to)
-                    __sync_fetch_and_add(to, 1);
-                count(1);
-            } else {
+            if (migrating)
+                migrated_to(slot);
+            else
                 count(0);
-            }
             return SK_PASS;
         }
     }
