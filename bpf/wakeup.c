@@ -6,9 +6,10 @@
 //   wakeups     process wakeups of the watched pids (rp_pids) made while
 //               such a data-ready is being handled on this CPU.
 //   eagain      (opt-in) accept/accept4 (TCP) or recvfrom (UDP) of a watched
-//               pid returning -EAGAIN: a wakeup that found nothing to do;
-//               and returning >= 0: a connection (datagram) it took, which
-//               is how workers sharing one listener are told apart.
+//               pid on a PORT socket returning -EAGAIN: a wakeup that found
+//               nothing to do; and returning >= 0: a connection (datagram)
+//               it took, which is how workers sharing one listener are told
+//               apart.
 //
 // Everything is counted here, in maps; user space reads them once per
 // interval. No perf buffer.
@@ -29,8 +30,9 @@
 // -DTASK_PID_OFF (task_struct.pid, BTF) enables rp_wk_raw, the raw
 // tracepoint sched_waking; without it only rp_wk_tp (tracefs) is built.
 // -DTASK_FILES_OFF, -DFILES_FDT_OFF, -DFDT_FD_OFF, -DFDT_MAX_FDS_OFF,
-// -DFILE_PRIVATE_OFF, -DSOCKET_SK_OFF (TCP, BTF): an accept() counts only if
-// the socket it returned is on PORT (without them: any accept of the pid).
+// -DFILE_PRIVATE_OFF, -DSOCKET_SK_OFF (BTF): an accept() or recvfrom()
+// counts only if the fd it was called on is one of PORT's sockets (without
+// them: every such call of a watched process).
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ptrace.h>
 
@@ -231,19 +233,10 @@ int rp_wk_raw(struct bpf_raw_tracepoint_args *ctx)
 }
 #endif
 
-// syscalls:sys_exit_accept4 / sys_exit_accept / sys_exit_recvfrom
-struct rp_sys_exit_args {
-    u64 common;
-    int nr;
-    long ret;
-};
-
 #ifdef TASK_FILES_OFF
-// Is the socket behind the caller's new fd one of PORT's (accept() hands
-// back a socket whose local port is its listener's)? current->files->fdt->
-// fd[fd]->private_data (the struct socket)->sk->skc_num, at BTF offsets:
-// a worker that also accepts on another port does not count those here.
-static __always_inline int on_port(long fd)
+// Is the socket behind the caller's fd one of PORT's? current->files->fdt->
+// fd[fd]->private_data (the struct socket)->sk->skc_num, at BTF offsets.
+static __always_inline int on_port(u64 fd)
 {
     u64 task = bpf_get_current_task();
     void *files = 0, *fdt = 0, *fds = 0, *file = 0, *sock = 0, *sk = 0;
@@ -263,19 +256,62 @@ static __always_inline int on_port(long fd)
 }
 #endif
 
-int rp_ea_tp(struct rp_sys_exit_args *args)
+// The calls in flight: thread id -> 1 if the call a watched process entered
+// (accept/accept4, or recvfrom) is on one of PORT's sockets, 0 if not; taken
+// when the call returns. (Without the fd-table offsets: 1 for every call.)
+BPF_HASH(rp_ea_fd, u32, u8, MAX_PIDS);
+
+// syscalls:sys_enter_accept4 / sys_enter_accept / sys_enter_recvfrom
+struct rp_sys_enter_args {
+    u64 common;
+    int nr;
+    u64 fd;
+};
+
+int rp_ea_enter(struct rp_sys_enter_args *args)
 {
-    if (args->ret < 0 && args->ret != -RP_EAGAIN)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    u64 init = 0;
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    u8 here = 1;
     if (!rp_pids.lookup(&tgid))
         return 0;
-    if (args->ret < 0) {
-        add(rp_eagain.lookup_or_try_init(&tgid, &init));
+#ifdef TASK_FILES_OFF
+    here = on_port(args->fd);
+#endif
+    rp_ea_fd.update(&tid, &here);
+    return 0;
+}
+
+// syscalls:sys_exit_accept4 / sys_exit_accept / sys_exit_recvfrom
+struct rp_sys_exit_args {
+    u64 common;
+    int nr;
+    long ret;
+};
+
+int rp_ea_tp(struct rp_sys_exit_args *args)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    u64 init = 0;
+    u8 *here = rp_ea_fd.lookup(&tid);
+    if (here) {
+        u8 on = *here;
+        rp_ea_fd.delete(&tid);
+        if (!on)
+            return 0;
+        if (args->ret == -RP_EAGAIN)
+            add(rp_eagain.lookup_or_try_init(&tgid, &init));
+        else if (args->ret >= 0)
+            add(rp_done.lookup_or_try_init(&tgid, &init));
         return 0;
     }
-#ifdef TASK_FILES_OFF
+    // A call that was already waiting when the watch began (its entry was
+    // not seen): it counts if it took something, and for accept() if the
+    // socket it returned is on PORT.
+    if (args->ret < 0 || !rp_pids.lookup(&tgid))
+        return 0;
+#if PROTO == 6 && defined(TASK_FILES_OFF)
     if (!on_port(args->ret))
         return 0;
 #endif

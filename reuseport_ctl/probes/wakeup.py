@@ -39,8 +39,8 @@ WAKEUP_STRATEGIES = ("raw_tracepoint", "tracepoint")     # best first
 DATA_READY_FUNC = "sock_def_readable"
 # Where a data-ready's scope ends when it is seen by a tracepoint (the
 # kprobe strategy has sock_def_readable's kretprobe): (raw name, tracefs name).
-# From the accept()ing task to the socket behind the fd it returned (BTF).
-ACCEPTED_FD_FIELDS = {
+# From the calling task to the socket behind an fd it passed (BTF).
+SOCKET_FD_FIELDS = {
     "TASK_FILES_OFF": ("task_struct", "files"),
     "FILES_FDT_OFF": ("files_struct", "fdt"),
     "FDT_FD_OFF": ("fdtable", "fd"),
@@ -65,7 +65,7 @@ class WakeupProbe:
         self.data_ready = self.wakeups = "none"
         self.scope = ""                 # how wakeups are tied to data-ready (for the reason)
         self.eagain_tps: list[str] = []
-        self.accepts_scope = ""         # what an accept() must be to count (eagain=True)
+        self.accepts_scope = ""         # which calls count (eagain=True)
         self.wakeups_error = ""         # why better wakeup strategies did not attach
         self._bpf = None
         self._pids: set[int] = set()
@@ -109,12 +109,13 @@ class WakeupProbe:
             except btf.BTFError as e:
                 tries.remove("raw_tracepoint")
                 failed.append(f"raw tracepoint {RAW_WAKING_TP}: {e}")
-        if eagain and self.proto == "tcp":
+        if eagain:
+            call = "accept()" if self.proto == "tcp" else "recvfrom()"
             try:
-                flags += btf.offset_macros(ACCEPTED_FD_FIELDS)
-                self.accepts_scope = f"accept()s of a socket on port {self.port}"
+                flags += btf.offset_macros(SOCKET_FD_FIELDS)
+                self.accepts_scope = f"{call}s on a port {self.port} socket"
             except btf.BTFError:
-                self.accepts_scope = "every accept() of the process (no BTF for its fd table)"
+                self.accepts_scope = f"every {call} of the process (no BTF for its fd table)"
         if data_ready == "tracepoint":
             tracefs.ensure()            # (a tracefs wakeup fallback mounts it when tried)
         b = self._bpf = compile_program(program_source("wakeup.c"), flags)
@@ -151,8 +152,10 @@ class WakeupProbe:
         except UserError:               # no tracefs: no EAGAIN counts
             return
         for tp in EAGAIN_TPS[self.proto]:
+            enter = tp.replace(":sys_exit_", ":sys_enter_")
             if tracefs.event_dir(root, tp).is_dir():      # CONFIG_FTRACE_SYSCALLS
                 b.attach_tracepoint(tp=tp.encode(), fn_name=b"rp_ea_tp")
+                b.attach_tracepoint(tp=enter.encode(), fn_name=b"rp_ea_enter")
                 self.eagain_tps.append(tp)
 
     @staticmethod
