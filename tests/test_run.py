@@ -208,10 +208,33 @@ def test_same_uid_group_is_not_joined_silently(netns, cli):
     assert p.returncode == 1 and "already served by a SO_REUSEPORT group" in p.stderr
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("cpus, want", [("none", "all"), ("auto", "own"), (None, "own")])
+def test_cpus_pins_or_leaves_the_workers(netns, cpus, want):
+    """By default (and with auto) worker k runs on one CPU; --cpus none
+    leaves every worker free to run on any CPU this process may use."""
+    args = ["--workers", 2, "--port", 0, "--duration", 30]
+    if cpus is not None:
+        args += ["--cpus", cpus]
+    p = start_run(*args)
+    try:
+        kids = psutil.Process(p.pid).children()
+        assert len(kids) == 2
+        allowed = [set(k.cpu_affinity()) for k in kids]
+        if want == "all":
+            assert allowed == [os.sched_getaffinity(0)] * 2
+        else:
+            assert all(len(a) == 1 for a in allowed) and allowed[0] != allowed[1]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+
+
 @pytest.mark.parametrize("args, msg", [
     (["--workers", 0], "--workers must be at least 1"),
     (["--cpus", "x"], "bad CPU list"),
     (["--cpus", "99"], "CPU 99 is not online"),
+    (["--cpus", "none", "--policy", "cpu"], "needs pinned workers"),
     (["--user", "no-such-user-here"], "unknown user"),
     (["--policy", "bogus"], "unknown policy"),
     (["--load", 0], "--load must be at least 1"),

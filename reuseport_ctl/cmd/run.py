@@ -36,7 +36,8 @@ Examples:
               help="Selection policy for the reuseport group: " + policy_names() + ".")
 @click.option("--cpus", default=None,
               help="Pin worker i to CPU list[i % len], e.g. 0,1 or 0-3, or auto: worker k on "
-                   "CPU k (lines up with --policy cpu) [default: usable CPUs].")
+                   "CPU k (lines up with --policy cpu), or none: leave the workers to the "
+                   "scheduler [default: usable CPUs].")
 @click.option("--user", default=None, help="Run workers as this user; the group gets its uid.")
 @click.option("--backlog", type=int, default=1024, show_default=True, help="listen() backlog.")
 @click.option("--duration", "-d", type=float, default=None,
@@ -59,12 +60,19 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         raise UserError(f"--duration must be positive, not {duration}.")
     n = len(usable_cpus()) if workers is None else workers
     pol = parse_policy(policy)
+    unpinned = cpus is not None and cpus.strip() == "none"
+    if unpinned and pol.name in ("cpu", "numa"):
+        raise UserError(f"--policy {pol.name} steers by where the workers run, so it needs "
+                        f"pinned workers: drop --cpus none (or use --cpus auto).")
     if pol.name == "cpu" and model == "reuseport":
         _check_cpu_policy(n)
+    if unpinned:
+        pinned: tuple[int, ...] = ()
+    else:
+        pinned = parse_cpus(cpus, workers=n) if cpus else tuple(usable_cpus())
     cfg = RunConfig(workers=n, host=host,
                     port=port, proto=proto, model=model, policy=pol,
-                    cpus=parse_cpus(cpus, workers=n) if cpus else tuple(usable_cpus()), user=user,
-                    backlog=backlog)
+                    cpus=pinned, user=user, backlog=backlog)
     load = None
     with Supervisor(cfg) as sup:
         sup.start()
