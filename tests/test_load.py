@@ -218,12 +218,34 @@ def test_no_child_or_fd_left_behind(netns):
         os.waitpid(-1, os.WNOHANG)
 
 
+def test_duration_decides_when_to_stop(netns):
+    """--duration without a count: connections keep starting until the time
+    is up, every one of them is accounted for, and the run lasts that long
+    (it cannot end before: the last connections start at the deadline)."""
+    with serve(_http_worker, workers=2) as port:
+        r = run_load("127.0.0.1", port, conns=None, duration=1.0, concurrency=4)
+        both = run_load("127.0.0.1", port, conns=30, duration=30.0, concurrency=4)
+    _accounted(r)
+    assert r.ok == r.conns > 0 and sum(r.per_worker.values()) == r.ok
+    assert r.elapsed_s >= 0.95
+    assert both.conns == both.ok == 30          # the count ran out first
+
+
+def test_cli_duration(netns, cli):
+    with serve(_http_worker, workers=2) as port:
+        p = cli("load", "--port", port, "--duration", 1, "--json", check=True)
+    d = json.loads(p.stdout)
+    assert d["ok"] == d["conns"] > 0 and d["elapsed_s"] >= 0.95
+
+
 @pytest.mark.parametrize("kw, words", [
     (dict(host="no-such-host.invalid", port=80), "resolve"),
     (dict(host="127.0.0.1", port=70000), "port"),
     (dict(host="127.0.0.1", port=80, conns=0), "conns"),
     (dict(host="127.0.0.1", port=80, concurrency=0), "concurrency"),
     (dict(host="127.0.0.1", port=80, proto="sctp"), "protocol"),
+    (dict(host="127.0.0.1", port=80, duration=0), "duration"),
+    (dict(host="127.0.0.1", port=80, conns=None), "a duration"),
 ])
 def test_bad_input_is_a_user_error(netns, kw, words):
     with pytest.raises(UserError, match=words):

@@ -20,6 +20,8 @@ Examples:
   reuseport-ctl load --proto udp --port 5353 --conns 50000 --json
       datagrams, each from a new source port; JSON for scripts
   reuseport-ctl load --host ::1 --port 80 --timeout 0.5
+  reuseport-ctl load --port 8080 --duration 60 --concurrency 32
+      a minute of load, e.g. while `watch` runs in another terminal
 
 \b
 TCP replies name their worker in an X-Worker header; UDP replies in a first
@@ -32,8 +34,12 @@ other.
 @click.option("--host", default="127.0.0.1", show_default=True, help="Server address or name.")
 @click.option("--port", type=int, required=True, help="Server port.")
 @click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
-@click.option("--conns", type=int, default=1000, show_default=True,
-              help="Connections (TCP) or datagrams (UDP) to make.")
+@click.option("--conns", type=int, default=None,
+              help="Connections (TCP) or datagrams (UDP) to make  [default: 1000, or no "
+                   "limit with --duration].")
+@click.option("--duration", "-d", type=float, default=None,
+              help="Keep starting connections for this many seconds (with --conns: "
+                   "whichever ends first).")
 @click.option("--concurrency", type=int, default=16, show_default=True,
               help="How many are in flight at once.")
 @click.option("--processes", type=int, default=None,
@@ -44,19 +50,23 @@ other.
               help="Seconds to wait for each reply.")
 @click.option("--path", default="/", show_default=True, help="HTTP path to GET.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-def load(host, port, proto, conns, concurrency, processes, requests_per_conn, timeout,
-         path, as_json):
+def load(host, port, proto, conns, duration, concurrency, processes, requests_per_conn,
+         timeout, path, as_json):
     """Drive a server with the built-in load client and report rate, errors
     by kind, latency percentiles and the per-worker distribution."""
+    if conns is None and duration is None:
+        conns = 1000
     kw = dict(proto=proto, conns=conns, concurrency=concurrency, processes=processes,
-              requests_per_conn=requests_per_conn, timeout=timeout, path=path)
+              requests_per_conn=requests_per_conn, timeout=timeout, path=path,
+              duration=duration)
     console = Console()
     if as_json or not sys.stdout.isatty():
         result = run_load(host, port, **kw)
     else:
         with Progress(TextColumn("load"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
-            task = bar.add_task("load", total=conns)
+            # a --duration run without --conns has no known total
+            task = bar.add_task("load", total=conns if duration is None else None)
             result = run_load(host, port, progress=lambda n: bar.update(task, completed=n),
                               **kw)
     if as_json:

@@ -15,6 +15,7 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -54,22 +55,30 @@ def worker_key(name: str):
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
-def run_load(host: str, port: int, proto: str = "tcp", conns: int = 1000, concurrency: int = 16,
-             processes: Optional[int] = None, requests_per_conn: int = 1,
-             timeout: float = 2.0, path: str = "/",
+def run_load(host: str, port: int, proto: str = "tcp", conns: Optional[int] = 1000,
+             concurrency: int = 16, processes: Optional[int] = None,
+             requests_per_conn: int = 1, timeout: float = 2.0, path: str = "/",
              source_ports: Optional[list[int]] = None,
-             progress: Optional[Callable[[int], None]] = None) -> LoadResult:
-    target = _target(host, port, proto, conns, concurrency, processes, requests_per_conn,
-                     timeout, path, source_ports)
+             progress: Optional[Callable[[int], None]] = None,
+             duration: Optional[float] = None) -> LoadResult:
+    """conns connections (or datagrams); with duration, start new ones for
+    that many seconds only (conns=None: no count limit, the time decides)."""
+    if duration is not None and not duration > 0:
+        raise UserError(f"duration must be positive, not {duration}.")
+    if conns is None and duration is None:
+        raise UserError("give a number of connections, a duration, or both.")
+    limit = conns if conns is not None else sys.maxsize
+    target = _target(host, port, proto, limit, concurrency, processes, requests_per_conn,
+                     timeout, path, source_ports, duration)
     nprocs = processes or min(os.cpu_count() or 1, concurrency)
-    plan = lanes_per_process(conns, concurrency, nprocs,
+    plan = lanes_per_process(limit, concurrency, nprocs,
                              len(source_ports) if source_ports else None)
     tallies = _run_children(target, plan, progress)
-    return _merge(proto, host, port, conns, tallies)
+    return _merge(proto, host, port, conns if duration is None else None, tallies)
 
 
 def _target(host, port, proto, conns, concurrency, processes, requests_per_conn,
-            timeout, path, source_ports) -> Target:
+            timeout, path, source_ports, duration=None) -> Target:
     if proto not in ("tcp", "udp"):
         raise UserError(f"protocol must be tcp or udp, not {proto!r}.")
     if not isinstance(port, int) or not 1 <= port <= 65535:
@@ -97,7 +106,7 @@ def _target(host, port, proto, conns, concurrency, processes, requests_per_conn,
     return Target(proto, family, addr, float(timeout), requests_per_conn,
                   http.request(path, host_header, last=False),
                   http.request(path, host_header, last=True),
-                  list(source_ports) if source_ports else None)
+                  list(source_ports) if source_ports else None, duration)
 
 
 def _run_children(target: Target, plan, progress) -> list[Tally]:
@@ -196,7 +205,9 @@ def _raise_on_sigterm() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _merge(proto: str, host: str, port: int, conns: int, tallies: list[Tally]) -> LoadResult:
+def _merge(proto: str, host: str, port: int, conns: Optional[int],
+           tallies: list[Tally]) -> LoadResult:
+    """conns None (a --duration run): the attempts made are the count."""
     ok = sum(t.ok for t in tallies)
     errors = Counter({k: 0 for k in ERROR_KINDS})
     per_worker: Counter = Counter()
@@ -206,6 +217,8 @@ def _merge(proto: str, host: str, port: int, conns: int, tallies: list[Tally]) -
     active = [t for t in tallies if t.ended]
     elapsed = (max(t.ended for t in active) - min(t.started for t in active)) if active else 0.0
     lat = percentiles(x for t in tallies for x in t.lat_ms)
+    if conns is None:
+        conns = ok + sum(errors.values())
     return LoadResult(
         proto=proto, host=host, port=port, conns=conns, ok=ok,
         errors={k: errors[k] for k in ERROR_KINDS} | {k: v for k, v in errors.items()

@@ -48,6 +48,7 @@ class Target:
     req_keep: bytes = b""             # HTTP request that keeps the connection
     req_last: bytes = b""             # ... and the one that ends it
     source_ports: Optional[list] = None
+    duration: Optional[float] = None  # seconds: start no new connection after this long
 
     @property
     def bind_host(self) -> str:
@@ -259,6 +260,8 @@ class Engine:
     def run(self, lanes: list[Iterator[int]]) -> Tally:
         tally, flows = self.tally, self.flows
         tally.started = monotonic()
+        self.stop_at = (tally.started + self.target.duration
+                        if self.target.duration is not None else None)
         try:
             for lane in lanes:
                 self._start(lane)
@@ -289,6 +292,8 @@ class Engine:
     def _start(self, lane: Iterator[int]) -> None:
         # Loop, not recursion: a flow may fail at once (refused on connect).
         for index in lane:
+            if self.stop_at is not None and monotonic() >= self.stop_at:
+                return                  # --duration is over: let the lane run dry
             flow = self.cls(self, lane, index)
             try:
                 out = flow.begin(perf_counter())
