@@ -48,15 +48,14 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from harness import exit_on_sigterm, private_netns, spawn, stop, stop_all, wait_http
+import harness
+from harness import NGINX, exit_on_sigterm, private_netns, spawn, stop, stop_all, wait_http
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
 VENV_BIN = Path(sys.executable).parent
 RPCTL = shutil.which("reuseport-ctl", path=str(VENV_BIN)) or str(VENV_BIN / "reuseport-ctl")
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
-NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")) \
-    or "/usr/sbin/nginx"
 SATURATED = 90.0            # % of one core
 DISTURBED = 20.0            # other processes' CPU (% of one core) that voids a sample
 ATTEMPTS = 3                # measurements of one sample before a disturbed one is kept
@@ -100,34 +99,10 @@ def start_run(policy: str, logdir: str) -> Server:
     return srv
 
 
-NGINX_CONF = """\
-worker_processes {workers};
-worker_cpu_affinity auto;
-daemon off;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 100000;
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=1024;
-        location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
-    }}
-}}
-"""
-
-
 def start_nginx() -> Server:
     tmp = tempfile.mkdtemp(prefix="rpctl-bench-nginx-")
-    conf = os.path.join(tmp, "nginx.conf")
-    with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(workers=WORKERS, tmp=tmp, port=PORT_NGINX))
-    p = spawn([NGINX, "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
-              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    srv = Server("nginx", PORT_NGINX, p, "nginx", tmp)
-    wait_http(PORT_NGINX, p)
-    return srv
+    return Server("nginx", PORT_NGINX, harness.start_nginx(PORT_NGINX, WORKERS, tmp), "nginx",
+                  tmp)
 
 
 # --- CPU sampling -------------------------------------------------------------------

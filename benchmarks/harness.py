@@ -4,6 +4,7 @@ waiting until an HTTP server answers."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,31 @@ def private_netns(script: str) -> str:
         sys.exit(f"{script}: {e}")
     return f"netns inode {os.stat('/proc/self/ns/net').st_ino} (private; links: lo)"
 
+
+NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin:" + os.environ.get("PATH", "")) \
+    or "/usr/sbin/nginx"
+NGINX_CONF = """\
+worker_processes {workers};
+worker_cpu_affinity auto;
+daemon off;
+user root;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=1024;
+        location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
+    }}
+}}
+"""
 
 _started: list[subprocess.Popen] = []
 
@@ -96,3 +122,16 @@ def wait_http(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"server on port {port} not answering within {timeout:.0f} s")
+
+
+def start_nginx(port: int, workers: int, tmp: str) -> subprocess.Popen:
+    """nginx on 127.0.0.1:port, `workers` workers (`reuseport`, each pinned
+    by worker_cpu_affinity auto), its files in tmp; returns once it answers.
+    Stop it with stop(p, signal.SIGQUIT), or stop_all(NGINX)."""
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(workers=workers, tmp=tmp, port=port))
+    p = spawn([NGINX, "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
+              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    wait_http(port, p)
+    return p

@@ -52,13 +52,12 @@ import psutil
 from rich.console import Console
 from rich.table import Table
 
-from harness import exit_on_sigterm, private_netns, spawn, stop, stop_all, wait_http
+from harness import NGINX, exit_on_sigterm, private_netns, spawn, start_nginx, stop, stop_all
 
 HERE = Path(__file__).resolve()
 VENV_BIN = Path(sys.executable).parent
 RPCTL = shutil.which("reuseport-ctl", path=str(VENV_BIN)) or str(VENV_BIN / "reuseport-ctl")
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
-NGINX = shutil.which("nginx", path="/usr/sbin:/usr/bin") or "/usr/sbin/nginx"
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 PORT = 18590
 CONC = 32
@@ -66,28 +65,6 @@ GOAL_RATIO, GOAL_CPU = 0.97, 5.0
 DISTURBED = 15.0            # % of one core used by processes not ours voids a sample
 
 err = Console(stderr=True)
-
-NGINX_CONF = """\
-worker_processes 2;
-worker_cpu_affinity auto;
-daemon off;
-user root;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    server {{
-        listen 127.0.0.1:{port} reuseport backlog=1024;
-        location / {{ add_header X-Worker $pid; return 200 "ok\\n"; }}
-    }}
-}}
-"""
 
 
 SIDES = {"A": None, "B": [], "C": ["--spurious"]}     # side -> watch's extra arguments
@@ -182,6 +159,14 @@ def window(side: str, seconds: float, watch: subprocess.Popen | None) -> dict:
     return out
 
 
+def quartiles(xs: list[float]) -> str:
+    """'q1-q3' of the ratios, or '' with fewer than two."""
+    if len(xs) < 2:
+        return ""
+    q1, _, q3 = statistics.quantiles(xs, n=4)
+    return f"{q1:.3f}-{q3:.3f}"
+
+
 def plan(pairs: int) -> list[str]:
     """A B A C A B A C ... A: every B and C between two A windows."""
     out = ["A"]
@@ -206,6 +191,9 @@ def main() -> int:
                     help="also measure the probes' in-kernel run time (kernel.bpf_stats_enabled; "
                          "the accounting itself slows every BPF program a little)")
     args = ap.parse_args()
+    if args.pairs < 2 or not args.window > 0:
+        sys.exit("watch_overhead.py: --pairs must be at least 2 (one B and one C window) "
+                 "and --window positive.")
     for tool in (WRK, NGINX):
         if not os.path.exists(tool):
             sys.exit(f"watch_overhead.py: needs {tool}.")
@@ -226,12 +214,7 @@ def main() -> int:
     try:
         if stats_before is not None:
             BPF_STATS.write_text("1")
-        conf = os.path.join(tmp, "nginx.conf")
-        Path(conf).write_text(NGINX_CONF.format(tmp=tmp, port=PORT))
-        nginx = spawn([NGINX, "-p", tmp, "-c", conf, "-e", os.path.join(tmp, "error.log")],
-                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                      stderr=subprocess.STDOUT)
-        wait_http(PORT, nginx)
+        nginx = start_nginx(PORT, 2, tmp)
         # the whole run, with room for every watch's start (bcc compiles first)
         wrk = start_wrk(int(len(order) * (args.window + 6) + 60))
         time.sleep(5)                                       # past wrk's ramp
@@ -271,7 +254,6 @@ def main() -> int:
     cpu = statistics.median(s["watch_cpu_pct"] for s in b)
     bpf = statistics.median(s["bpf_cpu_pct"] for s in b) if args.bpf_stats else None
     ns_run = statistics.median(s["bpf_ns_per_run"] or 0 for s in b) if args.bpf_stats else None
-    quart = lambda xs: f"{statistics.quantiles(xs, n=4)[0]:.3f}-{statistics.quantiles(xs, n=4)[2]:.3f}"  # noqa: E731
     t = Table(title=f"reuseport-ctl watch overhead · kernel {env['kernel']} · {env['cpus']} CPUs "
                     f"· {len(order)} windows × {args.window:g} s, one wrk run",
               title_justify="left")
@@ -286,9 +268,9 @@ def main() -> int:
               f"{statistics.median(s['conn_s'] for s in b):,.0f}",
               rng([s["conn_s"] for s in b]), "", "")
     t.add_row("C conn/s, watch --spurious", f"{statistics.median(c):,.0f}", rng(c), "", "")
-    t.add_row("B ÷ A (each B ÷ its two A's)", f"{ratio:.3f}", quart(rb), f"≥ {GOAL_RATIO}",
+    t.add_row("B ÷ A (each B ÷ its two A's)", f"{ratio:.3f}", quartiles(rb), f"≥ {GOAL_RATIO}",
               "ok" if ratio >= GOAL_RATIO else "MISSED")
-    t.add_row("C ÷ A (each C ÷ its two A's)", f"{ratio_c:.3f}", quart(rc), "",
+    t.add_row("C ÷ A (each C ÷ its two A's)", f"{ratio_c:.3f}", quartiles(rc), "",
               "syscalls tracepoints on")
     t.add_row("watch process CPU, % of one core", f"{cpu:.2f}",
               f"{min(s['watch_cpu_pct'] for s in b):.2f}-{max(s['watch_cpu_pct'] for s in b):.2f}",

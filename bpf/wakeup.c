@@ -197,13 +197,11 @@ struct rp_sched_waking_args {
 // Called for every wakeup on the machine. Cheapest test first: is a watched
 // listener's data-ready being handled on this CPU (an inlined per-CPU array
 // lookup, usually no); only then the pid filter.
-static __always_inline struct rp_mark *active_mark(void)
+static __always_inline int marked(void)
 {
     u32 zero = 0;
     struct rp_mark *m = rp_wk_mark.lookup(&zero);
-    if (!m || !m->active)
-        return 0;
-    return m;
+    return m && m->active;
 }
 
 static __always_inline void count_wakeup(u32 pid)
@@ -215,7 +213,7 @@ static __always_inline void count_wakeup(u32 pid)
 
 int rp_wk_tp(struct rp_sched_waking_args *args)
 {
-    if (active_mark())
+    if (marked())
         count_wakeup(args->pid);
     return 0;
 }
@@ -224,7 +222,7 @@ int rp_wk_tp(struct rp_sched_waking_args *args)
 // raw tracepoint sched_waking: TP_PROTO(struct task_struct *p)
 int rp_wk_raw(struct bpf_raw_tracepoint_args *ctx)
 {
-    if (!active_mark())
+    if (!marked())
         return 0;
     u32 pid = 0;
     bpf_probe_read_kernel(&pid, sizeof(pid), (void *)ctx->args[0] + TASK_PID_OFF);

@@ -80,3 +80,14 @@ def bpf_objects_settle(expected, seconds: float = 10.0):
         if now == expected or time.monotonic() > deadline:
             return now
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def strategies():
+    """The probe strategies this kernel offers, asked once per module (each
+    test attaches its own probes); skips when there is no data-ready probe."""
+    from reuseport_ctl.probes.session import default_strategies
+    chosen = default_strategies()
+    if chosen["data_ready"].name == "none":
+        pytest.skip(f"no data-ready probe on this kernel: {chosen['data_ready'].reason}")
+    return chosen

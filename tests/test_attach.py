@@ -9,7 +9,6 @@ import collections
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys

@@ -15,23 +15,13 @@ from conftest import bpf_objects, bpf_objects_settle
 from reuseport_ctl.kernel import features
 from reuseport_ctl.load.client import run_load
 from reuseport_ctl.policies import Policy
-from reuseport_ctl.probes.session import (ProbeSession, ProbeTotals, default_strategies,
-                                          socket_cookies)
+from reuseport_ctl.probes.session import ProbeSession, ProbeTotals, socket_cookies
 from reuseport_ctl.probes.strategy import Strategy
 from reuseport_ctl.workers.supervisor import RunConfig, Supervisor
 
 WORKERS = 4
 HOST = "127.0.0.1"
 REQUEST = b"GET / HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n"
-
-
-@pytest.fixture(scope="module")
-def strategies():
-    """What this kernel offers, asked once (each test attaches its own probes)."""
-    chosen = default_strategies()
-    if chosen["data_ready"].name == "none":
-        pytest.skip(f"no data-ready probe on this kernel: {chosen['data_ready'].reason}")
-    return chosen
 
 
 def group(proto="tcp", model="reuseport", policy="kernel", workers=WORKERS) -> Supervisor:

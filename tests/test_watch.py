@@ -44,14 +44,6 @@ WORKER_FIELDS = {"pid", "slot", "cpu_percent", "accepts", "accepts_per_s", "shar
                  "spurious_wakeups", "queue_len"}
 
 
-@pytest.fixture(scope="module")
-def strategies():
-    chosen = default_strategies()
-    if chosen["data_ready"].name == "none":
-        pytest.skip(f"no data-ready probe on this kernel: {chosen['data_ready'].reason}")
-    return chosen
-
-
 def group(proto="tcp", workers=WORKERS, policy="kernel") -> Supervisor:
     return Supervisor(RunConfig(workers=workers, port=0, proto=proto, policy=Policy(policy)))
 

@@ -357,18 +357,6 @@ def _fork() -> int:
     return pid
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    """A child holds only what it needs: no copy of another listener (which
-    would keep it open after the group closed it) and no BPF object."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 def _stop(pid: int, grace: float = 1.0) -> None:
     """SIGTERM, wait up to `grace`, then SIGKILL; always reaped."""
     try:
@@ -402,7 +390,7 @@ def _worker_main(slot: int, listener: socket.socket, ctl: socket.socket, hold: b
     code = 1
     try:
         process.die_with_parent(parent)
-        _close_fds_except({0, 1, 2, listener.fileno(), ctl.fileno()})
+        process.close_fds_except({0, 1, 2, listener.fileno(), ctl.fileno()})
         process.set_name(f"rpctl-churn{slot}")
         ok, close_resp, bad = http.responses(slot, os.getpid())
         ep = select.epoll()
@@ -856,7 +844,7 @@ class SteadyLoad:
         code = 1
         try:
             process.die_with_parent(parent)
-            _close_fds_except({0, 1, 2, w})
+            process.close_fds_except({0, 1, 2, w})
             process.set_name("rpctl-churnload")
             shared, off = self._shared, 8 + _REC.size * p
             tally = Tally()

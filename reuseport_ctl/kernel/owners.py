@@ -19,6 +19,8 @@ import re
 import socket
 from dataclasses import dataclass
 
+import psutil
+
 from ..errors import UserError
 from . import bpf
 
@@ -100,11 +102,9 @@ def epoll_watched(pid: int) -> set[int]:
 def parent_pid(pid: int) -> int:
     """The parent's pid (0 if pid is gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
         return 0
-    return int(data[data.rfind(b")") + 2:].split()[1])
 
 
 def serving_pids(inode: int, hs: list[Holder], watched: dict[int, set[int]]) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
 """Per-process kernel settings for forked workers: parent-death signal, the
-comm name ps/top show, CPU affinity, and dropping root."""
+comm name ps/top show, inherited fds, CPU affinity, and dropping root."""
 from __future__ import annotations
 
 import ctypes
@@ -26,6 +26,19 @@ def die_with_parent(parent_pid: int) -> None:
 def set_name(name: str) -> None:
     """The comm name (15 bytes) shown by ps -o comm, top and the tracepoints."""
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every fd of this (freshly forked) process but `keep`: a child
+    holds only what it needs, so no copy of a listener, a pipe or a BPF
+    object keeps anything alive after its owner closed it."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def pin(cpu: int) -> None:

@@ -388,7 +388,7 @@ class Supervisor:
             for s in self.socks + [s for pair in self.chans for s in pair]:
                 if s not in keep:
                     s.close()
-            _close_fds_except({0, 1, 2} | {s.fileno() for s in keep})
+            process.close_fds_except({0, 1, 2} | {s.fileno() for s in keep})
             cfg = self.cfg
             acceptor = index == cfg.workers
             process.set_name("rpctl-acceptor" if acceptor else f"rpctl-w{index}")
@@ -474,13 +474,3 @@ def _reaped(pid: int, block: bool = False) -> bool:
         return True
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    """A worker holds only its sockets and stdio: no copy of a pipe, a BPF
-    object or another worker's socket keeps anything alive after it."""
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
