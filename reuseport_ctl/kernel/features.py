@@ -294,13 +294,16 @@ def probe_raw_tracepoints() -> Facility:
     with ExitStack() as st:
         prog = _fd(st, bpf.prog_load(bpf.PROG_TYPE_RAW_TRACEPOINT, bpf.ret_imm(0),
                                      name="rpd_rawtp"))
-        # sched_waking: a tracepoint every kernel has (whether sk_data_ready
-        # exists is the data-ready tracepoint facility's question)
+        # task_rename: a tracepoint every kernel has (task.h, since 3.x) and a
+        # cold one. Enabling a tracepoint patches the code at its call site;
+        # a hot site (sched_waking, in try_to_wake_up) being patched while
+        # other CPUs run it once crashed a Debian 6.12 guest under TCG.
+        # (Whether sk_data_ready exists is the data-ready facility's question.)
         try:
-            _fd(st, bpf.raw_tracepoint_open("sched_waking", prog))
+            _fd(st, bpf.raw_tracepoint_open("task_rename", prog))
         except OSError as e:
-            return _fac(RAW_TRACEPOINTS, False, f"raw tracepoint sched_waking: {_why(e)}")
-        return _fac(RAW_TRACEPOINTS, True, "sched_waking attached (no tracefs needed)")
+            return _fac(RAW_TRACEPOINTS, False, f"raw tracepoint task_rename: {_why(e)}")
+        return _fac(RAW_TRACEPOINTS, True, "task_rename attached (no tracefs needed)")
 
 
 def probe_tp_btf() -> Facility:
