@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from dataclasses import dataclass
 
 from pyroute2 import DiagSocket
@@ -18,6 +19,8 @@ PROTOS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 # A listening TCP socket is in TCP_LISTEN; a bound, unconnected UDP socket
 # (the only kind a reuseport group selects among) is in TCP_CLOSE.
 STATES = {"tcp": 1 << SS_LISTEN, "udp": 1 << SS_CLOSE}
+INET_DIAG_SKMEMINFO = 7           # the socket's sk_meminfo array, u32 each
+SK_MEMINFO_DROPS = 8              # ... whose 9th entry is sk_drops
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,9 @@ class Listener:
     queue_len: int       # idiag_rqueue: TCP accept-queue length / UDP bytes queued
     backlog: int         # idiag_wqueue: TCP listen() backlog / UDP bytes to send
     cookie: int = 0      # idiag_cookie: the socket cookie BPF programs see
+    drops: int | None = None  # sk_drops (SK_MEMINFO_DROPS): TCP: SYNs and handshakes
+                              # dropped because the accept queue was full; UDP:
+                              # datagrams dropped (receive buffer full, filter)
 
     @property
     def family_name(self) -> str:
@@ -42,6 +48,16 @@ class Listener:
     def endpoint(self) -> str:
         a = f"[{self.addr}]" if self.family == socket.AF_INET6 else self.addr
         return f"{a}:{self.port}"
+
+
+def _drops(meminfo: str | None) -> int | None:
+    """sk_drops from INET_DIAG_SKMEMINFO, which pyroute2 hands over as hex
+    bytes "aa:bb:..." (u32s in host order)."""
+    if not meminfo:
+        return None
+    raw = bytes.fromhex(meminfo.replace(":", ""))
+    at = 4 * SK_MEMINFO_DROPS
+    return int.from_bytes(raw[at:at + 4], sys.byteorder) if len(raw) >= at + 4 else None
 
 
 def listeners(port: int, proto: str = "tcp") -> list[Listener]:
@@ -55,7 +71,8 @@ def listeners(port: int, proto: str = "tcp") -> list[Listener]:
             ds.bind()
             for family in (socket.AF_INET, socket.AF_INET6):
                 msgs = ds.get_sock_stats(family=family, states=STATES[proto],
-                                         protocol=PROTOS[proto], sport=port)
+                                         protocol=PROTOS[proto], sport=port,
+                                         extensions=1 << (INET_DIAG_SKMEMINFO - 1))
                 for m in msgs:
                     # The kernel filters listeners by sport but not every
                     # protocol honours it: filter again.
@@ -65,7 +82,8 @@ def listeners(port: int, proto: str = "tcp") -> list[Listener]:
                         inode=m["idiag_inode"], family=m["idiag_family"], proto=proto,
                         addr=m["idiag_src"], port=port, ifindex=m["idiag_if"],
                         uid=m["idiag_uid"], queue_len=m["idiag_rqueue"],
-                        backlog=m["idiag_wqueue"], cookie=m["idiag_cookie"]))
+                        backlog=m["idiag_wqueue"], cookie=m["idiag_cookie"],
+                        drops=_drops(m.get_attr("INET_DIAG_SKMEMINFO"))))
     except OSError as e:
         if e.errno in (errno.EPROTONOSUPPORT, errno.ENOENT):
             raise UserError(f"this kernel has no {proto} sock_diag (inet_diag) support, "
