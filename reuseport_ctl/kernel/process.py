@@ -72,3 +72,33 @@ def drop_privileges(acct: Account) -> None:
     os.initgroups(acct.name, acct.gid)
     os.setgid(acct.gid)
     os.setuid(acct.uid)
+
+
+def state(pid: int) -> str:
+    """The process's state letter from /proc/<pid>/stat (R, S, D, T stopped,
+    t traced, Z...); "" if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+    except OSError:
+        return ""
+    return raw[raw.rfind(")") + 2:][:1]      # comm may hold spaces and parentheses
+
+
+def ancestors(pid: int, among: set[int]) -> tuple[int, ...]:
+    """pid's ancestors that are in `among`, nearest first (its parent, the
+    parent's parent, ...), up to the first ancestor outside `among`."""
+    out: list[int] = []
+    seen = {pid}
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                raw = f.read()
+            pid = int(raw[raw.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+        if pid not in among or pid in seen:
+            break
+        out.append(pid)
+        seen.add(pid)
+    return tuple(out)

@@ -1,0 +1,139 @@
+"""Member health (pure functions over plain data): which members of a group
+drop connections, which queue work but never take it, and which belong to a
+process outside the server.
+
+    h = HealthState()
+    verdicts = assess(h, observations)       # once per interval
+
+A member is one socket of the group. Each interval the caller passes, per
+member, what the kernel showed: the queue (TCP: connections waiting in the
+accept queue; UDP: bytes waiting), the cumulative sk_drops, the data-ready
+events since the previous interval (arrivals), the serving process's state
+letter from /proc (T: stopped, e.g. SIGSTOP) and whether that process
+belongs to the server's process tree.
+
+Stuck: a TCP member took nothing in an interval while connections waited
+(queue before + arrivals - queue now == 0 with a queue left), a UDP member's
+queue did not shrink while datagrams waited; after STUCK_AFTER such intervals
+in a row it is named. A stopped process is named at once: the kernel says so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Optional, Sequence
+
+STUCK_AFTER = 2         # intervals in a row with work waiting and none taken
+
+
+@dataclass(frozen=True)
+class MemberSample:
+    key: Hashable                       # the member's identity (its socket inode)
+    label: str                          # "slot 1 (pid 123)", for the sentences
+    proto: str                          # "tcp" | "udp"
+    queue_len: int                      # accept queue (TCP) / bytes queued (UDP)
+    drops: Optional[int] = None         # sk_drops, cumulative (None: not reported)
+    arrivals: Optional[int] = None      # data-ready events since the previous sample
+    state: str = ""                     # /proc state letter of the serving process
+    outside: Optional[str] = None       # why it is not the server's, or None
+
+
+@dataclass(frozen=True)
+class MemberHealth:
+    key: Hashable
+    drops: Optional[int]                # since the watch began (None: not reported)
+    stuck: bool                         # queues work and takes none
+    stopped: bool                       # its process is stopped (SIGSTOP, a debugger)
+    outside: Optional[str]              # not in the server's process tree: why
+    warning: Optional[str]              # one line for the UI, or None
+
+
+@dataclass
+class _Seen:
+    base_drops: Optional[int]
+    queue: int
+    idle: int = 0                       # intervals in a row with work waiting, none taken
+
+
+@dataclass
+class HealthState:
+    seen: dict = field(default_factory=dict)
+
+
+def took_nothing(s: MemberSample, queue_before: int) -> bool:
+    """Work waited during the interval and the member took none of it."""
+    if s.queue_len <= 0:
+        return False
+    if s.proto == "tcp" and s.arrivals is not None:
+        return queue_before + s.arrivals - s.queue_len <= 0
+    return s.queue_len >= queue_before          # UDP bytes, or no arrival counts
+
+
+def assess(state: HealthState, samples: Sequence[MemberSample]) -> list[MemberHealth]:
+    """Fold one interval's samples into the state; a verdict per member, in
+    the samples' order. The first sample of a member is its baseline."""
+    out = []
+    keys = {s.key for s in samples}
+    for k in [k for k in state.seen if k not in keys]:
+        del state.seen[k]
+    for s in samples:
+        seen = state.seen.get(s.key)
+        if seen is None:
+            seen = state.seen[s.key] = _Seen(base_drops=s.drops, queue=s.queue_len)
+        elif took_nothing(s, seen.queue):
+            seen.idle += 1
+        else:
+            seen.idle = 0
+        seen.queue = s.queue_len
+        if seen.base_drops is None and s.drops is not None:
+            seen.base_drops = s.drops
+        drops = s.drops - seen.base_drops if s.drops is not None else None
+        stopped = s.state in ("T", "t")
+        stuck = stopped or seen.idle >= STUCK_AFTER
+        out.append(MemberHealth(key=s.key, drops=drops, stuck=stuck, stopped=stopped,
+                                outside=s.outside, warning=_warning(s, stuck, stopped, drops)))
+    return out
+
+
+def _warning(s: MemberSample, stuck: bool, stopped: bool, drops: Optional[int]) -> Optional[str]:
+    what = "connections" if s.proto == "tcp" else "datagrams"
+    waiting = (f"{s.queue_len:,} {what} waiting" if s.proto == "tcp"
+               else f"{s.queue_len:,} bytes waiting")
+    lost = f", {drops:,} dropped" if drops else ""
+    if stopped:
+        return (f"{s.label} is stopped (SIGSTOP or a debugger): the kernel still sends it "
+                f"{what}; {waiting}{lost}.")
+    if stuck:
+        return f"{s.label} takes no {what} while they queue ({waiting}{lost}): stuck or overloaded."
+    if s.outside:
+        return f"{s.label} is {s.outside}: it takes a share of the group's {what}."
+    if drops:
+        return f"{s.label} dropped {drops:,} {what}: its queue overflowed."
+    return None
+
+
+def outsiders(chains: dict[int, Sequence[int]], members: Sequence[int],
+              prefer: Optional[int] = None) -> dict[int, str]:
+    """The serving pids that are not part of the server, each with why.
+
+    chains: pid -> its ancestors that hold a socket of the group, nearest
+    first (nginx worker -> (master,); a process whose parent holds none -> ()).
+    members: the serving pid of each member (repeats allowed). The server is
+    the tree (by its top process) that serves the most members, or the tree
+    of `prefer` (--pid) when given; ties go to the lowest top pid (the older
+    process, as a rule). Anything in another tree -- `nginx -t` joining the
+    group, an unrelated server of the same uid -- is an outsider."""
+    def top(p: int) -> int:
+        chain = chains.get(p, ())
+        return chain[-1] if chain else p
+
+    count: dict[int, int] = {}
+    for p in members:
+        count[top(p)] = count.get(top(p), 0) + 1
+    if len(count) < 2:
+        return {}
+    if prefer is not None and top(prefer) in count:
+        server = top(prefer)
+    else:
+        server = min(count, key=lambda t: (-count[t], t))
+    return {p: f"a process outside the server's process tree (the server is pid {server})"
+            for p in set(members) if top(p) != server}

@@ -1,0 +1,89 @@
+"""Member health: stuck, stopped and outside members, drops since the start
+(pure logic; the live checks are in test_watch)."""
+from reuseport_ctl.stats.health import HealthState, MemberSample, assess, outsiders
+
+
+def tcp(key, queue, arrivals, drops=0, state="S"):
+    return MemberSample(key=key, label=f"slot {key}", proto="tcp", queue_len=queue,
+                        drops=drops, arrivals=arrivals, state=state)
+
+
+def test_a_member_that_takes_nothing_while_connections_queue_is_stuck_after_two_intervals():
+    h = HealthState()
+    assess(h, [tcp(0, 0, 0), tcp(1, 0, 0)])
+    v = assess(h, [tcp(0, 0, 50), tcp(1, 40, 40)])       # 1 took none of 40
+    assert [x.stuck for x in v] == [False, False]        # one interval is not enough
+    v = assess(h, [tcp(0, 0, 50), tcp(1, 80, 40)])
+    assert [x.stuck for x in v] == [False, True]
+    assert "slot 1 takes no connections" in v[1].warning and "80 connections" in v[1].warning
+    v = assess(h, [tcp(0, 0, 50), tcp(1, 79, 40)])       # it took 41: well again
+    assert not v[1].stuck and v[1].warning is None
+
+
+def test_a_busy_member_with_a_queue_that_still_accepts_is_not_stuck():
+    h = HealthState()
+    assess(h, [tcp(0, 10, 0)])
+    for _ in range(5):
+        (v,) = assess(h, [tcp(0, 10, 100)])             # 100 arrived, 100 taken, 10 wait
+        assert not v.stuck
+
+
+def test_a_stopped_process_is_named_at_once_with_its_drops_since_the_start():
+    h = HealthState()
+    assess(h, [tcp(0, 0, 0, drops=7)])
+    (v,) = assess(h, [tcp(0, 129, 129, drops=19, state="T")])
+    assert v.stopped and v.stuck and v.drops == 12
+    assert "is stopped" in v.warning and "12 dropped" in v.warning
+
+
+def test_udp_member_stuck_when_its_queue_never_shrinks():
+    h = HealthState()
+    u = lambda q, d: MemberSample(key=0, label="slot 0", proto="udp", queue_len=q,  # noqa: E731
+                                  drops=d, arrivals=None)
+    assess(h, [u(0, 0)])
+    assess(h, [u(4096, 0)])
+    (v,) = assess(h, [u(4096, 3)])
+    assert v.stuck and v.drops == 3 and "bytes waiting" in v.warning
+
+
+def test_a_member_that_left_is_forgotten():
+    h = HealthState()
+    assess(h, [tcp(0, 0, 0), tcp(1, 0, 0)])
+    assess(h, [tcp(0, 0, 0)])
+    assert set(h.seen) == {0}
+
+
+def test_outsiders_are_members_of_another_process_tree():
+    # nginx: master 10 holds every socket, workers 11..13 serve one each;
+    # `nginx -t` (pid 50, parent a shell that holds nothing) joins the group
+    chains = {11: (10,), 12: (10,), 13: (10,), 50: ()}
+    out = outsiders(chains, [11, 12, 13, 50])
+    assert set(out) == {50} and "pid 10" in out[50]
+    assert outsiders(chains, [11, 12, 13]) == {}
+    # two unrelated single-process servers: --pid says which is the server
+    assert set(outsiders({}, [7, 9], prefer=9)) == {7}
+    assert set(outsiders({}, [7, 9])) == {9}             # a tie: the older (lower) pid
+
+
+def test_process_state_and_ancestors_from_proc():
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from reuseport_ctl.kernel import process
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.1)
+        assert process.state(child.pid) == "S"
+        os.kill(child.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 2
+        while process.state(child.pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert process.state(child.pid) == "T"
+        assert process.ancestors(child.pid, {os.getpid()}) == (os.getpid(),)
+        assert process.ancestors(child.pid, set()) == ()
+    finally:
+        child.kill()
+        child.wait()
+    assert process.state(child.pid) == ""
