@@ -1,4 +1,5 @@
 """Missing pieces get one clear sentence that says how to fix them."""
+import json
 import subprocess
 import sys
 
@@ -35,3 +36,41 @@ def test_missing_header_tree_says_run_bootstrap(monkeypatch, tmp_path):
     monkeypatch.delenv("BCC_KERNEL_SOURCE", raising=False)
     with pytest.raises(UserError, match="scripts/bootstrap"):
         headers.find_header_tree()
+
+
+# Table-driven: verb, arguments, expected exit code, words the one-line
+# error must hold. Each is refused before any work starts.
+REFUSED = [
+    (["bench", "--plot", "/nonexistent/x.png"], 1, "/nonexistent does not exist"),
+    (["churn", "--plot", "/nonexistent/x.png"], 1, "/nonexistent does not exist"),
+    (["remap", "--plot", "/nonexistent/x.png"], 1, "/nonexistent does not exist"),
+    (["udp-lookup", "--plot", "/nonexistent/x.png"], 1, "/nonexistent does not exist"),
+    (["bench", "--plot", "/tmp"], 1, "ending in .png"),
+    (["remap", "--remove", "99", "--sizes", "2-3"], 1, "slots 0-2"),
+    (["vm", "--memory", "abc", "--", "true"], 2, "not a size"),
+    (["load", "--host", "999.1.1.1", "--port", "80"], 1, "not an IP address"),
+]
+
+
+@pytest.mark.parametrize("args,code,words", REFUSED, ids=lambda x: " ".join(x)
+                         if isinstance(x, list) else None)
+def test_refused_with_one_sentence(cli, args, code, words):
+    p = cli(*args, timeout=60)
+    assert p.returncode == code, p.stderr
+    assert words in p.stderr and "Traceback" not in p.stderr
+
+
+def test_load_that_never_succeeds_exits_non_zero(netns, cli):
+    p = cli("load", "--port", 9, "--conns", 5, "--json")
+    assert p.returncode == 1 and "not one connection" in p.stderr, p.stderr
+    assert json.loads(p.stdout)["errors"]["refused"] == 5      # the numbers still printed
+
+
+def test_vm_as_non_root_says_run_as_root(monkeypatch):
+    from click.testing import CliRunner
+
+    from reuseport_ctl.cli import main
+    from reuseport_ctl.cmd import vm
+    monkeypatch.setattr(vm.os, "geteuid", lambda: 1000)
+    r = CliRunner().invoke(main, ["vm", "--", "true"])
+    assert r.exit_code == 1 and "vm needs root" in r.output, r.output

@@ -8,6 +8,7 @@ import signal
 import click
 
 from ..errors import UserError
+from ._common import check_output_path
 from ..experiments import bench as B
 
 EPILOG = """\b
@@ -80,9 +81,8 @@ def bench(models, policies, workers, conns, concurrency, work_us, repeat, short_
     shared-epoll-exclusive, dispatcher), over a sweep of client concurrency
     and per-request work, and compare throughput, latency, fairness of the
     per-worker distribution, wakeups per connection and saturation."""
+    check_output_path(plot_path)
     from ..workers.supervisor import parse_cpus
-    if plot_path is not None and not plot_path.lower().endswith(".png"):
-        raise UserError(f"--plot writes a PNG: give a file name ending in .png, not {plot_path!r}.")
     cfg = B.BenchConfig(
         setups=B.setups_for([m.strip() for m in models.split(",") if m.strip()],
                             _policies(policies)),

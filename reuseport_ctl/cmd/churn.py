@@ -7,6 +7,7 @@ import os
 import click
 
 from ..errors import UserError
+from ._common import check_output_path
 from ..experiments import churn as ex
 
 EPILOG = """\b
@@ -64,6 +65,7 @@ def churn(workers, duration, add_every, remove_every, sequence, linger, modes, q
     failed connection (reset after the handshake, refused, timeout) with
     orphaned-request migration off, on, by a BPF program, and with a
     graceful drain; and an exact case: K queued connections, one close."""
+    check_output_path(plot)
     if os.geteuid() != 0:
         raise UserError("churn needs root: it changes net.ipv4.tcp_migrate_req and loads BPF.")
     cfg = ex.ChurnConfig(

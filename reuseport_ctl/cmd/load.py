@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from ..errors import UserError
 from ..load.client import run_load
 from ..ui.load_view import render_load
 
@@ -73,6 +74,10 @@ def load(host, port, proto, conns, duration, concurrency, processes, requests_pe
         click.echo(json.dumps(result.to_dict()))
     else:
         console.print(render_load(result))
+    if result.conns and not result.ok:
+        what = "connection" if proto == "tcp" else "datagram"
+        errs = ", ".join(f"{n:,} {k}" for k, n in result.errors.items() if n) or "no reply"
+        raise UserError(f"not one {what} to {host} port {port} succeeded ({errs}).")
 
 
 COMMANDS = [load]

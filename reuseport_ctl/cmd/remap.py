@@ -8,6 +8,7 @@ import os
 import click
 
 from ..errors import UserError
+from ._common import check_output_path
 
 EPILOG = """\b
 Examples:
@@ -49,13 +50,14 @@ def remap(policies, sizes, flows, proto, changes, remove, as_json, plot_path, ho
     A fixed set of flows is sent to a live group, the group changes by one
     socket, the same flows are sent again; a flow moved if another socket
     received it. Runs in a private network namespace."""
+    check_output_path(plot_path)
     from ..experiments import remap as rx
     lo, hi = rx.parse_sizes(sizes)
     change_list = [c.strip() for c in changes.split(",") if c.strip()]
     bad = [c for c in change_list if c not in ("join", "leave")]
     if bad or not change_list:
         raise UserError(f"--change takes join, leave or join,leave, not {changes!r}.")
-    rx.parse_remove(remove)
+    rx.parse_remove(remove, smallest=lo + 1)
     pols = [p.strip() for p in policies.split(",") if p.strip()]
     if not host_netns:
         from ..kernel.netns import enter_private_netns

@@ -7,6 +7,7 @@ import json
 import click
 
 from ..errors import UserError
+from ._common import check_output_path
 
 EPILOG = """\b
 Examples:
@@ -59,6 +60,7 @@ def udp_lookup(n_spec, path, seconds, rounds, early_demux, no_probe, as_json, pl
     client 4-tuple, plus one unconnected socket), for datagrams from a
     connected peer and from a new client, and say whether this kernel hashes
     connected UDP sockets by 4-tuple (Linux 6.13+)."""
+    check_output_path(plot_path)
     from ..experiments import udp_lookup as ux
     ns = _ns(n_spec)
     paths = ux.PATHS if path == "both" else (path,)

@@ -1,9 +1,22 @@
 """`reuseport-ctl vm`: boot another kernel in QEMU and run one command in it."""
 from __future__ import annotations
 
+import os
+import re
 import sys
 
 import click
+
+from ..errors import UserError
+
+_MEMORY = re.compile(r"[1-9][0-9]*[MG]?", re.ASCII)
+
+
+def _memory(ctx, param, value: str) -> str:
+    if not _MEMORY.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not a size: a number of MiB, or with "
+                                 f"M or G (512M, 2G).")
+    return value
 
 EPILOG = """\b
 Examples:
@@ -33,7 +46,8 @@ Ctrl-C. The VM never outlives the command. scripts/vm is the same command.
               help="A Debian kernel version (6.12, 6.1, 6.12.117+deb12), a bzImage, "
                    "or a kernel build tree.")
 @click.option("--cpus", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option("--memory", default="2G", show_default=True, help="Guest memory (QEMU -m).")
+@click.option("--memory", default="2G", show_default=True, callback=_memory,
+              help="Guest memory (QEMU -m): MiB, or with M or G.")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(1),
               help="Seconds for the whole run, boot included; then the VM is killed.")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
@@ -50,6 +64,10 @@ def vm(kernel, cpus, memory, timeout, accel, list_kernels, command):
         click.echo("installed: " + (", ".join(inst) or "none"))
         click.echo("offered:   " + (kernels.describe_available(avail) or "none (apt-get update?)"))
         return
+    if os.geteuid() != 0:
+        raise UserError("vm needs root: it installs kernels with apt, builds the guest's "
+                        "initramfs and runs QEMU over this machine's root filesystem; run "
+                        "it with sudo.")
     command = list(command)
     if command and command[0] == "--":
         command = command[1:]

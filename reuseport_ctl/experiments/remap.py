@@ -350,8 +350,9 @@ def _row(policy: str, change: str, before_ids: list, after_ids: list, got_before
     }
 
 
-def parse_remove(spec: str) -> Callable[[int], int]:
-    """'last' | 'first' | K: which slot leaves a group of n."""
+def parse_remove(spec: str, smallest: int | None = None) -> Callable[[int], int]:
+    """'last' | 'first' | K: which slot leaves a group of n. smallest: the
+    smallest group a socket leaves, so K must be a slot of it."""
     s = spec.strip().lower()
     if s == "last":
         return lambda n: n - 1
@@ -363,6 +364,10 @@ def parse_remove(spec: str) -> Callable[[int], int]:
         raise UserError(f"--remove takes last, first or a slot number, not {spec!r}.") from None
     if k < 0:
         raise UserError(f"--remove slot must be 0 or more, not {k}.")
+    if smallest is not None and k >= smallest:
+        raise UserError(f"--remove {k}: the smallest group a socket leaves has {smallest} "
+                        f"sockets (slots 0-{smallest - 1}); give a slot in that range, or "
+                        f"larger --sizes.")
     return lambda n: min(k, n - 1)
 
 

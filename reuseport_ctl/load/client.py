@@ -8,6 +8,7 @@ exception, on Ctrl-C and on SIGTERM.
 """
 from __future__ import annotations
 
+import ipaddress
 import mmap
 import os
 import pickle
@@ -97,6 +98,13 @@ def _target(host, port, proto, conns, concurrency, processes, requests_per_conn,
         if not source_ports or any(not 1 <= p <= 65535 for p in source_ports):
             raise UserError("source ports must be a non-empty list of ports 1-65535.")
     kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]                       # [::1], as in a URL
+    if host.replace(".", "").isdigit() or ":" in host:
+        try:
+            ipaddress.ip_address(host)          # looks like an address: never ask DNS
+        except ValueError:
+            raise UserError(f"--host {host!r} is not an IP address.") from None
     try:
         family, _, _, _, addr = socket.getaddrinfo(host, port, type=kind)[0]
     except (socket.gaierror, UnicodeError) as e:

@@ -1,0 +1,27 @@
+"""CLI plumbing shared by the verbs (no commands here)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ..errors import UserError
+
+
+def check_output_path(path: Optional[str], option: str = "--plot",
+                      suffix: str = ".png") -> None:
+    """Refuse an output file the verb could not write, before the work starts
+    (a bench runs for minutes; failing at its end loses it)."""
+    if path is None:
+        return
+    if not path.lower().endswith(suffix):
+        raise UserError(f"{option} writes a {suffix[1:].upper()} file: give a name ending in "
+                        f"{suffix}, not {path!r}.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise UserError(f"{option} {path}: the directory {parent} does not exist.")
+    if os.path.isdir(path):
+        raise UserError(f"{option} {path} is a directory: give a file name.")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                    and not os.access(path, os.W_OK)):
+        raise UserError(f"{option} {path}: this user cannot write there.")
+
