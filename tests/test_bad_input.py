@@ -1,5 +1,6 @@
 """Missing pieces get one clear sentence that says how to fix them."""
 import json
+import os
 import subprocess
 import sys
 
@@ -74,3 +75,18 @@ def test_vm_as_non_root_says_run_as_root(monkeypatch):
     monkeypatch.setattr(vm.os, "geteuid", lambda: 1000)
     r = CliRunner().invoke(main, ["vm", "--", "true"])
     assert r.exit_code == 1 and "vm needs root" in r.output, r.output
+
+
+@pytest.mark.parametrize("after", [0.1, 0.2, 0.4])
+def test_ctrl_c_during_start_up_is_one_line_and_130(cli, after):
+    import shutil
+    import signal
+    import time
+    exe = shutil.which("reuseport-ctl", path=os.path.dirname(sys.executable))
+    p = subprocess.Popen([exe, "doctor", "--json"], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    time.sleep(after)     # ours take longer (before ~50 ms the interpreter itself is starting)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=30)[1]
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and err.strip().endswith("interrupted"), err
