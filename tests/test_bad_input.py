@@ -90,3 +90,15 @@ def test_ctrl_c_during_start_up_is_one_line_and_130(cli, after):
     err = p.communicate(timeout=30)[1]
     assert p.returncode == 130, err
     assert "Traceback" not in err and err.strip().endswith("interrupted"), err
+
+
+def test_doctor_without_capabilities_prints_no_library_noise(cli):
+    import shutil
+    capsh = shutil.which("capsh")
+    if capsh is None:
+        pytest.skip("capsh (libcap2-bin) is not installed")
+    exe = shutil.which("reuseport-ctl", path=os.path.dirname(sys.executable))
+    p = subprocess.run([capsh, "--drop=all", "--", "-c", f"{exe} doctor --json"],
+                       capture_output=True, text=True, timeout=120)
+    assert "Failed to load program" not in p.stderr, p.stderr
+    assert json.loads(p.stdout)["facilities"], p.stdout[:200]

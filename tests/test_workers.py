@@ -382,3 +382,10 @@ def test_worker_dying_before_ready_is_not_restarted_forever(netns, monkeypatch, 
             sup.wait_ready()
     assert "worker 0: RuntimeError: boom" in capfd.readouterr().err
     assert not psutil.Process().children()
+
+
+def test_a_worker_killed_from_outside_is_not_said_to_have_printed_an_error():
+    from reuseport_ctl.workers.supervisor import _death
+    assert "killed by signal 9 (SIGKILL)" in _death(9)
+    assert "error is above" not in _death(9)
+    assert _death(3 << 8) == "last exit status 3; its error is above"

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 
 from ..errors import UserError
@@ -43,6 +45,26 @@ def bcc_module():
         raise UserError(f"bcc's library cannot be loaded ({e}): {FIX}.") from None
     import bcc
     return bcc
+
+
+@contextmanager
+def stderr_captured():
+    """Hold what libbcc and libbpf write straight to fd 2 ("bpf: Failed to
+    load program: ...") while a probe runs; yields a list that holds the
+    text afterwards, for the caller to report (or not) in its own words."""
+    out: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read().decode(errors="replace"))
 
 
 def compile_program(text: str, cflags: list[str] | None = None):

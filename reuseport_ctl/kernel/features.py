@@ -471,13 +471,17 @@ PROBES: list[tuple[str, Callable[[], Facility]]] = [
 
 
 def probe(name: str, fn: Callable[[], Facility]) -> Facility:
-    """Run one probe; a refusal (or any surprise) becomes a failed Facility."""
-    try:
-        return fn()
-    except OSError as e:
-        return _fac(name, False, _why(e))
-    except Exception as e:  # a probe must never take doctor down
-        return _fac(name, False, f"probe failed: {type(e).__name__}: {e}")
+    """Run one probe; a refusal (or any surprise) becomes a failed Facility.
+    What the C libraries print meanwhile is not the user's to read: a failed
+    probe's detail says it in one place."""
+    from .bcc import stderr_captured
+    with stderr_captured():
+        try:
+            return fn()
+        except OSError as e:
+            return _fac(name, False, _why(e))
+        except Exception as e:  # a probe must never take doctor down
+            return _fac(name, False, f"probe failed: {type(e).__name__}: {e}")
 
 
 def probe_all() -> list[Facility]:

@@ -266,8 +266,7 @@ class Supervisor:
                 self._early[index] = self._early.get(index, 0) + 1
                 if self._early[index] >= EARLY_DEATHS:
                     raise UserError(f"{self._role(index)} died before it was ready "
-                                    f"{EARLY_DEATHS} times (last exit status "
-                                    f"{os.waitstatus_to_exitcode(status)}); its error is above.")
+                                    f"{EARLY_DEATHS} times ({_death(status)}).")
             else:
                 self._early[index] = 0
             rec.inc(RESTARTS)
@@ -458,6 +457,19 @@ class Supervisor:
         for sig, h in self._handlers.items():
             signal.signal(sig, h)
         self._handlers.clear()
+
+
+def _death(status: int) -> str:
+    """How a child ended, for a person: its own error is on stderr above; a
+    signal came from outside (nothing printed)."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"the last time killed by signal {sig} ({name}), from outside"
+    return f"last exit status {os.waitstatus_to_exitcode(status)}; its error is above"
 
 
 def _kill(pid: int, sig: int) -> None:
