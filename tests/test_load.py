@@ -138,6 +138,8 @@ def test_tcp_keep_alive_counts_every_response(netns):
     assert r.ok == 300, r.errors
     assert sum(r.per_worker.values()) == 5 * 300
     assert set(r.per_worker) == {"0", "1"}
+    assert r.requests == 5 * 300                      # requests/s is what wrk users compare
+    assert abs(r.requests_rate - 5 * r.rate) <= 0.01 * r.rate * 5    # the same elapsed time
 
 
 def test_tcp_ipv6(netns):
@@ -257,7 +259,7 @@ def test_cli_json(netns, cli):
         p = cli("load", "--port", port, "--conns", 400, "--concurrency", 8, "--json", check=True)
     d = json.loads(p.stdout)
     for k in ("proto", "host", "port", "conns", "ok", "errors", "elapsed_s", "rate",
-              "latency_ms", "per_worker", "fairness"):
+              "latency_ms", "per_worker", "fairness", "requests", "requests_rate"):
         assert k in d
     assert d["ok"] == 400 and sum(d["per_worker"].values()) == 400
     assert set(d["latency_ms"]) == {"p50", "p90", "p99", "max"}

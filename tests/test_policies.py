@@ -232,6 +232,11 @@ def test_bad_group_sizes():
         parse_policy("fastest")
     with pytest.raises(UserError, match="malformed weights"):
         parse_policy("weighted:a,b")
+    with pytest.raises(UserError, match="malformed drain"):
+        parse_policy("drain:\u0661")                 # an Arabic-Indic 1: ASCII digits only
+    with pytest.raises(UserError, match="malformed weights"):
+        parse_policy("weighted:1_0,1")
+    assert parse_policy("drain: 1,2").drain == (1, 2)
 
 
 def test_close_releases_everything(netns):

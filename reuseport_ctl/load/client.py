@@ -41,6 +41,8 @@ class LoadResult:
     rate: float                     # ok per second
     latency_ms: dict[str, float]    # "p50", "p90", "p99", "max"
     per_worker: dict[str, int]      # worker named in the reply -> replies; {} if none
+    requests: int = 0               # replies received (HTTP responses; UDP: datagrams)
+    requests_rate: float = 0.0      # replies per second: with keep-alive, what wrk reports
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -225,6 +227,7 @@ def _merge(proto: str, host: str, port: int, conns: Optional[int],
     active = [t for t in tallies if t.ended]
     elapsed = (max(t.ended for t in active) - min(t.started for t in active)) if active else 0.0
     lat = percentiles(x for t in tallies for x in t.lat_ms)
+    replies = sum(len(t.lat_ms) for t in tallies)       # one latency sample a reply
     if conns is None:
         conns = ok + sum(errors.values())
     return LoadResult(
@@ -234,4 +237,5 @@ def _merge(proto: str, host: str, port: int, conns: Optional[int],
         elapsed_s=round(elapsed, 4),
         rate=round(ok / elapsed, 1) if elapsed > 0 else 0.0,
         latency_ms={k: round(v, 3) for k, v in lat.items()},
-        per_worker={k: per_worker[k] for k in sorted(per_worker, key=worker_key)})
+        per_worker={k: per_worker[k] for k in sorted(per_worker, key=worker_key)},
+        requests=replies, requests_rate=round(replies / elapsed, 1) if elapsed > 0 else 0.0)

@@ -58,6 +58,15 @@ class Policy:
             raise UserError("cannot drain every worker: at least one must take new connections.")
 
 
+def _ascii_int(text: str) -> int:
+    """int() also takes "١" (Arabic-Indic one) and "1_0": a slot number or a
+    weight is plain ASCII digits."""
+    t = text.strip()
+    if not (t.isascii() and t.isdigit()):
+        raise ValueError(text)
+    return int(t)
+
+
 def parse_policy(spec: str) -> Policy:
     name, _, arg = spec.strip().partition(":")
     name = name.lower()
@@ -65,7 +74,7 @@ def parse_policy(spec: str) -> Policy:
         raise UserError(f"unknown policy {spec!r}: choose one of {', '.join(NAMES)}.")
     if name == "weighted":
         try:
-            weights = tuple(int(w) for w in arg.split(","))
+            weights = tuple(_ascii_int(w) for w in arg.split(","))
         except ValueError:
             weights = ()
         if not weights or any(w < 0 for w in weights) or sum(weights) == 0:
@@ -76,7 +85,7 @@ def parse_policy(spec: str) -> Policy:
         return Policy(name, weights=weights)
     if name == "drain":
         try:
-            slots = tuple(int(k) for k in arg.split(","))
+            slots = tuple(_ascii_int(k) for k in arg.split(","))
         except ValueError:
             slots = ()
         if not slots or any(k < 0 for k in slots):

@@ -16,6 +16,8 @@ def render_load(result) -> Group:
     summary.add_column(style="bold")
     summary.add_column(justify="right")
     summary.add_row("rate", f"{d['rate']:,.1f} {unit}/s")
+    if d["proto"] == "tcp" and d["requests"] != d["ok"]:     # keep-alive: several a conn
+        summary.add_row("requests", f"{d['requests_rate']:,.1f} req/s  ({d['requests']:,})")
     summary.add_row("ok", f"{d['ok']:,} / {d['conns']:,}")
     summary.add_row("elapsed", f"{d['elapsed_s']:.3f} s")
     for kind, n in d["errors"].items():

@@ -90,14 +90,23 @@ def kvm_usable(qemu: str | None = None, *, use_cache: bool = True) -> tuple[bool
         except (OSError, ValueError, KeyError):
             pass
     ok, reason = _probe(qemu, "kvm")
+    remember(ok, reason, qemu)
+    return ok, reason
+
+
+def remember(ok: bool, reason: str, qemu: str | None = None) -> None:
+    """Cache the answer for this host kernel and QEMU binary (the runner
+    also calls it when KVM passed the probe but hung a real kernel)."""
+    qemu = qemu or qemu_binary()
+    if qemu is None:
+        return
     try:
         CACHE_FILE.parent.mkdir(parents=True, exist_ok=True)
         tmp = CACHE_FILE.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "ok": ok, "reason": reason}))
+        tmp.write_text(json.dumps({"key": _key(qemu), "ok": ok, "reason": reason}))
         tmp.replace(CACHE_FILE)
     except OSError:
         pass
-    return ok, reason
 
 
 def choose(requested: str = "auto", qemu: str | None = None) -> Accel:

@@ -41,6 +41,9 @@ SKIP_MODULES = ("kvm", "kvm_amd", "kvm_intel", "ahci", "libahci", "sr_mod", "cdr
                 "powernow_k8", "acpi_cpufreq", "i6300esb", "pcspkr", "serio_raw",
                 "evdev", "joydev", "button", "sg")
 CONSOLE_TAIL = 15
+# Under KVM a kernel prints its first console line within a second or two
+# (earlyprintk); nothing after this long means KVM hangs it.
+KVM_BOOT_S = 20.0
 # Host variables that mean nothing (or something wrong) inside the guest.
 ENV_DROP = {"_", "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "TMPDIR", "XDG_RUNTIME_DIR",
             "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY",
@@ -278,12 +281,6 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
     line) as root in the guest, and return its exit status. Guest stdout and
     stderr go to `stdout`/`stderr` (default: ours; a file object, or False to
     drop them) as they come; with capture=True they are also returned."""
-    stdout = sys.stdout if stdout is None else (None if stdout is False else stdout)
-    stderr = sys.stderr if stderr is None else (None if stderr is False else stderr)
-    kept_out: list | None = [] if capture else None
-    kept_err: list | None = [] if capture else None
-    relays: list = []
-    mute = threading.Event()      # set when we stop the VM: its dying words are noise
     if not command:
         raise VMError("no command given: put it after --, e.g. scripts/vm -- reuseport-ctl doctor.")
     miss = missing_tools()
@@ -291,6 +288,38 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
         raise VMError(f"cannot boot a VM: no {', no '.join(miss)}; {PKG_FIX}.")
     k = kernels.resolve(kernel, install_missing=install, log=log)
     acc = _accel.choose(accel)
+    started = time.monotonic()
+    try:
+        # A host can run the KVM probe's tiny guest and still hang a real
+        # kernel (seen on a PVM host: not one byte on the console). Under
+        # "auto", a kernel that prints nothing in KVM_BOOT_S is retried under
+        # TCG, and KVM is remembered as unusable.
+        watchdog = KVM_BOOT_S if acc.name == "kvm" and accel == "auto" else None
+        return _boot(command, k, acc, cpus=cpus, memory=memory, timeout=timeout, cwd=cwd,
+                     env=env, stdout=stdout, stderr=stderr, log=log, capture=capture,
+                     silent_after=watchdog)
+    except _Silent:
+        why = f"a {k.describe()} guest printed nothing under kvm in {KVM_BOOT_S:g} s"
+        _accel.remember(ok=False, reason=why)
+        print(f"reuseport-ctl vm: {why}; booting again under TCG", file=log, flush=True)
+        left = timeout - (time.monotonic() - started)
+        return _boot(command, k, _accel.Accel("tcg", f"KVM unusable: {why}"), cpus=cpus,
+                     memory=memory, timeout=max(round(left), 1), cwd=cwd, env=env, stdout=stdout,
+                     stderr=stderr, log=log, capture=capture, silent_after=None)
+
+
+class _Silent(Exception):
+    """The guest printed nothing on its console in time (see run())."""
+
+
+def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, log,
+          capture, silent_after: float | None) -> RunResult:
+    stdout = sys.stdout if stdout is None else (None if stdout is False else stdout)
+    stderr = sys.stderr if stderr is None else (None if stderr is False else stderr)
+    kept_out: list | None = [] if capture else None
+    kept_err: list | None = [] if capture else None
+    relays: list = []
+    mute = threading.Event()      # set when we stop the VM: its dying words are noise
     vng = vng_binary()
     cwd = cwd or os.getcwd()
 
@@ -299,8 +328,21 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
     old = {}
     started = time.monotonic()
     boot_s = None
-    timed_out = False
+    timed_out = silent = False
+    pending: list[int] = []       # a signal that came during the teardown
+
+    def _raise(signum, frame):
+        raise _Stop(signum)
+
+    def _defer(signum, frame):
+        pending.append(signum)
+
     try:
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            try:
+                old[s] = signal.signal(s, _raise)
+            except ValueError:          # not the main thread
+                pass
         (work / "bin").mkdir()
         _wrappers(work / "bin")
         script = work / "guest.sh"
@@ -315,14 +357,6 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
         print(f"reuseport-ctl vm: booting {k.describe()} under {acc.name.upper()} "
               f"({acc.reason}); {cpus} CPUs, {memory}, time-out {timeout:g} s",
               file=log, flush=True)
-
-        def _raise(signum, frame):
-            raise _Stop(signum)
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            try:
-                old[s] = signal.signal(s, _raise)
-            except ValueError:          # not the main thread
-                pass
         proc = subprocess.Popen(vcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=venv, cwd="/",
                                 start_new_session=True)
@@ -330,8 +364,14 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
                   _relay(proc.stderr, stderr, kept_err, mute)]
         while True:
             rc = proc.poll()
-            if boot_s is None and f"{MARK} up" in console.read_text(errors="replace"):
-                boot_s = time.monotonic() - started
+            if boot_s is None:
+                text = console.read_text(errors="replace")
+                if f"{MARK} up" in text:
+                    boot_s = time.monotonic() - started
+                elif (silent_after is not None and not text.strip()
+                      and time.monotonic() - started > silent_after):
+                    silent = True
+                    break
             if rc is not None:
                 break
             if time.monotonic() - started > timeout:
@@ -341,14 +381,16 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
     except _Stop:
         raise KeyboardInterrupt from None
     finally:
+        # The teardown must finish whatever arrives meanwhile (a second
+        # SIGTERM, a SIGHUP): signals wait until it is done.
+        for s in old:
+            signal.signal(s, _defer)
         if proc is not None:
             if proc.poll() is None:
                 mute.set()
             kill_group(proc)
         for t in relays:
             t.join(5)
-        for s, h in old.items():
-            signal.signal(s, h)
         lines = _console_lines(work / "console.log")
         keep = os.environ.get("REUSEPORT_CTL_VM_CONSOLE_LOG")
         if keep:                        # for debugging a boot: keep the whole console
@@ -357,6 +399,12 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
             except OSError:
                 pass
         shutil.rmtree(work, ignore_errors=True)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if pending:
+            raise KeyboardInterrupt
+    if silent:
+        raise _Silent()
     seconds = time.monotonic() - started
     text = "\n".join(lines)
     booted = boot_s is not None or f"{MARK} up" in text
