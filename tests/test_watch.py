@@ -35,11 +35,11 @@ NOBODY = 65534
 # The documented NDJSON fields (docs/watch.md), at least these.
 TOP_FIELDS = {"ts", "elapsed", "interval", "port", "proto", "policy", "count_of",
               "lookup_strategy", "data_ready_strategy", "wakeups_strategy", "listening",
-              "reuseport",
+              "reuseport", "dispatcher",
               "group_size", "lookups", "lookups_per_s", "accepts", "accepts_per_s",
               "data_ready", "data_ready_per_s", "wakeups", "wakeups_per_event", "jain",
               "max_min_ratio", "joined", "left", "workers"}
-WORKER_FIELDS = {"pid", "slot", "cpu_percent", "accepts", "accepts_per_s", "share",
+WORKER_FIELDS = {"pid", "slot", "inode", "tids", "child", "conns", "cpu_percent", "accepts", "accepts_per_s", "share",
                  "data_ready", "data_ready_per_s", "wakeups", "wakeups_per_event",
                  "spurious_wakeups", "queue_len"}
 
