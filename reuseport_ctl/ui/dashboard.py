@@ -83,8 +83,7 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
         f" · wakeups/event {_f(frame.wakeups_per_event, '{:.2f}')}",
         f" · {frame.elapsed:.0f} s")
     if frame.dispatcher:
-        t.append(f"\n{DISPATCHER} (children: the connections each holds now)",
-                 style="yellow")
+        t.append(f"\n{DISPATCHER}", style="yellow")
     elif not g.reuseport:
         t.append(f"\nno SO_REUSEPORT: {len(frame.rows)} workers share {g.listeners} "
                  f"listener{'' if g.listeners == 1 else 's'}; the kernel picks none, the first "
