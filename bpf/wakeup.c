@@ -3,8 +3,11 @@
 //   data-ready  sock_def_readable() on a listener of PORT (TCP: a socket in
 //               TCP_LISTEN; UDP: any socket bound to PORT), counted per
 //               listener socket cookie.
-//   wakeups     process wakeups of the watched pids (rp_pids) made while
-//               such a data-ready is being handled on this CPU.
+//   wakeups     wakeups of the threads of the watched processes (rp_pids:
+//               tgids) made while such a data-ready is being handled on
+//               this CPU, counted per (listener cookie, tgid, tid): a member
+//               socket's wakeups are the sum over its cookie, and the tids
+//               its data-ready woke are the threads that serve it.
 //   eagain      (opt-in) accept/accept4 (TCP) or recvfrom (UDP) of a watched
 //               pid on a PORT socket returning -EAGAIN: a wakeup that found
 //               nothing to do; and returning >= 0: a connection (datagram)
@@ -15,7 +18,7 @@
 // interval. No perf buffer.
 //
 // bcc dialect, UAPI headers only. Built with:
-//   -DPORT, -DPROTO (6|17), -DMAX_PIDS
+//   -DPORT, -DPROTO (6|17), -DMAX_PIDS, -DMAX_TIDS
 //   -DSKC_NUM_OFF, -DSKC_STATE_OFF, -DSKC_COOKIE_OFF, -DSK_PROTOCOL_OFF,
 //   -DSKC_NET_OFF, -DNET_INUM_OFF    struct offsets from the running
 //                                    kernel's BTF
@@ -27,8 +30,11 @@
 //   -DDR_RAW_TP                      raw tracepoint sk_data_ready (rp_dr_raw):
 //                                    called with the struct sock * directly,
 //                                    no perf event record is built
-// -DTASK_PID_OFF (task_struct.pid, BTF) enables rp_wk_raw, the raw
-// tracepoint sched_waking; without it only rp_wk_tp (tracefs) is built.
+// -DTASK_PID_OFF, -DTASK_TGID_OFF (task_struct.pid/.tgid, BTF) enable
+// rp_wk_raw, the raw tracepoint sched_waking, which filters by the woken
+// task's tgid; without them only rp_wk_tp (tracefs) is built, whose record
+// has the tid alone: it filters by rp_tids, every thread of the watched
+// processes (user space refreshes it each interval).
 // -DTASK_FILES_OFF, -DFILES_FDT_OFF, -DFDT_FD_OFF, -DFDT_MAX_FDS_OFF,
 // -DFILE_PRIVATE_OFF, -DSOCKET_SK_OFF (BTF): an accept() or recvfrom()
 // counts only if the fd it was called on is one of PORT's sockets (without
@@ -56,12 +62,22 @@
 // the stack walk that checking the waker's stack would take (~4 us a wakeup).
 struct rp_mark {
     u64 active;
+    u64 cookie;         // the listener whose data-ready it is
 };
 BPF_PERCPU_ARRAY(rp_wk_mark, struct rp_mark, 1);
 
 BPF_HASH(rp_ready, u64, u64, 4096);            // listener cookie -> data-ready events
-BPF_HASH(rp_pids, u32, u8, MAX_PIDS);          // the watched pids (filter)
-BPF_HASH(rp_wakeups, u32, u64, MAX_PIDS);      // pid -> wakeups by a listener data-ready
+// A wakeup made by a watched listener's data-ready: whose, and which thread.
+struct rp_wk_key {
+    u64 cookie;         // the listener
+    u32 tgid;           // the woken process
+    u32 tid;            // the woken thread
+};
+
+BPF_HASH(rp_pids, u32, u8, MAX_PIDS);          // the watched pids (tgids: filter)
+BPF_HASH(rp_tids, u32, u32, MAX_TIDS);         // tid -> tgid, every thread of them
+                                               // (filter for the tracefs record)
+BPF_HASH(rp_wakeups, struct rp_wk_key, u64, MAX_TIDS);  // -> wakeups
 BPF_HASH(rp_eagain, u32, u64, MAX_PIDS);       // pid -> accept/recvfrom returning EAGAIN
 BPF_HASH(rp_done, u32, u64, MAX_PIDS);         // pid -> accept/recvfrom returning >= 0
 
@@ -146,6 +162,7 @@ static __always_inline void data_ready(const void *sk)
         return;
     }
     add(rp_ready.lookup_or_try_init(&cookie, &init));
+    m->cookie = cookie;
     m->active = 1;
 }
 
@@ -196,37 +213,51 @@ struct rp_sched_waking_args {
 
 // Called for every wakeup on the machine. Cheapest test first: is a watched
 // listener's data-ready being handled on this CPU (an inlined per-CPU array
-// lookup, usually no); only then the pid filter.
-static __always_inline int marked(void)
+// lookup, usually no); only then the process filter. The listener's cookie
+// in *cookie.
+static __always_inline int marked(u64 *cookie)
 {
     u32 zero = 0;
     struct rp_mark *m = rp_wk_mark.lookup(&zero);
-    return m && m->active;
+    if (!m || !m->active)
+        return 0;
+    *cookie = m->cookie;
+    return 1;
 }
 
-static __always_inline void count_wakeup(u32 pid)
+static __always_inline void count_wakeup(u64 cookie, u32 tgid, u32 tid)
 {
+    struct rp_wk_key key = {.cookie = cookie, .tgid = tgid, .tid = tid};
     u64 init = 0;
-    if (rp_pids.lookup(&pid))
-        add(rp_wakeups.lookup_or_try_init(&pid, &init));
+    add(rp_wakeups.lookup_or_try_init(&key, &init));
 }
 
 int rp_wk_tp(struct rp_sched_waking_args *args)
 {
-    if (marked())
-        count_wakeup(args->pid);
+    u64 cookie = 0;
+    if (!marked(&cookie))
+        return 0;
+    u32 tid = args->pid;            // the record's pid is the task's (thread's) id
+    u32 *tgid = rp_tids.lookup(&tid);
+    if (tgid)
+        count_wakeup(cookie, *tgid, tid);
     return 0;
 }
 
-#ifdef TASK_PID_OFF
+#ifdef TASK_TGID_OFF
 // raw tracepoint sched_waking: TP_PROTO(struct task_struct *p)
 int rp_wk_raw(struct bpf_raw_tracepoint_args *ctx)
 {
-    if (!marked())
+    u64 cookie = 0;
+    if (!marked(&cookie))
         return 0;
-    u32 pid = 0;
-    bpf_probe_read_kernel(&pid, sizeof(pid), (void *)ctx->args[0] + TASK_PID_OFF);
-    count_wakeup(pid);
+    u32 tgid = 0, tid = 0;
+    void *task = (void *)ctx->args[0];
+    bpf_probe_read_kernel(&tgid, sizeof(tgid), task + TASK_TGID_OFF);
+    if (!rp_pids.lookup(&tgid))
+        return 0;
+    bpf_probe_read_kernel(&tid, sizeof(tid), task + TASK_PID_OFF);
+    count_wakeup(cookie, tgid, tid);
     return 0;
 }
 #endif

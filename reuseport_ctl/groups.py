@@ -31,6 +31,8 @@ class Member:
     queue_len: int      # accept-queue length (TCP) / bytes queued (UDP)
     holders: tuple[int, ...] = ()   # every pid holding the socket
     servers: tuple[int, ...] = ()   # every pid serving it (several: a shared listener)
+    threads: tuple[int, ...] = ()   # a threaded server: the thread ids blocked on it now
+                                    # (in accept, or epoll over it); () single-threaded
 
 
 @dataclass(frozen=True)
@@ -153,12 +155,14 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str,
     watched = {p: owners.epoll_watched(p) for p in pids}
     count = {p: sum(1 for i in inodes if any(h.pid == p for h in held[i])) for p in pids}
     serving = {i: owners.serving_holder(i, held[i], watched, count) for i in inodes}
+    waits = {p: owners.waiting_threads(p) for p in {h.pid for h in serving.values()}}
     by_slot = sorted(cand.listeners, key=lambda s: (serving[s.inode].pid, s.inode))
     members = tuple(
         Member(slot=n, inode=s.inode, pid=serving[s.inode].pid, fd=serving[s.inode].fd,
                family=s.family, addr=s.endpoint, queue_len=s.queue_len,
                holders=tuple(sorted({h.pid for h in held[s.inode]})),
-               servers=owners.serving_pids(s.inode, held[s.inode], watched))
+               servers=owners.serving_pids(s.inode, held[s.inode], watched),
+               threads=_threads(waits[serving[s.inode].pid], s.inode))
         for n, s in enumerate(by_slot))
     group = ReuseportGroup(port=port, proto=proto, members=members,
                            uid=cand.listeners[0].uid, ifindex=cand.ifindex)
@@ -170,6 +174,13 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str,
                         f"`listen`; `watch --port {group.port}` still shows how the "
                         f"workers share it).")
     return replace(group, reuseport=False)
+
+
+def _threads(waiting: dict[int, set[int]], inode: int) -> tuple[int, ...]:
+    """The threads waiting on socket `inode`, if the process has more than one."""
+    if len(waiting) < 2:
+        return ()
+    return tuple(sorted(t for t, inodes in waiting.items() if inode in inodes))
 
 
 def _uses_reuseport(group: ReuseportGroup) -> bool:

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from reuseport_ctl.errors import UserError
 from reuseport_ctl.export.ndjson import frame_dict
 from reuseport_ctl.export.prometheus import FrameCollector, parse_listen
-from reuseport_ctl.stats.live import (GroupInfo, LiveState, Observation, WorkerObs,
+from reuseport_ctl.stats.live import (GroupInfo, LiveState, Observation, RowRef, WorkerObs,
                                       degraded_note, per_event, rate, sparkline, step)
 
 GROUP = GroupInfo(port=8080, proto="tcp", policy="kernel", lookup_strategy="sk_lookup",
@@ -24,9 +24,15 @@ def workers(*pids, inode_base=100, **kw):
                  for i, p in enumerate(pids))
 
 
+def by_thread(wakeups, ws):
+    """{pid: n} -> {(its row's inode, pid, tid=pid): n}: one thread per process."""
+    inode = {w.pid: w.inodes[0] for w in ws}
+    return {(inode[p], p, p): n for p, n in (wakeups or {}).items()}
+
+
 def obs(ts, ws, ready=None, wakeups=None, eagain=None, lookups=None, listening=True):
     return Observation(ts=ts, wall=1000.0 + ts, workers=ws, lookups=lookups,
-                       data_ready=ready or {}, wakeups=wakeups or {},
+                       data_ready=ready or {}, wakeups=by_thread(wakeups, ws),
                        accept_eagain=eagain or {}, listening=listening)
 
 
@@ -98,7 +104,8 @@ def test_workers_join_and_leave():
     f = step(st, obs(1.0, (WorkerObs(11, 0, (100,)), WorkerObs(33, 1, (102,))),
                      ready={100: 5, 101: 4, 102: 2}))
     assert [r.pid for r in f.rows] == [11, 33]
-    assert f.joined == (33,) and f.left == (22,)
+    assert f.joined == (RowRef(1, 33, 102),) and f.left == (RowRef(1, 22, 101),)
+    assert [str(r) for r in f.joined] == ["slot 1 (pid 33)"]
     new = f.rows[1]
     assert new.accepts == 2 and new.accepts_per_s is None    # no rate at first sight
     assert f.data_ready == 11                                 # the gone socket still counts
@@ -195,7 +202,8 @@ def test_shared_listener_accepts_are_unknown_without_accept_counts():
     st = LiveState(interval=1.0, counted=(True, True, False))
     step(st, Observation(ts=0.0, wall=1000.0, workers=shared(11, 22)))
     f = step(st, Observation(ts=1.0, wall=1001.0, workers=shared(11, 22),
-                             data_ready={100: 30}, wakeups={11: 20, 22: 15}))
+                             data_ready={100: 30},
+                             wakeups={(100, 11, 11): 20, (100, 22, 22): 15}))
     # each sharer sees the listener's every event; who took them is unknown
     assert [r.data_ready for r in f.rows] == [30, 30]
     assert [r.wakeups_per_event for r in f.rows] == [20 / 30, 15 / 30]
@@ -213,3 +221,151 @@ def test_shared_listener_accepts_from_accept_counts():
     assert [r.accepts for r in f.rows] == [20, 10]
     assert [r.share for r in f.rows] == pytest.approx([2 / 3, 1 / 3])
     assert f.accepts == 30 and f.max_min_ratio == 2.0
+
+
+# --- one row per member socket: threaded servers --------------------------------------------
+
+def threaded(pid=50, tids=(50, 51), inodes=(200, 201), nthreads=2):
+    """One process, one SO_REUSEPORT socket per thread (HAProxy shards by-thread)."""
+    return tuple(WorkerObs(pid=pid, slot=i, inodes=(ino,), tids=(t,), nthreads=nthreads)
+                 for i, (t, ino) in enumerate(zip(tids, inodes)))
+
+
+def test_a_threaded_server_has_a_row_per_socket_with_its_threads():
+    st = LiveState(interval=1.0)
+    step(st, Observation(ts=0.0, wall=1000.0, workers=threaded()))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=threaded(),
+                             data_ready={200: 30, 201: 10},
+                             wakeups={(200, 50, 50): 30, (201, 50, 51): 9, (201, 50, 52): 1}))
+    a, b = f.rows
+    assert (a.pid, a.slot, a.inode, a.accepts, a.wakeups) == (50, 0, 200, 30, 30)
+    assert (b.pid, b.slot, b.inode, b.accepts, b.wakeups) == (50, 1, 201, 10, 10)
+    # the threads its data-ready woke serve it too (a thread pool: 51 and 52)
+    assert a.tids == (50,) and b.tids == (51, 52)
+    assert f.jain == pytest.approx(40 ** 2 / (2 * (30 ** 2 + 10 ** 2)))
+    assert f.wakeups == 40
+    d = frame_dict(f, GROUP)
+    assert d["group_size"] == 2
+    assert [(w["slot"], w["pid"], w["inode"], w["tids"]) for w in d["workers"]] == \
+        [(0, 50, 200, [50]), (1, 50, 201, [51, 52])]
+
+
+def test_a_single_threaded_process_has_no_thread_label():
+    st = LiveState(interval=1.0)
+    ws = workers(11)
+    step(st, obs(0.0, ws))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=ws, data_ready={100: 3},
+                             wakeups={(100, 11, 11): 3}))
+    assert f.rows[0].tids == () and f.rows[0].wakeups == 3
+
+
+def test_a_socket_of_the_same_process_leaving_is_named_by_its_slot():
+    """Row identity is the socket with its process, not the pid: one of a
+    threaded server's two sockets closing is one row leaving."""
+    st = LiveState(interval=1.0)
+    step(st, Observation(ts=0.0, wall=1000.0, workers=threaded()))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=threaded()[:1]))
+    assert f.left == (RowRef(1, 50, 201),) and f.joined == ()
+    assert [str(r) for r in f.left] == ["slot 1 (pid 50)"]
+    # the same socket served by a new process (a restart keeping the socket): a new row
+    f2 = step(st, Observation(ts=2.0, wall=1002.0,
+                              workers=(WorkerObs(pid=60, slot=0, inodes=(200,)),)))
+    assert f2.joined == (RowRef(0, 60, 200),) and f2.left == (RowRef(0, 50, 200),)
+    d = frame_dict(f2, GROUP)
+    assert d["joined"] == [{"slot": 0, "pid": 60, "inode": 200}]
+
+
+def test_wakeups_of_another_socket_or_process_are_not_a_rows():
+    st = LiveState(interval=1.0)
+    ws = threaded()
+    step(st, Observation(ts=0.0, wall=1000.0, workers=ws))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=ws, data_ready={200: 2},
+                             wakeups={(200, 50, 50): 2, (200, 77, 77): 5, (-9, 50, 51): 4}))
+    assert [r.wakeups for r in f.rows] == [2, 0]
+    assert f.wakeups == 11                      # the group total keeps every wakeup
+
+
+# --- dispatchers ----------------------------------------------------------------------------
+
+def test_a_dispatcher_has_no_fairness_and_null_child_accepts():
+    st = LiveState(interval=1.0)
+    ws = (WorkerObs(pid=10, slot=0, inodes=(300,), conns=0),
+          WorkerObs(pid=11, slot=-1, inodes=(), child=True, conns=3),
+          WorkerObs(pid=12, slot=-1, inodes=(), child=True, conns=1))
+    step(st, Observation(ts=0.0, wall=1000.0, workers=ws, dispatcher=True))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=ws, data_ready={300: 4},
+                             wakeups={(300, 10, 10): 4}, dispatcher=True))
+    acceptor, *kids = f.rows
+    assert (acceptor.accepts, acceptor.wakeups, acceptor.child) == (4, 4, False)
+    assert [(k.pid, k.child, k.conns, k.accepts, k.share, k.wakeups) for k in kids] == \
+        [(11, True, 3, None, None, None), (12, True, 1, None, None, None)]
+    assert f.accepts == 4 and f.dispatcher
+    assert f.jain is None and f.max_min_ratio is None     # the split is the server's own
+    d = frame_dict(f, GROUP)
+    assert d["dispatcher"] is True and d["group_size"] == 1
+    assert [(w["slot"], w["child"], w["conns"], w["accepts"]) for w in d["workers"]] == \
+        [(0, False, 0, 4), (None, True, 3, None), (None, True, 1, None)]
+
+
+def test_prometheus_labels_threads_and_children():
+    from prometheus_client import CollectorRegistry, generate_latest
+    st = LiveState(interval=1.0)
+    ws = threaded() + (WorkerObs(pid=70, slot=-1, inodes=(), child=True, conns=2),)
+    step(st, Observation(ts=0.0, wall=1000.0, workers=ws, dispatcher=True))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=ws, data_ready={200: 3, 201: 1},
+                             dispatcher=True))
+    c = FrameCollector()
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(c)
+    c.update(f, GROUP)
+    fams = {m.name: m for m in text_string_to_metric_families(generate_latest(reg).decode())}
+    got = {(s.labels["worker"], s.labels["pid"], s.labels["tids"]): s.value
+           for s in fams["reuseport_ctl_worker_accepts"].samples if s.name.endswith("_total")}
+    assert got == {("0", "50", "50"): 3, ("1", "50", "51"): 1}
+    conns = {s.labels["worker"]: s.value for s in fams["reuseport_ctl_worker_connections"].samples}
+    assert conns == {"child": 2}
+    assert fams["reuseport_ctl_group_workers"].samples[0].value == 2
+    assert fams["reuseport_ctl_group_info"].samples[0].labels["dispatcher"] == "true"
+
+
+def test_dashboard_names_threads_and_the_dispatcher():
+    from rich.console import Console
+
+    from reuseport_ctl.ui.dashboard import render
+    st = LiveState(interval=1.0)
+    ws = threaded()
+    step(st, Observation(ts=0.0, wall=1000.0, workers=ws))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=ws, data_ready={200: 3}))
+    con = Console(width=140, record=True)
+    con.print(render(f, GROUP))
+    text = con.export_text()
+    assert "2 workers (2 sockets in 1 process)" in text
+    assert "50 [50]" in text and "50 [51]" in text
+    kid = WorkerObs(pid=70, slot=-1, inodes=(), child=True, conns=2)
+    ws2 = (WorkerObs(pid=10, slot=0, inodes=(300,)), kid)
+    st2 = LiveState(interval=1.0)
+    step(st2, Observation(ts=0.0, wall=1000.0, workers=ws2, dispatcher=True))
+    f2 = step(st2, Observation(ts=1.0, wall=1001.0, workers=ws2, dispatcher=True))
+    con = Console(width=140, record=True)
+    con.print(render(f2, GROUP))
+    text = con.export_text()
+    assert "dispatcher: the kernel sees one listener; its split across children is the " \
+           "server's own" in text
+    assert "1 workers, 1 child" in text and "child" in text
+
+
+# --- the probes' common start ---------------------------------------------------------------
+
+def test_probe_totals_minus_a_baseline():
+    from reuseport_ctl.probes.session import ProbeTotals
+    base = ProbeTotals(1.0, 100, {"tcp4": 100}, None, {7: 50}, {11: 40}, {11: 2}, {11: 48},
+                       {(7, 11, 11): 30, (7, 11, 12): 10})
+    now = ProbeTotals(2.0, 130, {"tcp4": 130}, None, {7: 80, 8: 1}, {11: 70}, {11: 2},
+                      {11: 78}, {(7, 11, 11): 50, (7, 11, 12): 20})
+    d = now.minus(base)
+    assert (d.ts, d.lookups, d.lookups_by_class) == (2.0, 30, {"tcp4": 30})
+    assert d.data_ready == {7: 30, 8: 1} and d.wakeups == {11: 30}
+    assert d.accept_eagain == {} and d.accepted == {11: 30}
+    assert d.thread_wakeups == {(7, 11, 11): 20, (7, 11, 12): 10}
+    none = ProbeTotals(2.0, None, {}, None, {}, {}, {}, {})
+    assert none.minus(none).lookups is None

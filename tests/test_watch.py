@@ -35,11 +35,11 @@ NOBODY = 65534
 # The documented NDJSON fields (docs/watch.md), at least these.
 TOP_FIELDS = {"ts", "elapsed", "interval", "port", "proto", "policy", "count_of",
               "lookup_strategy", "data_ready_strategy", "wakeups_strategy", "listening",
-              "reuseport",
+              "reuseport", "dispatcher",
               "group_size", "lookups", "lookups_per_s", "accepts", "accepts_per_s",
               "data_ready", "data_ready_per_s", "wakeups", "wakeups_per_event", "jain",
               "max_min_ratio", "joined", "left", "workers"}
-WORKER_FIELDS = {"pid", "slot", "cpu_percent", "accepts", "accepts_per_s", "share",
+WORKER_FIELDS = {"pid", "slot", "inode", "tids", "child", "conns", "cpu_percent", "accepts", "accepts_per_s", "share",
                  "data_ready", "data_ready_per_s", "wakeups", "wakeups_per_event",
                  "spurious_wakeups", "queue_len"}
 
@@ -429,8 +429,8 @@ def test_wait_then_a_group_appears_and_a_worker_restarts(netns, strategies):
         check_line(d, port, "tcp")
     assert lines[0]["listening"] is False and lines[0]["workers"] == []
     assert any(d["listening"] for d in lines)
-    joined = [p for d in lines for p in d["joined"]]
-    left = [p for d in lines for p in d["left"]]
+    joined = [r["pid"] for d in lines for r in d["joined"]]
+    left = [r["pid"] for d in lines for r in d["left"]]
     assert victim in joined and victim in left and new in joined
     assert {x["pid"] for x in lines[-1]["workers"]} == final
     assert lines[-1]["lookups"] == 40
@@ -553,7 +553,7 @@ def test_bad_options_are_one_sentence(netns, cli, args, word):
 def test_a_kernel_without_data_ready_says_what_is_still_shown(netns):
     """Forced: the data-ready and wakeup probes off (as on a kernel with
     neither kprobes nor the tracepoint); lookups and queues still show."""
-    from reuseport_ctl.cmd.watch import ForeignSource, Watch
+    from reuseport_ctl.watching import ForeignSource, Watch
     from reuseport_ctl.probes.strategy import Strategy
     chosen = dict(default_strategies(), data_ready=Strategy("none", "forced"),
                   wakeups=Strategy("none", "forced"))

@@ -80,7 +80,7 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
             if load_n is not None:
                 load = sup.run_in_child(lambda: _load(client_host(host), sup.port, proto, load_n))
             elif watch:
-                from .watch import watch_own
+                from ..watching import watch_own
                 watch_own(sup, duration)
             else:
                 click.echo(f"reuseport-ctl: {cfg.workers} workers ready on {_addr(host, sup.port)} "

@@ -35,7 +35,8 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
         "wakeups_strategy": group.wakeups_strategy,
         "listening": frame.listening,
         "reuseport": group.reuseport,
-        "group_size": len(frame.rows),
+        "dispatcher": frame.dispatcher,
+        "group_size": sum(1 for r in frame.rows if not r.child),
         "lookups": frame.lookups,
         "lookups_per_s": _num(frame.lookups_per_s, 1),
         "accepts": frame.accepts,
@@ -46,11 +47,15 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
         "wakeups_per_event": _num(frame.wakeups_per_event, 3),
         "jain": _num(frame.jain),
         "max_min_ratio": _num(frame.max_min_ratio),
-        "joined": list(frame.joined),
-        "left": list(frame.left),
+        "joined": [_ref(r) for r in frame.joined],
+        "left": [_ref(r) for r in frame.left],
         "workers": [{
             "pid": r.pid,
-            "slot": r.slot,
+            "slot": None if r.child else r.slot,
+            "inode": r.inode,
+            "tids": list(r.tids),
+            "child": r.child,
+            "conns": r.conns,
             "cpu_percent": _num(r.cpu_percent, 1),
             "accepts": r.accepts,
             "accepts_per_s": _num(r.accepts_per_s, 1),
@@ -63,6 +68,10 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
             "queue_len": r.queue_len,
         } for r in frame.rows],
     }
+
+
+def _ref(r) -> dict:
+    return {"slot": r.slot, "pid": r.pid, "inode": r.inode}
 
 
 class NdjsonWriter:

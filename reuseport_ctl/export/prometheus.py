@@ -5,7 +5,10 @@ the watch last computed, so it never touches the kernel itself.
 
 Names follow the Prometheus conventions: prefix reuseport_ctl_, counters end
 in _total (totals since the watch began), base units (seconds), labels
-port, proto and, per worker, worker (its group slot) and pid. The metric
+port, proto and, per row (a member socket; a process on a listener shared
+without SO_REUSEPORT; a dispatcher's child), worker (its group slot, or
+"child"), pid, and tids (the threads serving it, comma-separated; empty for
+a single-threaded process). The metric
 list, a sample scrape and recording rules are in docs/watch.md.
 """
 from __future__ import annotations
@@ -25,7 +28,7 @@ from ..stats.live import Frame, GroupInfo
 
 DEFAULT_ADDR = "127.0.0.1"
 GROUP_LABELS = ["port", "proto"]
-WORKER_LABELS = ["port", "proto", "worker", "pid"]
+WORKER_LABELS = ["port", "proto", "worker", "pid", "tids"]
 
 # name (without _total for counters), kind, help, the row attribute
 WORKER_METRICS = (
@@ -49,6 +52,9 @@ WORKER_METRICS = (
      "queue_len"),
     ("reuseport_ctl_worker_share_ratio", "gauge",
      "This worker's share (0-1) of the group's accepts since the watch began.", "share"),
+    ("reuseport_ctl_worker_connections", "gauge",
+     "Dispatcher groups: the port's connections this process holds now (its fd table).",
+     "conns"),
 )
 
 
@@ -100,10 +106,12 @@ class FrameCollector(Collector):
         info.add_metric(g, {"policy": group.policy, "lookup_strategy": group.lookup_strategy,
                             "data_ready_strategy": group.data_ready_strategy,
                             "wakeups_strategy": group.wakeups_strategy,
-                            "kernel": group.kernel, "addr": group.addr})
+                            "kernel": group.kernel, "addr": group.addr,
+                            "dispatcher": str(frame.dispatcher).lower()})
         yield info
-        yield _gauge("reuseport_ctl_group_workers", "Workers serving the group now.",
-                     g, len(frame.rows))
+        yield _gauge("reuseport_ctl_group_workers", "Rows the kernel chooses among now: member "
+                     "sockets (processes on a listener shared without SO_REUSEPORT).",
+                     g, sum(1 for r in frame.rows if not r.child))
         yield _gauge("reuseport_ctl_listening", "1 while something listens on the port.",
                      g, int(frame.listening))
         for name, help_, value in (
@@ -131,7 +139,8 @@ class FrameCollector(Collector):
             for r in frame.rows:
                 v = getattr(r, attr)
                 if v is not None:
-                    fam.add_metric([*g, str(r.slot), str(r.pid)], v)
+                    fam.add_metric([*g, "child" if r.child else str(r.slot), str(r.pid),
+                                    ",".join(map(str, r.tids))], v)
             yield fam
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import errno
 import os
+import platform
 import re
 import socket
 from dataclasses import dataclass
@@ -97,6 +98,78 @@ def epoll_watched(pid: int) -> set[int]:
             continue
         watched.update(int(h, 16) for h in _EPOLL_INO.findall(text))
     return watched
+
+
+def thread_ids(pid: int) -> list[int]:
+    """Every thread (task) id of process pid, ascending; [] if it is gone."""
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except (OSError, ValueError):
+        return []
+
+
+# The blocking calls whose first argument is the fd a thread waits on, by
+# architecture (poll/select take an array, not an fd: not read).
+_WAIT_CALLS = {
+    "x86_64": {"epoll": {232, 281, 441}, "socket": {43, 288, 45, 47, 299}},
+    "aarch64": {"epoll": {22, 441}, "socket": {202, 242, 207, 212, 243}},
+}
+
+
+def _fd_inode(pid: int, fd: int) -> tuple[str, int] | None:
+    """(what, inode) of pid's fd: what is "socket", "epoll" or "other"."""
+    try:
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+    except OSError:
+        return None
+    if target == "anon_inode:[eventpoll]":
+        return "epoll", ino
+    m = _SOCKET.fullmatch(target)
+    return ("socket", int(m.group(1))) if m else ("other", ino)
+
+
+def _epoll_set(pid: int, epfd: int) -> set[int]:
+    """Inodes of the files epoll instance epfd of pid watches."""
+    try:
+        with open(f"/proc/{pid}/fdinfo/{epfd}") as f:
+            return {int(h, 16) for h in _EPOLL_INO.findall(f.read())}
+    except OSError:
+        return set()
+
+
+def waiting_threads(pid: int) -> dict[int, set[int]]:
+    """tid -> the inodes each thread of pid is blocked on now: the socket of a
+    blocking accept/recvfrom/recvmsg, or every file in the epoll set of an
+    epoll_wait (a socket a thread epolls is one it serves). Read from
+    /proc/PID/task/TID/syscall (the call and its arguments while the thread
+    sleeps in it); a running thread, or one in another call, maps to an
+    empty set. Every thread of pid is a key; {} if pid is gone."""
+    calls = _WAIT_CALLS.get(platform.machine())
+    out: dict[int, set[int]] = {}
+    sets: dict[int, set[int]] = {}          # epfd -> its set, read once per process
+    for tid in thread_ids(pid):
+        out[tid] = set()
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                fields = f.read().split()
+        except OSError:
+            continue
+        if calls is None or len(fields) < 2 or not fields[0].isdigit():
+            continue                        # "running", or a kernel without the file
+        nr, fd = int(fields[0]), int(fields[1], 16)
+        if nr not in calls["epoll"] and nr not in calls["socket"]:
+            continue
+        what = _fd_inode(pid, fd)
+        if what is None:
+            continue
+        if what[0] == "epoll" and nr in calls["epoll"]:
+            if fd not in sets:
+                sets[fd] = _epoll_set(pid, fd)
+            out[tid] = set(sets[fd])
+        elif what[0] == "socket" and nr in calls["socket"]:
+            out[tid] = {what[1]}
+    return out
 
 
 def parent_pid(pid: int) -> int:

@@ -3,8 +3,14 @@ port, attached together, read together (once per interval), closed together.
 
     with ProbeSession(port, "tcp", pids=sup.pids().values()) as ps:
         ...
-        t = ps.read()        # totals since the session started
+        t = ps.read()        # totals since every probe was attached
         ps.strategies        # what is attached, and why
+
+The probes attach one after the other (compiling one takes seconds on a
+busy machine), so their raw counts start at different moments. The session
+reads every map once as soon as the last probe is attached and subtracts
+that baseline from every later read: every total starts at the same instant
+(rebase() moves that instant, e.g. to a caller's first observation).
 
 Everything is counted in the kernel, in BPF maps; read() does one pass over
 each map. Closing detaches every probe and frees every program and map; two
@@ -13,7 +19,7 @@ sessions side by side (two `watch`es) each have their own.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from ..errors import UserError
@@ -32,13 +38,37 @@ class ProbeTotals:
     (rates are the difference of two reads over the difference of ts)."""
     ts: float                           # time.monotonic() of the read
     lookups: int | None                 # listener lookups for the port (None: no lookup strategy)
+                                        # (also what the "selector" strategy counts)
     lookups_by_class: dict[str, int]    # {"tcp4": n, "tcp6": m} or udp4/udp6 ({} for selector)
     lookup_latency_log2_ns: dict[int, int] | None   # log2(ns) -> lookups; kprobe strategy only
     data_ready: dict[int, int]          # listener socket cookie -> data-ready events
     wakeups: dict[int, int]             # pid -> process wakeups caused by a listener data-ready
+                                        # (summed over its threads and listeners)
     accept_eagain: dict[int, int]       # pid -> accept/accept4 (UDP: recvfrom) said EAGAIN
     accepted: dict[int, int]            # pid -> accept/accept4 (UDP: recvfrom) returned >= 0
                                         # (both only with eagain=True)
+    thread_wakeups: dict[tuple[int, int, int], int] = field(default_factory=dict)
+                                        # (listener cookie, pid, tid) -> wakeups
+
+    def minus(self, base: "ProbeTotals") -> "ProbeTotals":
+        """These totals less an earlier read's (counts since that read)."""
+        def sub(now: dict, before: dict) -> dict:       # only what moved since
+            out = {k: v - before.get(k, 0) for k, v in now.items()}
+            return {k: v for k, v in out.items() if v}
+        lat = None
+        if self.lookup_latency_log2_ns is not None:
+            lat = sub(self.lookup_latency_log2_ns, base.lookup_latency_log2_ns or {})
+        lookups = None
+        if self.lookups is not None:
+            lookups = self.lookups - (base.lookups or 0)
+        by_class = {k: v - base.lookups_by_class.get(k, 0)          # fixed keys: all kept
+                    for k, v in self.lookups_by_class.items()}
+        return ProbeTotals(self.ts, lookups, by_class,
+                           lat, sub(self.data_ready, base.data_ready),
+                           sub(self.wakeups, base.wakeups),
+                           sub(self.accept_eagain, base.accept_eagain),
+                           sub(self.accepted, base.accepted),
+                           sub(self.thread_wakeups, base.thread_wakeups))
 
 
 def default_strategies() -> dict[str, Strategy]:
@@ -91,6 +121,8 @@ class ProbeSession:
                 "data_ready", chosen.get("data_ready"),
                 lambda name: self._wakeup.attach(name, wk_name, eagain))
             self.strategies["wakeups"] = self._wakeups_strategy(wk)
+            self._base: ProbeTotals | None = None
+            self.rebase()               # every probe is attached: the common start
         except BaseException:
             self.close()
             raise
@@ -149,25 +181,38 @@ class ProbeSession:
     # --- use --------------------------------------------------------------------
 
     def set_pids(self, pids: Iterable[int]) -> None:
-        """Replace the watched pids (workers joined or left). Wakeups are
-        matched by the woken task's id and EAGAINs by the caller's process id:
-        the same for single-threaded workers (ours, nginx); for a threaded
-        server pass its thread ids too."""
+        """Replace the watched processes (workers joined or left); every
+        thread of each is watched. With the tracefs wakeup strategy, call it
+        again to pick up threads started since (the watch does, each interval)."""
         self._wakeup.set_pids(pids)
 
+    def rebase(self) -> ProbeTotals:
+        """Totals count from now on; returns the (all-zero) totals of now."""
+        self._base = None
+        self._base = self._read_raw()
+        return self._base.minus(self._base)
+
     def read(self) -> ProbeTotals:
+        """Totals since the baseline (every probe attached, or rebase())."""
+        raw = self._read_raw()
+        return raw.minus(self._base) if self._base is not None else raw
+
+    def _read_raw(self) -> ProbeTotals:
         lookups, by_class, latency = self._lookup.read()
         if self.strategies.get("lookup", Strategy("none", "")).name == "selector":
             sel = self._selections() if self._selections else None
             lookups = sum(sel) if sel is not None else None
-        ready, wakeups, eagain, accepted = self._wakeup.read()
+        ready, thread_wakeups, eagain, accepted = self._wakeup.read()
         if ready.get(0, 0) > self._uncookied and self._own_netns:
             # a listener that had no cookie yet (one created after we started):
             # asking sock_diag gives it one, counted under it from now on
             self._uncookied = ready[0]
             socket_cookies(self.port, self.proto)
+        wakeups: dict[int, int] = {}
+        for (_, pid, _), n in thread_wakeups.items():
+            wakeups[pid] = wakeups.get(pid, 0) + n
         return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain,
-                           accepted)
+                           accepted, thread_wakeups)
 
     def close(self) -> None:
         """Detach everything; idempotent."""

@@ -7,9 +7,15 @@ Strategies (probes/strategy.py):
               program gets the struct sock * directly) or, failing that,
               through tracefs/perf (sock:sk_data_ready, which builds the
               whole event record first, for every socket on the machine)
-  wakeups     sched_waking filtered to the watched pids, the waker-context
-              twin of sched_wakeup (see bpf/wakeup.c): raw tracepoint (p->pid
-              read at its BTF offset) or, failing that, sched:sched_waking
+  wakeups     sched_waking of any thread of the watched processes, the
+              waker-context twin of sched_wakeup (see bpf/wakeup.c): raw
+              tracepoint (p->tgid and p->pid read at their BTF offsets) or,
+              failing that, sched:sched_waking, whose record has only the
+              tid: there the filter holds every thread id of the watched
+              processes (set_pids() refreshes it)
+Wakeups are counted per (listener cookie, pid, tid): per member socket and
+per thread, so a threaded server (HAProxy nbthread, Envoy, one runtime per
+core) shows each thread's wakeups under the socket that caused them.
 A wakeup counts while a watched listener's data-ready is being handled on
 the CPU: up to sock_def_readable's return (kprobe), or up to the next
 data-ready, softirq end or hrtimer expiry there (tracepoints; see
@@ -26,10 +32,11 @@ import ctypes as ct
 from typing import Iterable
 
 from ..errors import UserError
-from ..kernel import btf, tracefs
+from ..kernel import btf, owners, tracefs
 from .programs import PROTO_NUMBERS, SOCK_FIELDS, netns_macros, program_source
 
 MAX_PIDS = 4096
+MAX_TIDS = 16384
 WAKING_TP = "sched:sched_waking"
 RAW_WAKING_TP = "sched_waking"
 DATA_READY_TP = "sock:sk_data_ready"
@@ -69,6 +76,7 @@ class WakeupProbe:
         self.wakeups_error = ""         # why better wakeup strategies did not attach
         self._bpf = None
         self._pids: set[int] = set()
+        self._tids: dict[int, int] = {}     # tid -> pid in rp_tids (tracefs wakeups)
 
     def attach(self, data_ready: str, wakeups: str, eagain: bool = False) -> None:
         """Attach the data-ready strategy and, if not "none", the wakeup one
@@ -89,7 +97,8 @@ class WakeupProbe:
         if wakeups != "none" and wakeups not in WAKEUP_STRATEGIES:
             raise UserError(f"unknown wakeup strategy {wakeups!r}.")
         flags = [f"-DPORT={self.port}", f"-DPROTO={PROTO_NUMBERS[self.proto]}",
-                 f"-DMAX_PIDS={MAX_PIDS}", *btf.offset_macros(SOCK_FIELDS),
+                 f"-DMAX_PIDS={MAX_PIDS}", f"-DMAX_TIDS={MAX_TIDS}",
+                 *btf.offset_macros(SOCK_FIELDS),
                  *netns_macros(self.netns)]
         if data_ready == "kprobe":
             flags.append("-DDR_KPROBE")
@@ -105,7 +114,8 @@ class WakeupProbe:
         failed: list[str] = []
         if "raw_tracepoint" in tries:
             try:
-                flags.append(f"-DTASK_PID_OFF={btf.member_offset('task_struct', 'pid')}")
+                flags += [f"-DTASK_PID_OFF={btf.member_offset('task_struct', 'pid')}",
+                          f"-DTASK_TGID_OFF={btf.member_offset('task_struct', 'tgid')}"]
             except btf.BTFError as e:
                 tries.remove("raw_tracepoint")
                 failed.append(f"raw tracepoint {RAW_WAKING_TP}: {e}")
@@ -143,6 +153,8 @@ class WakeupProbe:
                 self._detach_wakeups(b)
                 continue
             self.wakeups = name
+            if name == "tracepoint":
+                self.set_pids(self._pids)       # the filter by thread now matters
             break
         self.wakeups_error = "; ".join(failed)
         if self.wakeups == "none" or not eagain:
@@ -178,6 +190,9 @@ class WakeupProbe:
                 b.detach_tracepoint(tp.encode())
 
     def set_pids(self, pids: Iterable[int]) -> None:
+        """Watch these processes (every thread of each). With the tracefs
+        wakeup strategy the filter is by thread id: call again to pick up
+        threads started since (the watch does, every interval)."""
         want = {int(p) for p in pids}
         if len(want) > MAX_PIDS:
             raise UserError(f"at most {MAX_PIDS} pids can be watched, not {len(want)}.")
@@ -191,16 +206,35 @@ class WakeupProbe:
             for pid in want - self._pids:
                 table[ct.c_uint(pid)] = ct.c_ubyte(1)
         self._pids = want
+        if self._bpf is not None and self.wakeups == "tracepoint":
+            self._set_tids({t: p for p in want for t in owners.thread_ids(p)})
 
-    def read(self) -> tuple[dict[int, int], dict[int, int], dict[int, int], dict[int, int]]:
-        """(cookie -> data-ready, pid -> wakeups, pid -> EAGAIN, pid -> accepts
-        that returned >= 0), each map read once."""
+    def _set_tids(self, tids: dict[int, int]) -> None:
+        if len(tids) > MAX_TIDS:
+            raise UserError(f"at most {MAX_TIDS} threads can be watched, not {len(tids)}.")
+        table = self._bpf[b"rp_tids"]
+        for tid in self._tids.keys() - tids.keys():
+            try:
+                del table[ct.c_uint(tid)]
+            except KeyError:
+                pass
+        for tid, pid in tids.items():
+            if self._tids.get(tid) != pid:
+                table[ct.c_uint(tid)] = ct.c_uint(pid)
+        self._tids = tids
+
+    def read(self) -> tuple[dict[int, int], dict[tuple[int, int, int], int], dict[int, int],
+                            dict[int, int]]:
+        """(cookie -> data-ready, (cookie, pid, tid) -> wakeups, pid -> EAGAIN,
+        pid -> accepts that returned >= 0), each map read once."""
         if self._bpf is None:
             return {}, {}, {}, {}
 
         def items(name: bytes) -> dict[int, int]:
             return {k.value: v.value for k, v in self._bpf[name].items()}
-        wakeups = items(b"rp_wakeups") if self.wakeups != "none" else {}
+        wakeups = {(k.cookie, k.tgid, k.tid): v.value
+                   for k, v in self._bpf[b"rp_wakeups"].items()} \
+            if self.wakeups != "none" else {}
         eagain = items(b"rp_eagain") if self.eagain_tps else {}
         done = items(b"rp_done") if self.eagain_tps else {}
         return items(b"rp_ready"), wakeups, eagain, done

@@ -1,11 +1,19 @@
 """Per-interval aggregation for `watch` (pure functions over dataclasses).
 
-The verb observes the group once per interval -- which workers serve which
-sockets, the probes' totals, the workers' own counters when the group is
-ours -- as an Observation; step() turns it into a Frame: per-worker totals
-since the watch began, rates over the last interval, shares, the fairness
-figures, and a minute of rate history per worker. The dashboard, the NDJSON
-lines and the Prometheus exporter all render the same Frame.
+The watch observes the group once per interval -- its rows, the probes'
+totals, the workers' own counters when the group is ours -- as an
+Observation; step() turns it into a Frame: per-row totals since the watch
+began, rates over the last interval, shares, the fairness figures, and a
+minute of rate history per row. The dashboard, the NDJSON lines and the
+Prometheus exporter all render the same Frame.
+
+A row is what the kernel chooses among: in a reuseport group, one member
+socket (a threaded server has several in one process: HAProxy nbthread with
+shards by-thread, Envoy, one runtime per core), labelled with the process
+and the threads that serve it; on a listener shared without SO_REUSEPORT,
+one serving process; in a dispatcher (the kernel sees one listener, a
+process hands its connections to children), the listener plus one row per
+child, whose own cumulative accepts nobody but the server knows (None).
 
     state = LiveState(interval=1.0)
     step(state, first_observation)      # the baseline: every total starts here
@@ -26,10 +34,11 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 @dataclass(frozen=True)
 class WorkerObs:
-    """One worker as seen at one observation."""
+    """One row as seen at one observation: a member socket, a process on a
+    shared listener, or a dispatcher's child."""
     pid: int
-    slot: int                           # the lowest group slot it serves
-    inodes: tuple[int, ...]             # the group's sockets it serves
+    slot: int                           # the member's slot (lowest, for a process row)
+    inodes: tuple[int, ...]             # the group's sockets it serves (a member: its one)
     queue_len: int = 0                  # TCP: connections in its accept queue(s); UDP: bytes
     cpu_percent: Optional[float] = None # since the previous observation, % of one core
     cpu_seconds: Optional[float] = None # user + system since the process started
@@ -38,6 +47,28 @@ class WorkerObs:
     eagain: Optional[int] = None        # own group: the worker's EAGAIN counter
     shared: bool = False                # serves a listener other workers serve too (no
                                         # SO_REUSEPORT): its data-ready events are not its own
+    tids: tuple[int, ...] = ()          # threads seen waiting on its socket(s) (threaded only)
+    nthreads: int = 1                   # threads in its process
+    child: bool = False                 # a dispatcher's child: holds no listener
+    conns: Optional[int] = None         # connections it holds now (dispatcher groups)
+
+    @property
+    def key(self) -> tuple:
+        """The row's identity across observations: the process with its
+        sockets (a member socket served by a new process is a new row)."""
+        return (self.pid, self.inodes)
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """A row that joined or left, as events name it."""
+    slot: int
+    pid: int
+    inode: Optional[int]                # a member row's socket; None for a process row
+
+    def __str__(self) -> str:
+        return f"slot {self.slot} (pid {self.pid})" if self.inode is not None \
+            else f"pid {self.pid}"
 
 
 @dataclass(frozen=True)
@@ -50,17 +81,21 @@ class Observation:
     workers: tuple[WorkerObs, ...]
     lookups: Optional[int] = None       # None: no lookup probe
     data_ready: Mapping[int, int] = field(default_factory=dict)     # inode -> events
-    wakeups: Mapping[int, int] = field(default_factory=dict)        # pid -> wakeups
+    wakeups: Mapping[tuple[int, int, int], int] = field(default_factory=dict)
+                                        # (listener inode, pid, tid) -> wakeups
     accept_eagain: Mapping[int, int] = field(default_factory=dict)  # pid -> EAGAIN
     accepted: Mapping[int, int] = field(default_factory=dict)       # pid -> accept/recvfrom
                                                                     # that returned >= 0
     listening: bool = True              # False: nothing listens on the port now
+    dispatcher: bool = False            # the listener's connections are held by children
 
 
 @dataclass(frozen=True)
 class WorkerRow:
     pid: int
     slot: int
+    inode: Optional[int]                # a member row's socket (None: a process row)
+    tids: tuple[int, ...]               # the threads that serve it (threaded servers only)
     cpu_percent: Optional[float]
     cpu_seconds: Optional[float]
     accepts: Optional[int]              # since the watch began (None: not counted)
@@ -73,6 +108,8 @@ class WorkerRow:
     wakeups_per_event: Optional[float]  # wakeups / data_ready
     spurious_wakeups: Optional[int]     # wakeups that found nothing (accept/recv EAGAIN)
     queue_len: int
+    child: bool = False                 # a dispatcher's child
+    conns: Optional[int] = None         # connections it holds now (dispatcher groups)
 
 
 @dataclass(frozen=True)
@@ -92,8 +129,9 @@ class Frame:
     accepts_per_s: Optional[float]
     jain: Optional[float]               # over the current workers' accepts (None: not counted)
     max_min_ratio: Optional[float]      # inf: a worker got none while another got some
-    joined: tuple[int, ...]             # pids that appeared since the previous frame
-    left: tuple[int, ...]               # pids that went
+    joined: tuple[RowRef, ...]          # rows that appeared since the previous frame
+    left: tuple[RowRef, ...]            # rows that went
+    dispatcher: bool = False            # one listener, its connections handed to children
 
 
 @dataclass(frozen=True)
@@ -118,7 +156,8 @@ class GroupInfo:
 
 @dataclass
 class _Seen:
-    """What the state remembers of one worker between observations."""
+    """What the state remembers of one row between observations."""
+    ref: RowRef
     base_accepts: int = 0
     base_eagain: int = 0
     accepts: Optional[int] = None
@@ -132,7 +171,7 @@ class LiveState:
     counted: tuple[bool, bool, bool] = (True, True, True)   # data-ready, wakeups, EAGAIN probes on
     t0: Optional[float] = None
     prev: Optional[Observation] = None
-    seen: dict[int, _Seen] = field(default_factory=dict)
+    seen: dict[tuple, _Seen] = field(default_factory=dict)     # row key -> its memory
 
     @property
     def history_len(self) -> int:
@@ -192,6 +231,11 @@ def degraded_note(data_ready: str, lookup: str, own: bool) -> Optional[str]:
 
 # --- the step ---------------------------------------------------------------------
 
+def _ref(w: WorkerObs) -> RowRef:
+    return RowRef(w.slot, w.pid, w.inodes[0] if len(w.inodes) == 1 and not w.shared
+                  and not w.child else None)
+
+
 def step(state: LiveState, obs: Observation) -> Frame:
     """Fold one observation into the state; the frame the UI and exporters show."""
     first = state.prev is None
@@ -200,57 +244,73 @@ def step(state: LiveState, obs: Observation) -> Frame:
     prev = state.prev
     dt = obs.ts - prev.ts if prev is not None else 0.0
     dr_on, wk_on, ea_on = state.counted
-    now_pids = [w.pid for w in obs.workers]
-    before = set(state.seen)
-    joined = tuple(p for p in now_pids if p not in before) if not first else ()
-    left = tuple(sorted(before - set(now_pids)))
-    for pid in left:
-        del state.seen[pid]
+    now = {w.key: w for w in obs.workers}
+    left = tuple(sorted((state.seen[k].ref for k in state.seen.keys() - now.keys()),
+                        key=lambda r: (r.slot, r.pid)))
+    for k in state.seen.keys() - now.keys():
+        del state.seen[k]
+    joined: list[RowRef] = []
 
     rows: list[WorkerRow] = []
-    for w in sorted(obs.workers, key=lambda w: (w.slot, w.pid)):
-        s = state.seen.get(w.pid)
+    for w in sorted(obs.workers, key=lambda w: (w.child, w.slot, w.pid, w.inodes)):
+        s = state.seen.get(w.key)
         if s is None:
             # Own counters count from the worker's start: the watch's baseline
             # is what it had when the watch first saw it.
-            s = state.seen[w.pid] = _Seen(base_accepts=w.accepts or 0, base_eagain=w.eagain or 0,
+            s = state.seen[w.key] = _Seen(ref=_ref(w), base_accepts=w.accepts or 0,
+                                          base_eagain=w.eagain or 0,
                                           history=deque(maxlen=state.history_len))
             new = True
+            if not first:
+                joined.append(s.ref)
         else:
             new = False
-        ready = sum(obs.data_ready.get(i, 0) for i in w.inodes) if dr_on else None
-        if w.accepts is not None:
-            accepts: Optional[int] = w.accepts - s.base_accepts
-        elif w.shared:                  # which sharer took a connection: only accept() knows
-            accepts = obs.accepted.get(w.pid, 0) if ea_on else None
+        if w.child:                     # no listener: what the kernel counts is not its own
+            ready = wakeups = spurious = accepts = None
+            woken: set[int] = set()
         else:
-            accepts = ready             # a foreign server: one data-ready per queued connection
-        if w.eagain is not None:
-            spurious: Optional[int] = w.eagain - s.base_eagain
-        else:
-            spurious = obs.accept_eagain.get(w.pid, 0) if ea_on else None
-        wakeups = obs.wakeups.get(w.pid, 0) if wk_on else None
+            ready = sum(obs.data_ready.get(i, 0) for i in w.inodes) if dr_on else None
+            if w.accepts is not None:
+                accepts = w.accepts - s.base_accepts
+            elif w.shared:              # which sharer took a connection: only accept() knows
+                accepts = obs.accepted.get(w.pid, 0) if ea_on else None
+            else:
+                accepts = ready         # a foreign server: one data-ready per queued connection
+            if w.eagain is not None:
+                spurious = w.eagain - s.base_eagain
+            else:
+                spurious = obs.accept_eagain.get(w.pid, 0) if ea_on else None
+            # wakeups its sockets' data-ready made in its process, summed over threads
+            mine = {(i, t): n for (i, p, t), n in obs.wakeups.items()
+                    if p == w.pid and i in w.inodes}
+            wakeups = sum(mine.values()) if wk_on else None
+            woken = {t for (_, t), n in mine.items() if n}
+        tids = tuple(sorted(set(w.tids) | woken)) if w.nthreads > 1 else ()
         acc_rate = None if new else rate(accepts, s.accepts, dt)
         ready_rate = None if new else rate(ready, s.data_ready, dt)
         if not first:
             s.history.append(acc_rate or 0.0)
         s.accepts, s.data_ready = accepts, ready
         rows.append(WorkerRow(
-            pid=w.pid, slot=w.slot, cpu_percent=w.cpu_percent, cpu_seconds=w.cpu_seconds,
-            accepts=accepts, accepts_per_s=acc_rate, share=0.0, history=tuple(s.history),
-            data_ready=ready, data_ready_per_s=ready_rate, wakeups=wakeups,
-            wakeups_per_event=per_event(wakeups, ready), spurious_wakeups=spurious,
-            queue_len=w.queue_len))
+            pid=w.pid, slot=w.slot, inode=s.ref.inode, tids=tids, cpu_percent=w.cpu_percent,
+            cpu_seconds=w.cpu_seconds, accepts=accepts, accepts_per_s=acc_rate, share=0.0,
+            history=tuple(s.history), data_ready=ready, data_ready_per_s=ready_rate,
+            wakeups=wakeups, wakeups_per_event=per_event(wakeups, ready),
+            spurious_wakeups=spurious, queue_len=w.queue_len, child=w.child, conns=w.conns))
 
-    counts = [r.accepts or 0 for r in rows]
-    rows = [_with_share(r, sh) for r, sh in zip(rows, shares(counts))]
+    # The kernel's split is over the rows with a listener; a dispatcher's
+    # children get theirs from the server, which the kernel does not see.
+    takers = [r for r in rows if not r.child]
+    counts = [r.accepts or 0 for r in takers]
+    sh = dict(zip(map(id, takers), shares(counts)))
+    rows = [_with_share(r, sh.get(id(r))) for r in rows]
     total_ready = sum(obs.data_ready.values()) if dr_on else None
     total_wakeups = sum(obs.wakeups.values()) if wk_on else None
     prev_ready = sum(prev.data_ready.values()) if prev is not None and dr_on else None
-    known = [r.accepts for r in rows if r.accepts is not None]
+    known = [r.accepts for r in takers if r.accepts is not None]
     accepts_total = sum(known) if known else None
-    counted = len(known) == len(rows)
-    rates = [r.accepts_per_s for r in rows if r.accepts_per_s is not None]
+    counted = len(known) == len(takers) and not obs.dispatcher
+    rates = [r.accepts_per_s for r in takers if r.accepts_per_s is not None]
     frame = Frame(
         wall=obs.wall, elapsed=obs.ts - state.t0, interval=dt, listening=obs.listening,
         rows=tuple(rows), lookups=obs.lookups,
@@ -259,10 +319,11 @@ def step(state: LiveState, obs: Observation) -> Frame:
         wakeups=total_wakeups, wakeups_per_event=per_event(total_wakeups, total_ready),
         accepts=accepts_total, accepts_per_s=sum(rates) if rates else None,
         jain=jain(counts) if counted else None,
-        max_min_ratio=max_min_ratio(counts) if counted else None, joined=joined, left=left)
+        max_min_ratio=max_min_ratio(counts) if counted else None, joined=tuple(joined),
+        left=left, dispatcher=obs.dispatcher)
     state.prev = obs
     return frame
 
 
-def _with_share(r: WorkerRow, share: float) -> WorkerRow:
+def _with_share(r: WorkerRow, share: Optional[float]) -> WorkerRow:
     return replace(r, share=share if r.accepts is not None else None)

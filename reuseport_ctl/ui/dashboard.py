@@ -2,8 +2,9 @@
 plus the small terminal helper that reads 'q' without waiting for Enter.
 
 Header: the group (port, size, policy, probe strategies, kernel) and the
-fairness figures; one row per worker; a footer with workers that joined or
-left and what the keys do.
+fairness figures; one row per member socket (per process on a listener
+shared without SO_REUSEPORT; a dispatcher's children after its listener); a
+footer with rows that joined or left and what the keys do.
 """
 from __future__ import annotations
 
@@ -41,12 +42,37 @@ def _ratio(r: Optional[float]) -> str:
     return "-" if r is None else "∞" if math.isinf(r) else f"{r:.2f}"
 
 
+DISPATCHER = ("dispatcher: the kernel sees one listener; its split across children is the "
+              "server's own")
+
+
+def size(frame: Frame, g: GroupInfo) -> str:
+    """'3 workers'; a threaded server: '2 workers (2 sockets in 1 process)';
+    a dispatcher: '1 workers, 3 children'."""
+    members = [r for r in frame.rows if not r.child]
+    n, procs = len(members), len({r.pid for r in members})
+    out = f"{n} workers"
+    if g.reuseport and not g.own and procs != n:
+        out += f" ({n} sockets in {procs} process{'' if procs == 1 else 'es'})"
+    kids = len(frame.rows) - n
+    if frame.dispatcher:
+        out += f", {kids} child{'' if kids == 1 else 'ren'}"
+    return out
+
+
+def _who(r) -> str:
+    """pid, and the serving threads of a threaded server: '123 [123,124]'."""
+    if not r.tids:
+        return str(r.pid)
+    return f"{r.pid} [{','.join(map(str, r.tids))}]"
+
+
 def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
     unit = "conn/s" if g.proto == "tcp" else "datagrams/s"
     where = g.addr or f"port {g.port}"
     t = Text.assemble(
         ("reuseport-ctl watch ", "bold"), f"{g.proto} {where} · ",
-        (f"{len(frame.rows)} workers", "bold"), f" · policy {g.policy}",
+        (size(frame, g), "bold"), f" · policy {g.policy}",
         " (ours)" if g.own else "", f" · kernel {g.kernel}\n",
         f"probes: lookup {g.lookup_strategy}, data-ready {g.data_ready_strategy}, "
         f"wakeups {g.wakeups_strategy}\n",
@@ -56,7 +82,9 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
         f" · lookups {_f(frame.lookups)} ({_f(frame.lookups_per_s)}/s)",
         f" · wakeups/event {_f(frame.wakeups_per_event, '{:.2f}')}",
         f" · {frame.elapsed:.0f} s")
-    if not g.reuseport:
+    if frame.dispatcher:
+        t.append(f"\n{DISPATCHER}", style="yellow")
+    elif not g.reuseport:
         t.append(f"\nno SO_REUSEPORT: {len(frame.rows)} workers share {g.listeners} "
                  f"listener{'' if g.listeners == 1 else 's'}; the kernel picks none, the first "
                  f"to wake and accept() wins"
@@ -72,7 +100,8 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     tcp = g.proto == "tcp"
     t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
     t.add_column("slot", justify="right")
-    t.add_column("pid", justify="right")
+    t.add_column("pid [threads]" if any(r.tids for r in frame.rows) else "pid",
+                 justify="right")
     t.add_column("cpu%", justify="right")
     t.add_column("share", no_wrap=True)
     t.add_column("conn/s" if tcp else "dgram/s", justify="right")
@@ -81,15 +110,18 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     t.add_column("ready/s", justify="right")
     t.add_column("wakeups/ev", justify="right")
     t.add_column("spurious", justify="right")
+    if frame.dispatcher:
+        t.add_column("conns", justify="right")
     widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
     for r in frame.rows:
+        extra = [_f(r.conns, "{:,}")] if frame.dispatcher else []
         t.add_row(
-            str(r.slot), str(r.pid), _f(r.cpu_percent, "{:.0f}"),
+            "child" if r.child else str(r.slot), _who(r), _f(r.cpu_percent, "{:.0f}"),
             _bar(r.share, widest) if r.share is not None else "-",
             _f(r.accepts_per_s), Text(sparkline(r.history, SPARK_WIDTH), style="cyan"),
             Text(str(r.queue_len), style="bold red" if r.queue_len and tcp else ""),
             _f(r.data_ready_per_s), _f(r.wakeups_per_event, "{:.2f}"),
-            _f(r.spurious_wakeups, "{:,}"))
+            _f(r.spurious_wakeups, "{:,}"), *extra)
     return t
 
 

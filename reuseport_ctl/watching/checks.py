@@ -1,0 +1,44 @@
+"""What a watch refuses before it attaches anything: one sentence each."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..errors import UserError
+from ..kernel import owners
+
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+
+
+def require_probe_caps() -> None:
+    caps = owners.effective_caps()
+    has = lambda c: bool(caps & (1 << c))  # noqa: E731
+    missing = [name for name, ok in (
+        ("CAP_BPF", has(CAP_BPF) or has(CAP_SYS_ADMIN)),
+        ("CAP_PERFMON", has(CAP_PERFMON) or has(CAP_SYS_ADMIN)),
+        ("CAP_NET_ADMIN", has(CAP_NET_ADMIN))) if not ok]
+    if missing:
+        raise UserError(f"watch attaches BPF probes and needs root (this process lacks "
+                        f"{', '.join(missing)}): run it with sudo.")
+
+
+def check_options(port: int, interval: float, duration: Optional[float]) -> None:
+    if not interval > 0:
+        raise UserError(f"--interval must be positive, not {interval}.")
+    if interval < 0.1:
+        raise UserError(f"--interval {interval} is shorter than 0.1 s: reading every probe "
+                        f"that often costs more than it shows.")
+    if duration is not None and not duration > 0:
+        raise UserError(f"--duration must be positive, not {duration}.")
+    if not 0 < port < 65536:
+        raise UserError(f"port {port} is not a port number (1-65535).")
+
+
+def nothing_listening(port: int, proto: str) -> UserError:
+    what = "listening TCP" if proto == "tcp" else "bound UDP"
+    return UserError(f"nothing is listening on {proto} port {port} (no {what} socket in "
+                     f"this network namespace); --wait waits for it.")
+
+
+def gone(port: int, proto: str) -> UserError:
+    return UserError(f"nothing listens on {proto} port {port} any more, so the watch ends "
+                     f"(--wait keeps watching until something does).")

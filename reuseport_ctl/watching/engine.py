@@ -1,0 +1,205 @@
+"""Watch: one watch of one group -- the probe session, the source of rows,
+and the outputs (dashboard, NDJSON, Prometheus) over the same frames.
+
+Once per interval: find the group (members may have joined or left), read
+the probes (one pass over each BPF map), read the accept queues and the
+processes' CPU, fold it all into a Frame (stats/live.py) and hand the frame
+to every output.
+
+Every total counts from one instant: the probes attach one after the other
+(compiling takes seconds on a loaded machine), so the first observation
+re-bases the probe session (one read of every map, subtracted from every
+later one) at the same moment it takes the own counters' baseline.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import replace
+from typing import Optional
+
+from ..errors import UserError
+from ..stats.live import GroupInfo, LiveState, Observation, WorkerObs, degraded_note, step
+from .sources import CpuSampler
+
+EVENTS_KEPT = 3
+
+
+def say(msg: str) -> None:
+    """One line on stderr for the person watching (not part of the data)."""
+    print(f"reuseport-ctl: {msg}", file=sys.stderr, flush=True)
+
+
+class Watch:
+    """The probe session, the source of rows and the outputs of one watch;
+    close() (or the with block) detaches every probe and stops the exporter."""
+
+    keys_on = False
+
+    def __init__(self, source, interval: float, as_json: bool = False,
+                 prometheus: Optional[str] = None, strategies: Optional[dict] = None,
+                 transient: bool = False, stderr: bool = False, spurious: bool = False):
+        from ..probes.session import ProbeSession
+
+        self.source, self.interval, self.as_json = source, interval, as_json
+        self._stack = ExitStack()
+        self._cpu = CpuSampler()
+        self._cookies: dict[int, int] = {}
+        self._events: list[str] = []
+        self.live = None
+        self.exporter = None
+        self._transient, self._stderr = transient, stderr
+        try:
+            workers = source.find(first=True)
+            self.pids = self._watched(workers)
+            try:
+                self.session = self._stack.enter_context(ProbeSession(
+                    source.port, source.proto, self.pids, strategies,
+                    selections=source.selections,
+                    # our own workers count their EAGAINs: no syscalls tracepoints
+                    eagain=spurious and not source.own))
+            except (UserError, KeyboardInterrupt):
+                raise
+            except Exception as e:         # bcc and the bpf() layer raise plain errors
+                raise UserError(f"could not attach the probes to {source.proto} port "
+                                f"{source.port}: {e}") from None
+            st = self.session.strategies
+            names = {k: st.get(k).name if st.get(k) else "none"
+                     for k in ("lookup", "data_ready", "wakeups")}
+            self.note = degraded_note(names["data_ready"], names["lookup"], source.own)
+            eagain = source.own or self.session.counts_eagain
+            self.state = LiveState(interval=interval,
+                                   counted=(names["data_ready"] != "none",
+                                            names["wakeups"] != "none", eagain))
+            self.group = GroupInfo(
+                port=source.port, proto=source.proto, policy=source.policy(),
+                lookup_strategy=names["lookup"], data_ready_strategy=names["data_ready"],
+                wakeups_strategy=names["wakeups"], kernel=platform.release(),
+                addr=source.addr(), own=source.own, reuseport=source.reuseport(),
+                listeners=source.listeners())
+            if prometheus is not None:
+                from ..export.prometheus import Exporter, parse_listen
+                self.exporter = self._stack.enter_context(Exporter(*parse_listen(prometheus)))
+            if as_json:
+                from ..export.ndjson import NdjsonWriter
+                self.ndjson = NdjsonWriter(sys.stdout, self.group)
+            # The common start: own counters and every probe from here.
+            self.frame = step(self.state, self._observe(source.find(), first=True))
+            if self.exporter is not None:
+                self.exporter.update(self.frame, self.group)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    # --- outputs ---
+
+    def start_view(self) -> None:
+        """The dashboard (unless --json), updated in place from now on."""
+        if self.as_json:
+            return
+        from rich.console import Console
+        from rich.live import Live
+        console = Console(stderr=self._stderr)
+        if not console.is_terminal:
+            console.width = 120             # a pipe has no width: do not cut the columns
+        # No refresh thread: run --watch forks restarted workers from this process.
+        self.live = self._stack.enter_context(
+            Live(self._render(), console=console, auto_refresh=False,
+                 transient=self._transient))
+
+    def _render(self):
+        from ..ui.dashboard import render
+        return render(self.frame, self.group, self.note, tuple(self._events),
+                      keys=self.keys_on)
+
+    def announce(self) -> None:
+        """One line on stderr: what is watched, how, and where metrics are."""
+        g = self.group
+        what = g.addr or f"port {g.port}"
+        from ..ui.dashboard import size
+        msg = (f"watching {g.proto} {what} ({size(self.frame, g)}, policy {g.policy}); probes: lookup "
+               f"{g.lookup_strategy}, data-ready {g.data_ready_strategy}, wakeups "
+               f"{g.wakeups_strategy}")
+        if self.exporter is not None:
+            msg += f"; Prometheus metrics on {self.exporter.url}"
+        say(msg + ".")
+        if self.note:
+            say(self.note)
+        if not self.frame.listening:
+            say(f"nothing listens on {g.proto} port {g.port} yet; waiting (--wait).")
+
+    # --- one interval ---
+
+    @staticmethod
+    def _watched(workers: Optional[list[WorkerObs]]) -> set[int]:
+        """The processes whose wakeups and calls count: those with a listener."""
+        return {w.pid for w in workers or () if not w.child}
+
+    def _observe(self, workers: Optional[list[WorkerObs]], first: bool = False) -> Observation:
+        from ..probes.session import socket_cookies
+        listening = workers is not None
+        workers = workers or []
+        self.pids = self._watched(workers)
+        self.session.set_pids(self.pids)        # (also new threads, where that matters)
+        known = set(self._cookies.values())
+        if any(i not in known for w in workers for i in w.inodes):
+            # New sockets: asking sock_diag gives each a cookie now, so its
+            # data-ready events are told apart from here on.
+            self._cookies.update(socket_cookies(self.source.port, self.source.proto))
+        t = self.session.rebase() if first else self.session.read()
+        wall = time.time()
+        if any(c not in self._cookies for c in t.data_ready):
+            self._cookies.update(socket_cookies(self.source.port, self.source.proto))
+
+        def inode(cookie: int) -> int:
+            return self._cookies.get(cookie, -cookie - 1)   # a socket already gone
+        ready: dict[int, int] = {}
+        for cookie, n in t.data_ready.items():
+            ready[inode(cookie)] = ready.get(inode(cookie), 0) + n
+        wakeups: dict[tuple[int, int, int], int] = {}
+        for (cookie, pid, tid), n in t.thread_wakeups.items():
+            k = (inode(cookie), pid, tid)
+            wakeups[k] = wakeups.get(k, 0) + n
+        cpu = self._cpu.sample({w.pid for w in workers})
+        workers = [replace(w, cpu_percent=cpu[w.pid][0], cpu_seconds=cpu[w.pid][1],
+                           nthreads=cpu[w.pid][2])
+                   for w in workers]
+        return Observation(ts=t.ts, wall=wall, workers=tuple(workers),
+                           lookups=t.lookups, data_ready=ready, wakeups=wakeups,
+                           accept_eagain=dict(t.accept_eagain), accepted=dict(t.accepted),
+                           listening=listening, dispatcher=self.source.dispatcher())
+
+    def tick(self, wait: bool) -> bool:
+        """Observe, step, output. False when the group went away and --wait
+        was not given (the caller ends the watch)."""
+        workers = self.source.find()
+        if workers is None and not wait:
+            return False
+        frame = self.frame = step(self.state, self._observe(workers))
+        if self.group.addr == "" and self.source.addr():
+            self.group = replace(self.group, addr=self.source.addr(),
+                                 reuseport=self.source.reuseport(),
+                                 listeners=self.source.listeners())
+            if self.as_json:
+                self.ndjson.group = self.group
+        self._events += [f"{r} joined" for r in frame.joined]
+        self._events += [f"{r} left" for r in frame.left]
+        del self._events[:-EVENTS_KEPT]
+        if self.as_json:
+            self.ndjson.write(frame)
+        if self.exporter is not None:
+            self.exporter.update(frame, self.group)
+        if self.live is not None:
+            self.live.update(self._render(), refresh=True)
+        return True
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
