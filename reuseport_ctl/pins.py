@@ -400,6 +400,7 @@ class Attachment:
     follow: bool = False
     stopped_follower: int | None = None
     state: "PolicyState | None" = None
+    pinned_host: str = ""             # the same path in the host's mount namespace
 
     @property
     def hints(self) -> dict[str, str]:
@@ -409,7 +410,8 @@ class Attachment:
     def as_dict(self) -> dict:
         return {"port": self.group.port, "proto": self.group.proto, "policy": self.policy,
                 "slots": [_slot_record(m) for m in self.group.members],
-                "pinned": self.pinned, "netns": self.netns, "follow": self.follow,
+                "pinned": self.pinned, "pinned_host": self.pinned_host or self.pinned,
+                "netns": self.netns, "follow": self.follow,
                 "replaced": self.replaced, "note": self.note,
                 "stopped_follower": self.stopped_follower, "hints": self.hints,
                 "state": self.state.as_dict() if self.state else None}
@@ -498,7 +500,7 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
     return Attachment(group=group, policy=str(policy), pinned=str(path),
                       replaced=old.policy if old else None, note="; ".join(notes),
                       netns=here[0], follow=follow, stopped_follower=stopped,
-                      state=policy_state(port, proto))
+                      state=policy_state(port, proto), pinned_host=str(fs.host_path(path)))
 
 
 def _empty_sockarray(path: Path | None, old: Meta | None) -> int | None:
@@ -739,6 +741,7 @@ class Status:
     follower: int | None = None
     note: str = ""
     hints: dict = field(default_factory=dict)
+    pinned_host: str = ""
 
     @property
     def total(self) -> int | None:
@@ -801,6 +804,7 @@ def status(port: int, proto: str = "tcp") -> Status:
                   created=meta.created, pinned=str(path), slots=slots, netns=pin.netns,
                   in_force=st.in_force, divergence=st.divergence, fallbacks=st.fallbacks,
                   follower=st.follower, note="; ".join(notes),
+                  pinned_host=str(fs.host_path(path) if fs else path),
                   hints={"detach": hint("detach", port, proto),
                          "follow": hint("attach", port, proto, "--policy", meta.policy,
                                         "--follow")})

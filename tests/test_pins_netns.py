@@ -271,8 +271,7 @@ def test_a_new_namespace_with_a_reused_inode_is_not_the_old_one(namespaces):
 # --- hints work as printed ----------------------------------------------------------------
 
 def _hint_lines(text: str) -> list[str]:
-    return [ln.strip().split("  ")[0] for ln in text.splitlines()
-            if ln.strip().startswith("reuseport-ctl ")]
+    return [ln.strip() for ln in text.splitlines() if ln.startswith("  reuseport-ctl ")]
 
 
 def test_udp_attach_hints_work_as_printed(namespaces):
@@ -319,3 +318,37 @@ def test_current_namespace_helpers():
     assert c > 0
     assert knetns.cookie_of("/proc/self/ns/net") == c
     assert knetns.current_inode() in knetns.live_namespaces()
+
+
+# --- the flat layout of earlier versions -----------------------------------------------------
+
+def _as_flat(port: int) -> "pins.Path":
+    """Move this namespace's pin to where earlier versions put it
+    (reuseport-ctl/<proto>-<port>, no namespace in the path)."""
+    new = pins.pin_dir("tcp", port)
+    flat = pins.legacy_dir("tcp", port)
+    os.rename(new, flat)
+    try:
+        new.parent.rmdir()
+    except OSError:
+        pass
+    return flat
+
+
+def test_flat_pins_of_an_earlier_version_are_read_and_replaced(namespaces):
+    ns = namespaces()
+    ns.workers(PORT)
+    port = PORT
+    with inside(ns.name):
+        pins.attach(port, "drain:0")
+        flat = _as_flat(port)
+        assert not pins.pin_dir("tcp", port).exists() and flat.is_dir()
+        st = pins.status(port)                        # found where it was
+        assert st.policy == "drain:0" and st.pinned == str(flat) and st.in_force
+        a = pins.attach(port, "drain:1")              # upgraded on the next attach
+        assert a.replaced == "drain:0" and not flat.exists()
+        assert pins.pin_dir("tcp", port).is_dir()
+        flat = _as_flat(port)
+        d = pins.detach(port)                          # and detached from there
+        assert d.removed and d.policy == "drain:1" and not flat.exists()
+        assert len(hits(port, 30)) == 3

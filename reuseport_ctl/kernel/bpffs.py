@@ -30,8 +30,13 @@ class BpfFs:
         if self.via is None:
             return ""
         return (f"this mount namespace has no BPF filesystem (`ip netns exec` mounts a fresh "
-                f"/sys), so the pins are in the {DEFAULT} of pid {self.via}'s mount namespace, "
-                f"reached through {self.path}")
+                f"/sys): the pins are in the one of pid {self.via}'s mount namespace, where "
+                f"it was run from")
+
+    def host_path(self, path: Path) -> Path:
+        """`path` (under self.path) as the mount namespace that has the
+        bpffs sees it: /sys/fs/bpf/..."""
+        return DEFAULT / path.relative_to(self.path) if self.via is not None else path
 
 
 def _mounted_bpf(mountinfo: str, point: str = str(DEFAULT)) -> bool:

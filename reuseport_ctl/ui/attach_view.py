@@ -25,9 +25,9 @@ def _slots_table(title: str, slots: list[dict], counts: bool = False) -> Table:
     total = sum(s.get("selections") or 0 for s in slots)
     top = max([s.get("selections") or 0 for s in slots] + [1])
     for s in slots:
-        flag = "" if s.get("in_policy", True) else " (not in the policy)"
+        flag = "" if s.get("in_policy", True) else "*"
         if s.get("skipped"):
-            flag = " (closed; skipped)"
+            flag = " (skipped)"
         row = [str(s["slot"]), str(s["pid"] or "?"), s.get("process", "") + flag,
                str(s["inode"]), s["addr"]]
         if counts:
@@ -57,17 +57,28 @@ def render_attach(d: dict) -> Group:
         parts.append(Text(f"not in force: {state['divergence']}", style="bold red"))
     if d.get("note"):
         parts.append(Text(d["note"], style="dim"))
-    parts.append(Text(f"pinned in {d['pinned']}", style="dim"))
-    parts += _hints(d.get("hints") or {}, {"status": "shows it",
-                                           "detach": "gives the group back to the kernel's hash"})
+    parts.append(_pinned_in(d))
+    parts += _hints(d.get("hints") or {}, {"status": "see it with",
+                                           "detach": "give the group back to the kernel's hash "
+                                                     "with"})
     return Group(*parts)
 
 
+def _pinned_in(d: dict) -> Text:
+    host = d.get("pinned_host") or d["pinned"]
+    via = f" (reached from here through {d['pinned']})" if host != d["pinned"] else ""
+    return Text(f"pinned in {host}{via}", style="dim")
+
+
 def _hints(hints: dict, say: dict) -> list[Text]:
-    """One command per line, never wrapped, so it can be copied as printed."""
-    return [Text.assemble(("  " + hints[k], "bold"), ("  " + what, "dim"), no_wrap=True,
-                          overflow="ignore")
-            for k, what in say.items() if hints.get(k)]
+    """What each command does, then the command alone on its line, so it can
+    be copied as printed."""
+    out = []
+    for k, what in say.items():
+        if hints.get(k):
+            out += [Text(what + ":", style="dim"), Text("  " + hints[k], style="bold",
+                                                        overflow="fold")]
+    return out
 
 
 def render_detach(d: dict) -> Text:
@@ -112,15 +123,18 @@ def render_status(d: dict) -> Group:
         parts.append(Text("a cBPF program keeps no counts", style="dim"))
     if not all(s["alive"] for s in d["slots"]):
         parts.append(Text("struck-out slots are closed sockets", style="dim"))
+    if not all(s.get("in_policy", True) for s in d["slots"]):
+        parts.append(Text("* a socket on the port the policy does not have", style="dim"))
     hints = d.get("hints") or {}
     if d.get("follower"):
         parts.append(Text(f"followed by pid {d['follower']} (`attach --follow`): joining "
                           f"sockets take the slots leaving ones vacate", style="dim"))
     if d.get("note"):
         parts.append(Text(d["note"], style="yellow"))
-    parts.append(Text(f"pinned in {d['pinned']}", style="dim"))
+    parts.append(_pinned_in(d))
     if not d.get("in_force", True) and not d.get("follower"):
-        parts += _hints(hints, {"follow": "puts new sockets in the policy and keeps it in force"})
+        parts += _hints(hints, {"follow": "put new sockets in the policy and keep it in "
+                                          "force with"})
     return Group(*parts)
 
 
