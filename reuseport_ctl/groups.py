@@ -7,7 +7,10 @@ kernel never mixes IPv4 and IPv6 sockets, or two addresses, in one group).
 
 Members are numbered in a stable order -- by serving pid, then inode -- and
 that number is the slot a policy's socket array uses, so `drain:0` means "the
-first worker" and a person can check which process that is.
+first worker" and a person can check which process that is. Once a policy is
+pinned, its table (inode -> slot, kept current by `attach --follow`) numbers
+the members instead, in every verb; sockets the table does not have come
+after, flagged not in_policy.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ class Member:
     servers: tuple[int, ...] = ()   # every pid serving it (several: a shared listener)
     threads: tuple[int, ...] = ()   # a threaded server: the thread ids blocked on it now
                                     # (in accept, or epoll over it); () single-threaded
+    in_policy: bool = True          # False: a pinned policy's table does not have it
 
 
 @dataclass(frozen=True)
@@ -101,12 +105,15 @@ def _norm_host(host: str) -> str:
 
 
 def find_group(port: int, proto: str = "tcp", pid: int | None = None,
-               host: str | None = None, require_reuseport: bool = True) -> ReuseportGroup:
+               host: str | None = None, require_reuseport: bool = True,
+               slots: dict[int, int] | None = None) -> ReuseportGroup:
     """The one reuseport group on `port`, narrowed by `pid` (any process that
     holds one of its sockets) and `host` (its local address). With
     require_reuseport=False a listener without SO_REUSEPORT (one socket
     shared by pre-forked workers, or a single process) is returned too, its
-    `reuseport` False: there is nothing to steer, but it can be watched."""
+    `reuseport` False: there is nothing to steer, but it can be watched.
+    slots: a pinned policy's table, inode -> slot (pins.pinned_slots()):
+    members it has keep their slot; the others follow, not in_policy."""
     if not 0 < port < 65536:
         raise UserError(f"port {port} is not a port number (1-65535).")
     if pid is not None and not owners.pid_exists(pid):
@@ -141,11 +148,31 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
         have = ", ".join(g.listeners[0].endpoint for g in groups)
         raise UserError(f"port {port} has {len(groups)} reuseport groups ({have}): "
                         f"choose one with --host or --pid.")
-    return _build(groups[0], held, port, proto, require_reuseport)
+    return _build(groups[0], held, port, proto, require_reuseport, slots)
+
+
+def number_members(keys: list[tuple[int, int]],
+                   slots: dict[int, int] | None) -> list[tuple[int, int, bool]]:
+    """(slot, inode, in_policy) for members given as (serving pid, inode):
+    without a table, slots 0.. by (pid, inode); with one, a member keeps its
+    pinned slot, and the rest follow the highest pinned slot in (pid, inode)
+    order."""
+    order = sorted(keys)
+    if slots is None:
+        return [(n, ino, True) for n, (_pid, ino) in enumerate(order)]
+    pinned = sorted(((slots[ino], ino) for _pid, ino in order if ino in slots))
+    nxt = max(slots.values(), default=-1) + 1
+    out = [(s, ino, True) for s, ino in pinned]
+    for _pid, ino in order:
+        if ino not in slots:
+            out.append((nxt, ino, False))
+            nxt += 1
+    return out
 
 
 def _build(cand: _Candidate, held: dict, port: int, proto: str,
-           require_reuseport: bool = True) -> ReuseportGroup:
+           require_reuseport: bool = True,
+           slots: dict[int, int] | None = None) -> ReuseportGroup:
     inodes = [s.inode for s in cand.listeners]
     orphans = [i for i in inodes if not held[i]]
     if orphans:
@@ -156,14 +183,16 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str,
     count = {p: sum(1 for i in inodes if any(h.pid == p for h in held[i])) for p in pids}
     serving = {i: owners.serving_holder(i, held[i], watched, count) for i in inodes}
     waits = {p: owners.waiting_threads(p) for p in {h.pid for h in serving.values()}}
-    by_slot = sorted(cand.listeners, key=lambda s: (serving[s.inode].pid, s.inode))
+    by_inode = {s.inode: s for s in cand.listeners}
+    numbered = number_members([(serving[i].pid, i) for i in inodes], slots)
     members = tuple(
-        Member(slot=n, inode=s.inode, pid=serving[s.inode].pid, fd=serving[s.inode].fd,
-               family=s.family, addr=s.endpoint, queue_len=s.queue_len,
-               holders=tuple(sorted({h.pid for h in held[s.inode]})),
-               servers=owners.serving_pids(s.inode, held[s.inode], watched),
-               threads=_threads(waits[serving[s.inode].pid], s.inode))
-        for n, s in enumerate(by_slot))
+        Member(slot=n, inode=i, pid=serving[i].pid, fd=serving[i].fd,
+               family=by_inode[i].family, addr=by_inode[i].endpoint,
+               queue_len=by_inode[i].queue_len,
+               holders=tuple(sorted({h.pid for h in held[i]})),
+               servers=owners.serving_pids(i, held[i], watched),
+               threads=_threads(waits[serving[i].pid], i), in_policy=pinned)
+        for n, i, pinned in numbered)
     group = ReuseportGroup(port=port, proto=proto, members=members,
                            uid=cand.listeners[0].uid, ifindex=cand.ifindex)
     if _uses_reuseport(group):
@@ -171,7 +200,8 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str,
     if require_reuseport:
         raise UserError(f"the listener on port {group.port} does not use SO_REUSEPORT, "
                         f"so there is no group to steer (nginx: add `reuseport` to its "
-                        f"`listen`; `watch --port {group.port}` still shows how the "
+                        f"`listen`; `reuseport-ctl watch --port {group.port}"
+                        f"{' --proto udp' if proto == 'udp' else ''}` still shows how the "
                         f"workers share it).")
     return replace(group, reuseport=False)
 

@@ -1,70 +1,78 @@
 """Policies that outlive the command: pinned under /sys/fs/bpf/reuseport-ctl/.
 
 `attach` loads a policy onto a running server's reuseport group and pins the
-program and its maps in /sys/fs/bpf/reuseport-ctl/<proto>-<port>/ (mode 0600)
-so they stay alive after reuseport-ctl exits; `detach` gives the group back
-to the kernel's own hash (SO_DETACH_REUSEPORT_BPF) and removes the pins;
-`status` reads them back.
+program and its maps in /sys/fs/bpf/reuseport-ctl/net-<inode>/<proto>-<port>/
+(mode 0600) so they stay alive after reuseport-ctl exits; `detach` gives the
+group back to the kernel's own hash (SO_DETACH_REUSEPORT_BPF) and removes the
+pins; `status` reads them back.
+
+Ports belong to a network namespace, so pins are keyed by its inode as well
+(two containers can each steer their port 80). Pins of the earlier flat
+layout (<proto>-<port>/, no namespace) are still read, and replaced on the
+next attach. A namespace's inode is reused once it is freed, so the record
+also keeps the namespace's cookie (never reused): a pin whose namespace is
+gone is stale, and attach, detach and status remove it.
 
 What was attached is recorded beside the pins as `meta`: bpffs holds only BPF
 objects (no regular files), so the small JSON document lives in a pinned
 one-element BPF array (`bpftool map dump pinned .../meta` shows it). It has the
-policy, the slot -> (pid, inode, addr) table printed by attach, and the time.
-A cBPF policy has no program or maps to pin, only `meta`, so detach and status
-still know it is there (the kernel holds the cBPF program for the group).
+policy, the slot -> (pid, inode, addr) table, the slots whose socket closed
+and that the policy skips (`vacant`), the follower (`attach --follow`) and
+the time. A cBPF policy has no program or maps to pin, only `meta`, so detach
+and status still know it is there (the kernel holds the cBPF program for the
+group).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
+import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import UserError
 from .groups import ReuseportGroup, find_group
-from .kernel import bpf, diag, owners
+from .kernel import bpf, bpffs, diag, netns, owners, process
 
-BPFFS = Path("/sys/fs/bpf")
-ROOT = BPFFS / "reuseport-ctl"
+BPFFS = bpffs.DEFAULT
+ROOT = BPFFS / "reuseport-ctl"       # as the host sees it
+NAME = "reuseport-ctl"
 META = "meta"
 PROG = "prog"
 META_SIZE = 16384         # bytes of JSON a meta map can hold
+_ENTRY = re.compile(r"(tcp|udp)-(\d+)")
+_NETDIR = re.compile(r"net-(\d+)")
 
 
 # --- the pin directory ----------------------------------------------------------
 
-def pin_dir(proto: str, port: int) -> Path:
-    return ROOT / f"{proto}-{port}"
+def root(mount: bool = False) -> Path:
+    """The tool's directory in the bpffs this process reaches (see
+    kernel/bpffs.py: under `ip netns exec`, an ancestor's); the host's
+    default path when there is none (it then does not exist)."""
+    fs = bpffs.find(mount=mount)
+    return (fs.path if fs else BPFFS) / NAME
 
 
-def _bpffs_mounted() -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1:3] == [str(BPFFS), "bpf"] for line in f)
+def pin_dir(proto: str, port: int, netns_inode: int | None = None, base: Path | None = None) -> Path:
+    """Where this network namespace's (or `netns_inode`'s) policy on
+    proto/port is pinned."""
+    ino = netns.current_inode() if netns_inode is None else netns_inode
+    return (base or root()) / f"net-{ino}" / f"{proto}-{port}"
 
 
-def _private_mount_ns() -> bool:
-    """True if this process provably sees other mounts than init (pid 1)."""
-    try:
-        return os.stat("/proc/self/ns/mnt").st_ino != os.stat("/proc/1/ns/mnt").st_ino
-    except OSError:
-        return False          # pid 1 is not ours to inspect: cannot tell
+def legacy_dir(proto: str, port: int, base: Path | None = None) -> Path:
+    """The flat layout of earlier versions (no network namespace in the name)."""
+    return (base or root()) / f"{proto}-{port}"
 
 
-def ensure_bpffs() -> None:
-    """Mount the BPF filesystem at /sys/fs/bpf if nothing is mounted there."""
-    if _bpffs_mounted():
-        return
-    if _private_mount_ns():
-        raise UserError(f"{BPFFS} has no BPF filesystem in this private mount namespace (`ip "
-                        f"netns exec` remounts /sys), so pins would vanish with the command: "
-                        f"enter the network namespace with `nsenter --net=/run/netns/NAME`.")
-    p = subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True)
-    if p.returncode != 0:
-        raise UserError(f"cannot mount the BPF filesystem at {BPFFS} "
-                        f"({p.stderr.strip() or 'mount failed'}), so the policy cannot outlive "
-                        f"this command.")
+def hint(verb: str, port: int, proto: str = "tcp", *extra: str) -> str:
+    """A reuseport-ctl command line that works as printed."""
+    words = ["reuseport-ctl", verb, "--port", str(port)]
+    if proto != "tcp":
+        words += ["--proto", proto]
+    return " ".join(words + list(extra))
 
 
 @dataclass
@@ -79,35 +87,68 @@ class Meta:
     prog: bool = False
     created: float = 0.0
     netns: int = 0                   # inode of the network namespace
+    netns_cookie: int = 0            # its cookie (0: recorded by an older version)
+    vacant: list[int] = field(default_factory=list)   # slots the table skips (socket closed)
+    follower: dict | None = None     # {"pid", "start", "pidns"} of `attach --follow`
+    fallbacks_seen: int = 0          # config[2] when the follower last repaired the table
 
     @property
     def inodes(self) -> set[int]:
-        return {s["inode"] for s in self.slots}
+        return {s["inode"] for s in self.slots if s["slot"] not in self.vacant}
+
+    @property
+    def table(self) -> dict[int, int]:
+        """inode -> slot of every slot's (last) socket: a closed one's inode
+        matches nothing live, and keeps the slot number taken."""
+        return {s["inode"]: s["slot"] for s in self.slots}
+
+    @property
+    def host(self) -> str:
+        return self.addr.rsplit(":", 1)[0].strip("[]")
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Meta":
+        d = json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def write_pins(path: Path, meta: Meta, prog_fd: int | None, maps: dict[str, int]) -> None:
     """Pin prog and maps into a new directory `path` (mode 0700, files 0600)
     together with the meta record."""
-    ensure_bpffs()
-    ROOT.mkdir(mode=0o700, exist_ok=True)
+    for d in (path.parent.parent, path.parent):
+        d.mkdir(mode=0o700, exist_ok=True)
     path.mkdir(mode=0o700)
     try:
         if prog_fd is not None:
             _pin(prog_fd, path / PROG)
         for name, fd in maps.items():
             _pin(fd, path / f"map_{name}")
-        raw = json.dumps(asdict(meta), sort_keys=True).encode()
-        if len(raw) >= META_SIZE:
-            raise UserError(f"the group is too large to record ({len(raw)} bytes of metadata).")
         mfd = bpf.map_create(bpf.MAP_TYPE_ARRAY, 4, META_SIZE, 1, "rpctl_meta")
         try:
-            bpf.map_update(mfd, bpf.u32(0), raw.ljust(META_SIZE, b"\0"))
+            bpf.map_update(mfd, bpf.u32(0), _encode(meta))
             _pin(mfd, path / META)
         finally:
             os.close(mfd)
     except BaseException:
         remove_pins(path)
         raise
+
+
+def _encode(meta: Meta) -> bytes:
+    raw = json.dumps(asdict(meta), sort_keys=True).encode()
+    if len(raw) >= META_SIZE:
+        raise UserError(f"the group is too large to record ({len(raw)} bytes of metadata).")
+    return raw.ljust(META_SIZE, b"\0")
+
+
+def update_meta(path: Path, meta: Meta) -> None:
+    """Rewrite the pinned record in place (the follower's slot changes)."""
+    fd = bpf.obj_get(str(path / META))
+    try:
+        bpf.map_update(fd, bpf.u32(0), _encode(meta))
+    finally:
+        os.close(fd)
 
 
 def _pin(fd: int, path: Path) -> None:
@@ -119,16 +160,22 @@ def read_meta(path: Path) -> Meta | None:
     """The meta record pinned in `path`, or None if nothing is pinned there."""
     if not (path / META).exists():
         return None
-    fd = bpf.obj_get(str(path / META))
     try:
-        raw = bpf.map_lookup(fd, bpf.u32(0), META_SIZE) or b""
+        fd = bpf.obj_get(str(path / META))
+    except FileNotFoundError:
+        return None                               # removed meanwhile
+    try:
+        # The follower rewrites the record in place and an array lookup is
+        # not atomic against that: a torn read is retried.
+        for attempt in range(5):
+            raw = bpf.map_lookup(fd, bpf.u32(0), META_SIZE) or b""
+            try:
+                return Meta.from_json(raw.rstrip(b"\0"))
+            except (ValueError, TypeError):
+                time.sleep(0.01)
     finally:
         os.close(fd)
-    try:
-        return Meta(**json.loads(raw.rstrip(b"\0")))
-    except (ValueError, TypeError):
-        raise UserError(f"{path / META} is not a reuseport-ctl record: remove {path} by hand.") \
-            from None
+    raise UserError(f"{path / META} is not a reuseport-ctl record: remove {path} by hand.")
 
 
 def open_pinned(path: Path, name: str) -> int:
@@ -138,13 +185,194 @@ def open_pinned(path: Path, name: str) -> int:
 
 def remove_pins(path: Path) -> None:
     """Unpin everything in `path` and remove it (the kernel frees each object
-    once nothing else -- an attached group, an open fd -- holds it)."""
+    once nothing else -- an attached group, an open fd -- holds it), and the
+    namespace's and the tool's directories once they are empty."""
     if path.exists():
         for p in path.iterdir():
             p.unlink()
         path.rmdir()
-    if ROOT.exists() and not any(ROOT.iterdir()):
-        ROOT.rmdir()
+    for d in (path.parent, path.parent.parent):
+        if d.name.startswith("net-") or d.name == NAME:
+            try:
+                d.rmdir()                            # only if empty
+            except OSError:
+                pass
+
+
+# --- every pin on the machine, and whose namespace is gone ---------------------------
+
+@dataclass
+class Pin:
+    path: Path
+    proto: str
+    port: int
+    netns: int                   # the namespace's inode (0: unknown, flat layout)
+    meta: Meta | None
+    layout: str = "netns"        # "netns" | "flat" (earlier versions)
+    state: str = ""              # here | live | stale | orphaned
+    open_sockets: int | None = None
+
+    def as_dict(self) -> dict:
+        m = self.meta
+        return {"netns": self.netns, "proto": self.proto, "port": self.port,
+                "policy": m.policy if m else None, "kind": m.kind if m else None,
+                "addr": m.addr if m else None, "state": self.state,
+                "stale": self.state == "stale", "layout": self.layout,
+                "open_sockets": self.open_sockets, "follower": _follower_pid(m),
+                "pinned": str(self.path)}
+
+
+def judge(pin_netns: int, pin_cookie: int, here: tuple[int, int], live_cookie: int | None,
+          open_sockets: int | None) -> str:
+    """Whose pin this is. here: (inode, cookie) of our namespace; live_cookie:
+    the cookie of the live namespace with the pin's inode (0: unknown), None
+    when no process or mount reaches a namespace with that inode;
+    open_sockets: sockets still in its socket array (None: a cBPF record).
+    here/live: the pin's namespace exists; stale: it is gone (a namespace
+    with the same inode and another cookie is a new one: inodes are
+    reused); orphaned: nothing names it, yet sockets in it are still open."""
+    ns_cookie = here[1] if pin_netns == here[0] else live_cookie
+    reused = bool(pin_cookie and ns_cookie and pin_cookie != ns_cookie)
+    if ns_cookie is not None and not reused:
+        return "here" if pin_netns == here[0] else "live"
+    return "orphaned" if open_sockets else "stale"
+
+
+def _open_sockets(path: Path, meta: Meta | None) -> int | None:
+    if meta is None or "socks" not in meta.maps or not (path / "map_socks").exists():
+        return None
+    from .policies.selector import MAX_SLOTS, sockarray_cookies
+    fd = open_pinned(path, "map_socks")
+    try:
+        return sum(c is not None for c in sockarray_cookies(fd, min(MAX_SLOTS, len(meta.slots))))
+    finally:
+        os.close(fd)
+
+
+def _scan(base: Path) -> list[Pin]:
+    """Every pin directory under base, both layouts, unjudged."""
+    out: list[Pin] = []
+    if not base.is_dir():
+        return out
+    for d in sorted(base.iterdir()):
+        if m := _NETDIR.fullmatch(d.name):
+            for e in sorted(d.iterdir()):
+                if k := _ENTRY.fullmatch(e.name):
+                    out.append(Pin(e, k[1], int(k[2]), int(m[1]), read_meta(e)))
+        elif k := _ENTRY.fullmatch(d.name):
+            meta = read_meta(d)
+            out.append(Pin(d, k[1], int(k[2]), meta.netns if meta else 0, meta, layout="flat"))
+    return out
+
+
+def _here() -> tuple[int, int]:
+    return netns.current_inode(), netns.current_cookie()
+
+
+def pins_everywhere(base: Path | None = None, proto: str | None = None,
+                    port: int | None = None) -> list[Pin]:
+    """Every pin on the machine (or of one proto/port), each judged
+    (here/live/stale/orphaned). Costs a walk of /proc (every task's
+    namespace and open nsfs fds) when a pin is another namespace's."""
+    base = base or root()
+    found = [p for p in _scan(base) if port is None or (p.proto, p.port) == (proto, port)]
+    here = _here()
+    live = netns.live_namespaces() if any(p.netns != here[0] for p in found) else {}
+    cookies: dict[int, int] = {}
+    for p in found:
+        cookie = p.meta.netns_cookie if p.meta else 0
+        live_cookie = None
+        if p.netns != here[0] and p.netns in live:
+            if cookie and p.netns not in cookies:
+                cookies[p.netns] = netns.cookie_of(live[p.netns])
+            live_cookie = cookies.get(p.netns, 0)
+        p.open_sockets = _open_sockets(p.path, p.meta)
+        p.state = judge(p.netns, cookie, here, live_cookie, p.open_sockets)
+    return found
+
+
+def clean_stale(proto: str | None = None, port: int | None = None,
+                base: Path | None = None) -> list[Pin]:
+    """Remove the pins whose namespace is gone (of one proto/port, or all);
+    returns them. Their sockets are closed, so nothing else is lost."""
+    gone = [p for p in pins_everywhere(base, proto, port) if p.state == "stale"]
+    for p in gone:
+        remove_pins(p.path)
+    return gone
+
+
+def current_pin(proto: str, port: int, base: Path | None = None) -> Pin | None:
+    """This namespace's pin for proto/port (the flat layout's if its record
+    names this namespace), or a stale one left at our path by a namespace
+    that had our inode before us (state "stale"). Cheap: no /proc walk."""
+    base = base or root()
+    here = _here()
+    path = pin_dir(proto, port, here[0], base)
+    meta = read_meta(path) if path.exists() else None
+    if meta is not None:
+        state = judge(here[0], meta.netns_cookie, here, None, None)
+        return Pin(path, proto, port, here[0], meta, state=state)
+    flat = legacy_dir(proto, port, base)
+    meta = read_meta(flat) if flat.exists() else None
+    if meta is not None and meta.netns in (0, here[0]):
+        return Pin(flat, proto, port, here[0], meta, layout="flat", state="here")
+    return None
+
+
+def _mine(proto: str, port: int, base: Path | None = None) -> tuple[Pin | None, list[Pin]]:
+    """This namespace's live pin for proto/port, after removing the stale
+    pins of that proto/port anywhere (returned second)."""
+    cleaned = clean_stale(proto, port, base)
+    pin = current_pin(proto, port, base)
+    if pin is not None and pin.state == "stale":   # only if the walk above missed it
+        remove_pins(pin.path)
+        cleaned.append(pin)
+        pin = None
+    return pin, cleaned
+
+
+def _stale_note(cleaned: list[Pin]) -> str:
+    if not cleaned:
+        return ""
+    what = ", ".join(f"{p.meta.policy if p.meta else '?'} of net:[{p.netns}]" for p in cleaned)
+    n = len(cleaned)
+    return (f"removed {n} stale pin{'s' if n > 1 else ''} ({what}): "
+            f"{'their network namespaces are' if n > 1 else 'its network namespace is'} gone")
+
+
+def pinned_slots(port: int, proto: str = "tcp") -> dict[int, int] | None:
+    """inode -> slot of the policy pinned for port in this network namespace
+    (None: none is): pass it to groups.find_group(slots=...) so every verb
+    numbers the members as the policy does."""
+    try:
+        pin = current_pin(proto, port)
+    except (UserError, OSError):
+        return None
+    if pin is None or pin.state != "here":
+        return None
+    return pin.meta.table
+
+
+def _follower_pid(meta: Meta | None) -> int | None:
+    """The follower's pid if it is still running (in our pid namespace)."""
+    f = meta.follower if meta else None
+    if not f or f.get("pidns") != process.pid_ns():
+        return None
+    return f["pid"] if process.alive(f["pid"], f["start"]) else None
+
+
+def stop_follower(meta: Meta | None) -> int | None:
+    """SIGTERM the `attach --follow` recorded in meta and wait for it to
+    exit; its pid, or None if none was running."""
+    pid = _follower_pid(meta)
+    if pid is None:
+        f = meta.follower if meta else None
+        if f and f.get("pidns") != process.pid_ns():
+            raise UserError(f"the policy is followed by pid {f['pid']} of another pid "
+                            f"namespace: stop that `reuseport-ctl attach --follow` first.")
+        return None
+    process.terminate(pid, meta.follower["start"])
+    return pid
 
 
 # --- attach / detach / status -------------------------------------------------------
@@ -157,16 +385,8 @@ def require_caps(verb: str) -> None:
                         f"{' and '.join(missing)}): run it as {who}, for example with sudo.")
 
 
-def _netns() -> int:
-    return os.stat("/proc/thread-self/ns/net").st_ino
-
-
-def _same_netns(meta: Meta | None, verb: str) -> None:
-    """Pins are global, ports are per network namespace: never act on another
-    namespace's attachment."""
-    if meta is not None and meta.netns and meta.netns != _netns():
-        raise UserError(f"the reuseport-ctl policy on {meta.proto} port {meta.port} was attached "
-                        f"in another network namespace (net:[{meta.netns}]): run {verb} there.")
+def _slot_record(m) -> dict:
+    return {"slot": m.slot, "pid": m.pid, "inode": m.inode, "addr": m.addr}
 
 
 @dataclass
@@ -176,40 +396,68 @@ class Attachment:
     pinned: str
     replaced: str | None = None       # the policy this one replaced
     note: str = ""
+    netns: int = 0
+    follow: bool = False
+    stopped_follower: int | None = None
+    state: "PolicyState | None" = None
+    pinned_host: str = ""             # the same path in the host's mount namespace
+
+    @property
+    def hints(self) -> dict[str, str]:
+        port, proto = self.group.port, self.group.proto
+        return {"status": hint("status", port, proto), "detach": hint("detach", port, proto)}
 
     def as_dict(self) -> dict:
         return {"port": self.group.port, "proto": self.group.proto, "policy": self.policy,
-                "slots": [{"slot": m.slot, "pid": m.pid, "inode": m.inode, "addr": m.addr}
-                          for m in self.group.members],
-                "pinned": self.pinned}
+                "slots": [_slot_record(m) for m in self.group.members],
+                "pinned": self.pinned, "pinned_host": self.pinned_host or self.pinned,
+                "netns": self.netns, "follow": self.follow,
+                "replaced": self.replaced, "note": self.note,
+                "stopped_follower": self.stopped_follower, "hints": self.hints,
+                "state": self.state.as_dict() if self.state else None}
 
 
 def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = None,
-           host: str | None = None) -> Attachment:
+           host: str | None = None, follow: bool = False) -> Attachment:
     """Steer the reuseport group on `port` with a policy that stays attached
-    (pinned) until detach. Attaching over an attachment replaces it."""
+    (pinned) until detach. Attaching over an attachment replaces it (and
+    stops its follower). follow: record this process as the policy's
+    follower (follow.Follower keeps the table current)."""
     from .policies import parse_policy
 
     require_caps("attach")
     policy = parse_policy(policy_spec)
     if policy.kind == "none":
         raise UserError(f"the kernel's own hash is what a group uses without a program: "
-                        f"run `reuseport-ctl detach --port {port}` to go back to it.")
-    path = pin_dir(proto, port)
-    old = read_meta(path) if path.exists() else None
-    _same_netns(old, "attach")
-    group = find_group(port, proto, pid=pid, host=host)
-    policy.check_group_size(len(group.members))
+                        f"run `{hint('detach', port, proto)}` to go back to it.")
+    if follow and policy.name == "numa":
+        raise UserError("--follow cannot keep numa's per-node table current; attach numa "
+                        "without --follow.")
+    fs = bpffs.find(mount=True)
+    base = fs.path / NAME
+    cur, cleaned = _mine(proto, port, base)
+    old = cur.meta if cur else None
+    group = find_group(port, proto, pid=pid, host=host, slots=old.table if old else None)
     if old is not None and not (old.inodes & set(group.inodes)) and old.addr != group.addr:
         raise UserError(f"{proto} port {port} already has a reuseport-ctl policy on another "
-                        f"group ({old.addr}): detach it first.")
+                        f"group ({old.addr}): `{hint('detach', port, proto)}` it first.")
+    # The pinned table's order, renumbered 0..n-1 (no vacant slots in a new table).
+    group = replace(group, members=tuple(replace(m, slot=n, in_policy=True)
+                                         for n, m in enumerate(group.members)))
+    policy.check_group_size(len(group.members))
+    stopped = stop_follower(old)
 
     from .policies.selector import attach_policy
 
+    here = _here()
     meta = Meta(port=port, proto=proto, policy=str(policy), kind=policy.kind, addr=group.addr,
-                slots=[{"slot": m.slot, "pid": m.pid, "inode": m.inode, "addr": m.addr}
-                       for m in group.members],
-                created=time.time(), netns=_netns())
+                slots=[_slot_record(m) for m in group.members],
+                created=time.time(), netns=here[0], netns_cookie=here[1])
+    if follow:
+        me = os.getpid()
+        meta.follower = {"pid": me, "start": process.start_time(me), "pidns": process.pid_ns()}
+    path = pin_dir(proto, port, here[0], base)
+    old_path = cur.path if cur else None
     staging = path.with_name(path.name + "-new")   # bpffs forbids dots in names
     if staging.exists():             # left by an interrupted attach
         remove_pins(staging)
@@ -217,7 +465,7 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
         # A socket sits in one REUSEPORT_SOCKARRAY at a time: take the group's
         # sockets out of the old policy's array (its program falls back to the
         # kernel's hash meanwhile) so the new one can hold them.
-        old_socks = _empty_sockarray(path, old)
+        old_socks = _empty_sockarray(old_path, old)
         try:
             try:
                 sel = attach_policy(policy, socks)   # the kernel swaps programs atomically
@@ -230,11 +478,13 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
                 write_pins(staging, meta, sel.prog_fd, sel.maps)
             except BaseException as e:
                 sel.close()                          # detach ours: back to the default...
-                _restore(old, path, old_socks, socks)  # ...or to what was there before
+                _restore(old, old_path, old_socks, socks)  # ...or to what was there before
                 if isinstance(e, OSError):
                     raise UserError(f"cannot pin the policy in {staging} ({e.strerror}), so "
                                     f"it was detached again.") from None
                 raise
+            if old_path is not None:
+                remove_pins(old_path)                # (the flat layout's, on upgrade)
             if path.exists():
                 remove_pins(path)
             staging.rename(path)
@@ -242,16 +492,21 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
         finally:
             if old_socks is not None:
                 os.close(old_socks)
-    note = ("" if policy.kind != "cbpf" else
-            "a cBPF program indexes the group in the order its sockets joined, which the "
-            "kernel does not report; the slots above are the stable order, not that one.")
+    notes = [n for n in (fs.note, _stale_note(cleaned)) if n]
+    if policy.kind == "cbpf":
+        notes.append("a cBPF program indexes the group in the order its sockets joined, which "
+                     "the kernel does not report; the slots above are the stable order, not "
+                     "that one.")
     return Attachment(group=group, policy=str(policy), pinned=str(path),
-                      replaced=old.policy if old else None, note=note)
+                      replaced=old.policy if old else None, note="; ".join(notes),
+                      netns=here[0], follow=follow, stopped_follower=stopped,
+                      state=policy_state(port, proto), pinned_host=str(fs.host_path(path)))
 
 
-def _empty_sockarray(path: Path, old: Meta | None) -> int | None:
+def _empty_sockarray(path: Path | None, old: Meta | None) -> int | None:
     """Delete every slot of the pinned policy's socket array; returns its fd."""
-    if old is None or "socks" not in old.maps or not (path / "map_socks").exists():
+    if path is None or old is None or "socks" not in old.maps \
+            or not (path / "map_socks").exists():
         return None
     fd = open_pinned(path, "map_socks")
     for slot in range(len(old.slots)):
@@ -269,17 +524,17 @@ def _refill_sockarray(fd: int | None, old: Meta | None, socks) -> None:
     by_inode = {os.fstat(s.fileno()).st_ino: s for s in socks}
     for s in old.slots:
         sock = by_inode.get(s["inode"])
-        if sock is not None:
+        if sock is not None and s["slot"] not in old.vacant:
             try:
                 bpf.map_update(fd, bpf.u32(s["slot"]), bpf.u64(sock.fileno()))
             except OSError:
                 pass
 
 
-def _restore(old: Meta | None, path: Path, old_socks: int | None, socks) -> None:
+def _restore(old: Meta | None, path: Path | None, old_socks: int | None, socks) -> None:
     """Best effort after a failed re-attach: put the previously pinned program
     (and its socket array) back on the group."""
-    if old is None or not old.prog or not (path / PROG).exists():
+    if old is None or path is None or not old.prog or not (path / PROG).exists():
         return
     _refill_sockarray(old_socks, old, socks)
     try:
@@ -302,29 +557,43 @@ class Detached:
     removed: bool               # a program was taken off the group
     pinned: str | None          # the pin directory that was removed
     note: str = ""
+    stopped_follower: int | None = None
+    stale: list[dict] = field(default_factory=list)   # stale pins removed on the way
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def detach(port: int, proto: str = "tcp", pid: int | None = None,
+def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | None = None,
            force: bool = False) -> Detached:
-    """Give the group back to the kernel's default selection and unpin.
-    --force also removes a program that reuseport-ctl did not attach."""
+    """Give the group back to the kernel's default selection and unpin (the
+    follower first, if one runs). --force also removes a program that
+    reuseport-ctl did not attach. Stale pins of proto/port are removed too."""
     require_caps("detach")
-    path = pin_dir(proto, port)
-    meta = read_meta(path) if path.exists() else None
-    _same_netns(meta, "detach")
+    fs = bpffs.find()
+    base = (fs.path if fs else BPFFS) / NAME
+    cur, cleaned = _mine(proto, port, base)
+    stale = [p.as_dict() for p in cleaned]
+    meta = cur.meta if cur else None
+    path = cur.path if cur else None
     if meta is None and not force:
-        raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port} "
-                        f"(use --force to remove a program something else attached).")
-    host = meta.addr.rsplit(":", 1)[0] if meta and pid is None else None
-    present = {s.inode for s in diag.listeners(port, proto)}
-    if meta is not None and not (meta.inodes & present):
+        if cleaned:
+            return Detached(port, proto, None, removed=False, pinned=None,
+                            note=_stale_note(cleaned), stale=stale)
+        raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port} in this "
+                        f"network namespace (`{hint('detach', port, proto, '--force')}` "
+                        f"removes a program something else attached).")
+    stopped = stop_follower(meta)
+    if meta is not None and pid is None and host is None:
+        host = meta.host
+    notes = [n for n in (_stale_note(cleaned),) if n]
+    if meta is not None and not any(s.endpoint == meta.addr
+                                    for s in diag.listeners(port, proto)):
         # Every socket we steered is closed: the group (and its program) is gone.
         remove_pins(path)
+        notes.insert(0, "the group it was attached to is gone; removed its pins")
         return Detached(port, proto, meta.policy, removed=False, pinned=str(path),
-                        note="the group it was attached to is gone; removed its pins")
+                        note="; ".join(notes), stopped_follower=stopped, stale=stale)
     group = find_group(port, proto, pid=pid, host=host)
     with group.taken() as socks:
         removed = owners.detach_reuseport_prog(socks[0])
@@ -339,7 +608,109 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None,
     if meta is not None:
         remove_pins(path)
     return Detached(port, proto, meta.policy if meta else None, removed=removed,
-                    pinned=str(path) if meta else None)
+                    pinned=str(path) if meta else None, note="; ".join(notes),
+                    stopped_follower=stopped, stale=stale)
+
+
+# --- is the policy in force? ------------------------------------------------------
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def divergence(gone: list[int], new: int, fallbacks: int | None, proto: str = "tcp") -> str | None:
+    """The one line that says how the live group differs from the pinned
+    table, or None when it does not. gone: slots whose socket closed and
+    that the table still has; new: sockets on the group's address the
+    policy does not have; fallbacks: the selector's count of choices that
+    found an empty slot (the kernel's hash decided those)."""
+    if not gone and not new:
+        return None
+    parts = []
+    if gone:
+        names = _and([str(k) for k in gone])
+        parts.append(f"slot {names}'s socket is gone" if len(gone) == 1
+                     else f"slots {names}' sockets are gone")
+    if new:
+        parts.append(f"{new} new socket{'s' if new > 1 else ''} not in the policy")
+    line = "; ".join(parts)
+    unit = "connections" if proto == "tcp" else "datagrams"
+    if fallbacks:
+        return f"{line}: {fallbacks:,} {unit} went by the kernel's hash"
+    if gone:
+        return f"{line}: its share goes by the kernel's hash"
+    return f"{line}: {'it gets' if new == 1 else 'they get'} no new {unit}"
+
+
+@dataclass
+class PolicyState:
+    """How the pinned policy and the live group compare, now. Cheap enough
+    for every watch interval: the pinned record and socket array, the
+    selector's fallback counter, and one sock_diag dump of the port."""
+    port: int
+    proto: str
+    policy: str
+    kind: str
+    in_force: bool
+    divergence: str | None       # the one line (None when in force)
+    slots: dict[int, int]        # inode -> slot, for every slot that has a live socket
+    gone: list[int]              # slots whose socket closed, still in the table
+    skipped: list[int]           # slots whose socket closed, left out of the table (follow)
+    new: list[int]               # inodes on the group's address not in the policy
+    fallbacks: int | None        # choices that found an empty slot (eBPF only)
+    follower: int | None         # pid of a running `attach --follow`
+    pinned: str
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["slots"] = {str(k): v for k, v in self.slots.items()}
+        return d
+
+
+def policy_state(port: int, proto: str = "tcp") -> PolicyState | None:
+    """The state of the policy pinned for port in this network namespace,
+    None when none is (or when this process cannot read the pins)."""
+    try:
+        pin = current_pin(proto, port)
+    except (UserError, OSError):
+        return None
+    if pin is None or pin.state != "here":
+        return None
+    return _state(pin, diag.listeners(port, proto))
+
+
+def _state(pin: Pin, listening) -> PolicyState:
+    meta, path = pin.meta, pin.path
+    live = {s.inode: s for s in listening if s.endpoint == meta.addr}
+    fallbacks = None
+    if meta.kind == "ebpf" and (path / "map_socks").exists():
+        from .policies.selector import read_fallbacks, sockarray_cookies
+        fd = open_pinned(path, "map_socks")
+        try:
+            cookies = sockarray_cookies(fd, len(meta.slots))
+        finally:
+            os.close(fd)
+        if (path / "map_config").exists():
+            fd = open_pinned(path, "map_config")
+            try:
+                fallbacks = read_fallbacks(fd)
+            finally:
+                os.close(fd)
+        by_cookie = {s.cookie: i for i, s in live.items()}
+        slots = {by_cookie[c]: k for k, c in enumerate(cookies) if c in by_cookie}
+        empty = [k for k, c in enumerate(cookies) if c is None or c not in by_cookie]
+    else:
+        # cBPF: no array; the record's sockets are the policy's
+        slots = {s["inode"]: s["slot"] for s in meta.slots if s["inode"] in live}
+        empty = [s["slot"] for s in meta.slots if s["inode"] not in live]
+    gone = [k for k in empty if k not in meta.vacant]
+    skipped = [k for k in empty if k in meta.vacant]
+    new = sorted(i for i in live if i not in slots)
+    return PolicyState(port=meta.port, proto=meta.proto, policy=meta.policy, kind=meta.kind,
+                       in_force=not gone and not new,
+                       divergence=divergence(gone, len(new), fallbacks, meta.proto),
+                       slots=slots, gone=gone, skipped=skipped, new=new, fallbacks=fallbacks,
+                       follower=_follower_pid(meta), pinned=str(path))
 
 
 @dataclass
@@ -350,6 +721,8 @@ class SlotStatus:
     addr: str
     selections: int | None      # how often the program chose this slot (eBPF only)
     alive: bool                 # the socket is still bound to the port
+    in_policy: bool = True      # False: a socket on the port the policy does not have
+    skipped: bool = False       # its socket closed and the table leaves it out
 
 
 @dataclass
@@ -361,6 +734,14 @@ class Status:
     created: float
     pinned: str
     slots: list[SlotStatus]
+    netns: int = 0
+    in_force: bool = True
+    divergence: str | None = None
+    fallbacks: int | None = None
+    follower: int | None = None
+    note: str = ""
+    hints: dict = field(default_factory=dict)
+    pinned_host: str = ""
 
     @property
     def total(self) -> int | None:
@@ -374,12 +755,18 @@ class Status:
 
 
 def status(port: int, proto: str = "tcp") -> Status:
-    """The policy pinned for `port` and the program's per-slot selection counts."""
+    """The policy pinned for `port` in this network namespace, the program's
+    per-slot selection counts, and whether it is in force."""
     require_caps("status")
-    path = pin_dir(proto, port)
-    meta = read_meta(path) if path.exists() else None
-    if meta is None:
-        raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port}.")
+    fs = bpffs.find()
+    base = (fs.path if fs else BPFFS) / NAME
+    pin, cleaned = _mine(proto, port, base)
+    notes = [n for n in (fs.note if fs else "", _stale_note(cleaned)) if n]
+    if pin is None:
+        why = f" ({'; '.join(notes)})" if notes else ""
+        raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port} in this "
+                        f"network namespace{why}.")
+    meta, path = pin.meta, pin.path
     counts: list[int] | None = None
     if "selections" in meta.maps:
         from .policies.selector import read_selections
@@ -389,10 +776,47 @@ def status(port: int, proto: str = "tcp") -> Status:
             counts = read_selections(fd, len(meta.slots))
         finally:
             os.close(fd)
-    present = {s.inode for s in diag.listeners(port, proto)}
+    listening = diag.listeners(port, proto)
+    st = _state(pin, listening)
     slots = [SlotStatus(slot=s["slot"], pid=s["pid"], inode=s["inode"], addr=s["addr"],
                         selections=counts[s["slot"]] if counts else None,
-                        alive=s["inode"] in present)
+                        alive=st.slots.get(s["inode"]) == s["slot"],
+                        skipped=s["slot"] in st.skipped)
              for s in meta.slots]
+    if st.new:
+        # Who holds the sockets the policy does not have (a /proc walk),
+        # numbered as groups.find_group numbers them for every verb.
+        try:
+            group = find_group(port, proto, host=meta.host, slots=meta.table)
+            extra = {m.inode: m for m in group.members if not m.in_policy}
+        except UserError:
+            extra = {}
+        nxt = len(meta.slots)
+        for inode in sorted(st.new, key=lambda i: (i not in extra,
+                                                   extra[i].slot if i in extra else i)):
+            m = extra.get(inode)
+            slots.append(SlotStatus(slot=m.slot if m else nxt, pid=m.pid if m else 0,
+                                    inode=inode, addr=meta.addr,
+                                    selections=0 if counts else None, alive=True,
+                                    in_policy=False))
+            nxt = max(nxt, slots[-1].slot) + 1
     return Status(port=port, proto=proto, policy=meta.policy, kind=meta.kind,
-                  created=meta.created, pinned=str(path), slots=slots)
+                  created=meta.created, pinned=str(path), slots=slots, netns=pin.netns,
+                  in_force=st.in_force, divergence=st.divergence, fallbacks=st.fallbacks,
+                  follower=st.follower, note="; ".join(notes),
+                  pinned_host=str(fs.host_path(path) if fs else path),
+                  hints={"detach": hint("detach", port, proto),
+                         "follow": hint("attach", port, proto, "--policy", meta.policy,
+                                        "--follow")})
+
+
+def status_all() -> tuple[list[Pin], list[Pin], str]:
+    """Every pin on the machine, judged: (kept, removed as stale, note)."""
+    require_caps("status")
+    fs = bpffs.find()
+    base = (fs.path if fs else BPFFS) / NAME
+    found = pins_everywhere(base)
+    stale = [p for p in found if p.state == "stale"]
+    for p in stale:
+        remove_pins(p.path)
+    return [p for p in found if p.state != "stale"], stale, fs.note if fs else ""

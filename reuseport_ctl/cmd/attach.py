@@ -4,6 +4,10 @@ command."""
 from __future__ import annotations
 
 import json
+import signal
+import sys
+import threading
+import time
 
 import click
 from rich.console import Console
@@ -11,7 +15,8 @@ from rich.console import Console
 from .. import pins
 from ..kernel.owners import process_name
 from ..policies import help_text as policy_names
-from ..ui.attach_view import render_attach, render_detach, render_status
+from ..ui.attach_view import (render_attach, render_detach, render_follow_event,
+                              render_pins, render_status)
 
 ATTACH_EPILOG = """\b
 Examples:
@@ -20,25 +25,40 @@ Examples:
   reuseport-ctl attach --port 80 --pid $(cat /run/nginx.pid) --policy weighted:1,3
       nginx: any of its processes names the server
   reuseport-ctl attach --proto udp --port 5353 --host ::1 --policy consistent --json
+  reuseport-ctl attach --port 8000 --policy round-robin --follow
+      gunicorn --reuse-port: a restarted worker's new socket takes the slot
+      of the one it replaced within 0.2 s (runs until SIGINT/SIGTERM/SIGHUP;
+      scripts/reuseport-ctl-follow@.service runs it under systemd)
 
 \b
 The group's sockets are numbered in a stable order (serving pid, then
 inode) printed as slot -> pid, inode, address: that is what drain:K and
-weighted mean. The program stays attached (pinned under
-/sys/fs/bpf/reuseport-ctl/) until `detach`; attaching again replaces it.
+weighted mean; once a policy is pinned, its table numbers them in every
+verb. The program stays attached (pinned under
+/sys/fs/bpf/reuseport-ctl/net-<netns inode>/) until `detach`; attaching
+again replaces it. Under `ip netns exec` the host's bpffs is reached
+through the parent's mount namespace.
 """
 
 DETACH_EPILOG = """\b
 Examples:
   reuseport-ctl detach --port 8080
+  reuseport-ctl detach --proto udp --port 5353
   reuseport-ctl detach --port 8080 --force    also remove a program reuseport-ctl
                                                did not attach
+A follower (`attach --follow`) of the policy is stopped first. Pins whose
+network namespace is gone are removed on the way.
 """
 
 STATUS_EPILOG = """\b
 Examples:
   reuseport-ctl status --port 8080
   reuseport-ctl status --proto udp --port 5353 --json
+  reuseport-ctl status          every pin on the machine, by network namespace
+\b
+A line says when the policy is not in force: a slot's socket closed, or a
+socket on the port is not in the policy (run attach --follow to keep it in
+force). Pins whose network namespace is gone are reported and removed.
 """
 
 proto_opt = click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp",
@@ -49,7 +69,7 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON 
 
 def _with_names(d: dict) -> dict:
     for s in d["slots"]:
-        s["process"] = process_name(s["pid"])
+        s["process"] = process_name(s["pid"]) if s["pid"] else "?"
     return d
 
 
@@ -59,28 +79,64 @@ def _with_names(d: dict) -> dict:
 @click.option("--host", help="The group's local address (when several groups match).")
 @proto_opt
 @click.option("--policy", required=True, help="One of: " + policy_names() + ".")
+@click.option("--follow", is_flag=True,
+              help="Stay in the foreground and keep the policy in force as sockets join "
+                   "and leave the group (restarted workers); SIGINT/SIGTERM/SIGHUP stop "
+                   "following and leave the policy pinned.")
 @json_opt
-def attach(port, pid, host, proto, policy, as_json):
+def attach(port, pid, host, proto, policy, follow, as_json):
     """Attach a selection policy to the SO_REUSEPORT group on a port."""
-    a = pins.attach(port, policy, proto=proto, pid=pid, host=host)
+    stop = threading.Event()
+    if follow:
+        # Installed before attaching: a signal from now on ends the follow
+        # cleanly (the policy stays pinned) instead of interrupting it.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda *_: stop.set())
+    a = pins.attach(port, policy, proto=proto, pid=pid, host=host, follow=follow)
     d = a.as_dict()
     if as_json:
         click.echo(json.dumps(d))
-        return
-    d.update(replaced=a.replaced, note=a.note)
-    Console().print(render_attach(_with_names(d)))
+    else:
+        Console().print(render_attach(_with_names(d)))
+    if follow:
+        _follow(port, proto, stop, as_json)
+
+
+def _follow(port: int, proto: str, stop: threading.Event, as_json: bool) -> None:
+    from ..follow import Follower
+
+    def say(e):
+        if as_json:
+            click.echo(json.dumps(e.as_dict()))
+        else:
+            click.echo(render_follow_event(e.as_dict()))
+        sys.stdout.flush()
+
+    f = Follower.for_port(port, proto)
+    if not as_json:
+        click.echo(f"following {proto} port {port} (pid {f.pid}): a socket that joins takes "
+                   f"the slot its predecessor left; SIGINT/SIGTERM/SIGHUP stop following "
+                   f"and leave the policy pinned.")
+        sys.stdout.flush()
+    why = f.run(stop, say)
+    if as_json:
+        click.echo(json.dumps({"event": "stopped", "ts": round(time.time(), 3),
+                               "text": why}))
+    else:
+        click.echo(f"follow ended: {why}.")
 
 
 @click.command("detach", epilog=DETACH_EPILOG)
 @port_opt
 @click.option("--pid", type=int, help="A process of the server (when several groups match).")
+@click.option("--host", help="The group's local address (when several groups match).")
 @proto_opt
 @click.option("--force", is_flag=True,
               help="Also remove a program that reuseport-ctl did not attach.")
 @json_opt
-def detach(port, pid, proto, force, as_json):
+def detach(port, pid, host, proto, force, as_json):
     """Give the group back to the kernel's own hash and remove the pins."""
-    d = pins.detach(port, proto=proto, pid=pid, force=force).as_dict()
+    d = pins.detach(port, proto=proto, pid=pid, host=host, force=force).as_dict()
     if as_json:
         click.echo(json.dumps(d))
     else:
@@ -88,11 +144,21 @@ def detach(port, pid, proto, force, as_json):
 
 
 @click.command("status", epilog=STATUS_EPILOG)
-@port_opt
+@click.option("--port", type=int, help="The group's local port (default: every pin).")
 @proto_opt
 @json_opt
 def status(port, proto, as_json):
-    """The attached policy and how often its program chose each slot."""
+    """The attached policy, how often its program chose each slot, and
+    whether it is in force; without --port, every pin on the machine."""
+    if port is None:
+        kept, stale, note = pins.status_all()
+        d = {"pins": [p.as_dict() for p in kept],
+             "removed_stale": [p.as_dict() for p in stale], "note": note}
+        if as_json:
+            click.echo(json.dumps(d))
+        else:
+            Console().print(render_pins(d))
+        return
     d = pins.status(port, proto=proto).as_dict()
     if as_json:
         click.echo(json.dumps(d))

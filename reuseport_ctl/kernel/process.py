@@ -102,3 +102,48 @@ def ancestors(pid: int, among: set[int]) -> tuple[int, ...]:
         out.append(pid)
         seen.add(pid)
     return tuple(out)
+
+# --- another process, named so that a reused pid is not mistaken for it -----------
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat
+    field 22): with the pid, it names one process for good. None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_ns() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino
+
+
+def alive(pid: int, start: int) -> bool:
+    return pid > 0 and start_time(pid) == start
+
+
+def terminate(pid: int, start: int, timeout: float = 5.0) -> bool:
+    """SIGTERM the process (pid, start) and wait for it to exit; SIGKILL it
+    after `timeout`. The start time is checked after the pidfd is opened,
+    so the signal cannot reach a process that reused the pid.
+    False if it was not running."""
+    import select
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if start_time(pid) != start:
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        # a pidfd becomes readable when its process exits (zombie or reaped)
+        if not select.select([pidfd], [], [], timeout)[0]:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            select.select([pidfd], [], [], timeout)
+        return True
+    except ProcessLookupError:
+        return True
+    finally:
+        os.close(pidfd)
+

@@ -53,10 +53,7 @@ class Selector:
     def fallbacks(self) -> int | None:
         """Selections the program attempted on an empty slot (kernel hash used)."""
         fd = self.maps.get("config")
-        if fd is None:
-            return None
-        raw = bpf.map_lookup(fd, bpf.u32(2), 8)
-        return struct.unpack("=Q", raw)[0] if raw else 0
+        return None if fd is None else read_fallbacks(fd)
 
     def release(self) -> None:
         """Close our handles; an attached program stays with the group."""
@@ -85,6 +82,44 @@ class Selector:
                 except OSError:
                     pass
         self.release()
+
+
+def read_fallbacks(config_fd: int) -> int:
+    """How often the program found its chosen slot empty (its socket closed),
+    so the kernel's hash decided: config[2] in bpf/select.c."""
+    raw = bpf.map_lookup(config_fd, bpf.u32(2), 8)
+    return struct.unpack("=Q", raw)[0] if raw else 0
+
+
+def sockarray_cookies(socks_fd: int, n: int) -> list[int | None]:
+    """The socket cookie in each of the first n slots of a
+    REUSEPORT_SOCKARRAY (what a user-space lookup returns), None where the
+    slot is empty: the kernel removes a socket's entry when it closes."""
+    out: list[int | None] = []
+    for slot in range(n):
+        raw = bpf.map_lookup(socks_fd, bpf.u32(slot), 8)
+        out.append(struct.unpack("=Q", raw)[0] if raw else None)
+    return out
+
+
+def put_in_slot(socks_fd: int, slot: int, sock: socket.socket) -> None:
+    bpf.map_update(socks_fd, bpf.u32(slot), bpf.u64(sock.fileno()))
+
+
+def write_table(table_fd: int, config_fd: int, table: list[int]) -> None:
+    """Replace the program's table while it runs: the entries first, then
+    the length, so a lookup meanwhile still finds a slot of one table or
+    the other."""
+    if len(table) > TABLE_SIZE:
+        raise UserError(f"the policy's table has {len(table)} entries, more than {TABLE_SIZE}.")
+    for i, slot in enumerate(table):
+        bpf.map_update(table_fd, bpf.u32(i), bpf.u32(slot))
+    bpf.map_update(config_fd, bpf.u32(0), bpf.u64(len(table)))
+
+
+def attach_cbpf(policy: Policy, sock: socket.socket, n: int) -> None:
+    """(Re)attach a cBPF policy for a group of n sockets."""
+    _attach_cbpf(policy, sock, n)
 
 
 def read_selections(map_fd: int, n: int) -> list[int]:

@@ -51,3 +51,18 @@ def jump_index(h: int, n: int) -> int:
         if j >= n:
             break
     return b
+
+
+def live_table(policy: Policy, n: int, vacant: set[int] | frozenset = frozenset()) -> list[int]:
+    """The table over a group whose membership changed after attach (what
+    `attach --follow` writes): n slots, the `vacant` ones (their socket
+    closed, no successor yet) left out so the policy stops choosing them
+    instead of letting the kernel's hash decide. weighted: a slot beyond
+    the weights gets weight 0. Empty when every slot is vacant (the
+    program then leaves the choice to the kernel)."""
+    if policy.name == "weighted":
+        w = tuple(policy.weights[:n]) + (0,) * max(0, n - len(policy.weights))
+        base = smooth_weighted(w) if sum(w) else []
+    else:
+        base = slot_table(policy, n)
+    return [s for s in base if s not in vacant]

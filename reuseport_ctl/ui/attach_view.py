@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from rich.console import Group
 from rich.table import Table
@@ -24,7 +25,11 @@ def _slots_table(title: str, slots: list[dict], counts: bool = False) -> Table:
     total = sum(s.get("selections") or 0 for s in slots)
     top = max([s.get("selections") or 0 for s in slots] + [1])
     for s in slots:
-        row = [str(s["slot"]), str(s["pid"]), s.get("process", ""), str(s["inode"]), s["addr"]]
+        flag = "" if s.get("in_policy", True) else "*"
+        if s.get("skipped"):
+            flag = " (skipped)"
+        row = [str(s["slot"]), str(s["pid"] or "?"), s.get("process", "") + flag,
+               str(s["inode"]), s["addr"]]
         if counts:
             n = s.get("selections")
             if n is None:
@@ -44,11 +49,36 @@ def render_attach(d: dict) -> Group:
     if d.get("replaced"):
         head.append(f" (replacing {d['replaced']})", style="yellow")
     parts = [head, _slots_table("slot → socket (the policy's slot numbers)", d["slots"])]
+    if d.get("stopped_follower"):
+        parts.append(Text(f"stopped the previous policy's follower (pid "
+                          f"{d['stopped_follower']})", style="yellow"))
+    state = d.get("state") or {}
+    if state.get("divergence"):
+        parts.append(Text(f"not in force: {state['divergence']}", style="bold red"))
     if d.get("note"):
         parts.append(Text(d["note"], style="dim"))
-    parts.append(Text(f"pinned in {d['pinned']}; `reuseport-ctl detach --port {d['port']}` "
-                      f"gives the group back to the kernel's hash.", style="dim"))
+    parts.append(_pinned_in(d))
+    parts += _hints(d.get("hints") or {}, {"status": "see it with",
+                                           "detach": "give the group back to the kernel's hash "
+                                                     "with"})
     return Group(*parts)
+
+
+def _pinned_in(d: dict) -> Text:
+    host = d.get("pinned_host") or d["pinned"]
+    via = f" (reached from here through {d['pinned']})" if host != d["pinned"] else ""
+    return Text(f"pinned in {host}{via}", style="dim")
+
+
+def _hints(hints: dict, say: dict) -> list[Text]:
+    """What each command does, then the command alone on its line, so it can
+    be copied as printed."""
+    out = []
+    for k, what in say.items():
+        if hints.get(k):
+            out += [Text(what + ":", style="dim"), Text("  " + hints[k], style="bold",
+                                                        overflow="fold")]
+    return out
 
 
 def render_detach(d: dict) -> Text:
@@ -60,8 +90,13 @@ def render_detach(d: dict) -> Text:
                           f"selects again")
     else:
         t = Text.assemble(("unpinned ", "bold"), (what, "bold"), f" for {d['proto']} port {d['port']}")
+    if d["policy"] is None and not d["removed"] and d.get("stale"):
+        t = Text.assemble(("nothing attached", "bold"),
+                          f" to {d['proto']} port {d['port']} in this network namespace")
     if d.get("note"):
         t.append(f" ({d['note']})", style="yellow")
+    if d.get("stopped_follower"):
+        t.append(f"; stopped its follower (pid {d['stopped_follower']})", style="dim")
     if d.get("pinned"):
         t.append(f"; removed {d['pinned']}", style="dim")
     return t
@@ -73,15 +108,65 @@ def render_status(d: dict) -> Group:
     head = Text.assemble(("policy ", "bold"), (d["policy"], "bold green"),
                          f" ({d['kind']}) on {d['proto']} port {d['port']}, attached "
                          f"{_ago(age)} ago")
-    parts = [head, _slots_table("per slot", d["slots"], counts=True)]
+    parts = [head]
+    if d.get("divergence"):
+        parts.append(Text(f"not in force: {d['divergence']}", style="bold red"))
+    parts.append(_slots_table("per slot", d["slots"], counts=True))
+    unit = "connections" if d["proto"] == "tcp" else "datagrams"
     if d["total"] is not None:
-        parts.append(Text(f"{d['total']:,} selections by the program", style="dim"))
+        extra = ""
+        if d.get("fallbacks"):
+            extra = f"; {d['fallbacks']:,} {unit} found their slot empty (the kernel's hash " \
+                    f"decided)"
+        parts.append(Text(f"{d['total']:,} selections by the program{extra}", style="dim"))
     else:
         parts.append(Text("a cBPF program keeps no counts", style="dim"))
     if not all(s["alive"] for s in d["slots"]):
         parts.append(Text("struck-out slots are closed sockets", style="dim"))
-    parts.append(Text(f"pinned in {d['pinned']}", style="dim"))
+    if not all(s.get("in_policy", True) for s in d["slots"]):
+        parts.append(Text("* a socket on the port the policy does not have", style="dim"))
+    hints = d.get("hints") or {}
+    if d.get("follower"):
+        parts.append(Text(f"followed by pid {d['follower']} (`attach --follow`): joining "
+                          f"sockets take the slots leaving ones vacate", style="dim"))
+    if d.get("note"):
+        parts.append(Text(d["note"], style="yellow"))
+    parts.append(_pinned_in(d))
+    if not d.get("in_force", True) and not d.get("follower"):
+        parts += _hints(hints, {"follow": "put new sockets in the policy and keep it in "
+                                          "force with"})
     return Group(*parts)
+
+
+def render_pins(d: dict) -> Group:
+    """d: {"pins": [Pin.as_dict()], "removed_stale": [...], "note"}: every pin."""
+    t = Table(title="reuseport-ctl pins on this machine", title_justify="left")
+    for col, just in (("netns", "right"), ("proto", "left"), ("port", "right"),
+                      ("policy", "left"), ("address", "left"), ("state", "left"),
+                      ("follower", "right")):
+        t.add_column(col, justify=just, no_wrap=col != "state",
+                      min_width=14 if col == "state" else None)
+    states = {"here": "this namespace", "live": "live", "orphaned":
+              "orphaned: no process or mount names its namespace, sockets still open"}
+    rows = [(p, states.get(p["state"], p["state"]), None) for p in d["pins"]] + \
+        [(p, "stale: namespace gone; removed", "dim") for p in d["removed_stale"]]
+    for p, state, style in rows:
+        flat = " (flat layout)" if p.get("layout") == "flat" else ""
+        t.add_row(f"net:[{p['netns']}]", p["proto"], str(p["port"]), p["policy"] or "?",
+                  p["addr"] or "", state + flat, str(p["follower"] or "-"), style=style)
+    if not rows:
+        return Group(Text("no reuseport-ctl policy is pinned on this machine"))
+    parts = [t, Text(f"pinned under {Path(rows[0][0]['pinned']).parent.parent}", style="dim")]
+    if d.get("note"):
+        parts.append(Text(d["note"], style="dim"))
+    return Group(*parts)
+
+
+def render_follow_event(e: dict) -> str:
+    """One follower event as a timestamped line."""
+    ts = time.strftime("%H:%M:%S", time.localtime(e["ts"])) + f".{int(e['ts'] * 10) % 10}"
+    what = {"diverged": "not in force: ", "left": "", "joined": "", "reattached": ""}
+    return f"{ts} {what.get(e['event'], '')}{e['text']}"
 
 
 def _ago(s: float) -> str:
