@@ -37,6 +37,7 @@ class Member:
     threads: tuple[int, ...] = ()   # a threaded server: the thread ids blocked on it now
                                     # (in accept, or epoll over it); () single-threaded
     in_policy: bool = True          # False: a pinned policy's table does not have it
+    drops: int | None = None        # sk_drops: accept-queue overflows / UDP receive drops
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,8 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str,
                queue_len=by_inode[i].queue_len,
                holders=tuple(sorted({h.pid for h in held[i]})),
                servers=owners.serving_pids(i, held[i], watched),
-               threads=_threads(waits[serving[i].pid], i), in_policy=pinned)
+               threads=_threads(waits[serving[i].pid], i), in_policy=pinned,
+               drops=by_inode[i].drops)
         for n, i, pinned in numbered)
     group = ReuseportGroup(port=port, proto=proto, members=members,
                            uid=cand.listeners[0].uid, ifindex=cand.ifindex)

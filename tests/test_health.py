@@ -46,6 +46,15 @@ def test_udp_member_stuck_when_its_queue_never_shrinks():
     assert v.stuck and v.drops == 3 and "bytes waiting" in v.warning
 
 
+def test_drops_warn_while_they_grow_and_the_total_stays():
+    h = HealthState()
+    assess(h, [tcp(0, 0, 0, drops=5)])
+    (v,) = assess(h, [tcp(0, 0, 10, drops=9)])
+    assert v.drops == 4 and "is dropping connections: 4 since the last update" in v.warning
+    (v,) = assess(h, [tcp(0, 0, 10, drops=9)])
+    assert v.drops == 4 and v.warning is None
+
+
 def test_a_member_that_left_is_forgotten():
     h = HealthState()
     assess(h, [tcp(0, 0, 0), tcp(1, 0, 0)])

@@ -47,6 +47,11 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
         "wakeups_per_event": _num(frame.wakeups_per_event, 3),
         "jain": _num(frame.jain),
         "max_min_ratio": _num(frame.max_min_ratio),
+        "policy_in_force": None if group.policy == "kernel" or group.own
+        else frame.policy_note is None,
+        "policy_note": frame.policy_note,
+        "drops": frame.drops,
+        "warnings": list(frame.warnings),
         "joined": [_ref(r) for r in frame.joined],
         "left": [_ref(r) for r in frame.left],
         "workers": [{
@@ -66,6 +71,10 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
             "wakeups_per_event": _num(r.wakeups_per_event, 3),
             "spurious_wakeups": r.spurious_wakeups,
             "queue_len": r.queue_len,
+            "drops": r.drops,
+            "stuck": r.stuck,
+            "stopped": r.stopped,
+            "outside": r.outside,
         } for r in frame.rows],
     }
 

@@ -55,6 +55,12 @@ WORKER_METRICS = (
     ("reuseport_ctl_worker_connections", "gauge",
      "Dispatcher groups: the port's connections this process holds now (its fd table).",
      "conns"),
+    ("reuseport_ctl_worker_drops", "counter",
+     "Dropped on this worker's socket since the watch began (sk_drops): TCP handshakes "
+     "lost to a full accept queue, UDP datagrams lost to a full receive buffer.", "drops"),
+    ("reuseport_ctl_worker_stuck", "gauge",
+     "1 while connections (datagrams) queue for this worker and it takes none, or its "
+     "process is stopped.", "stuck"),
 )
 
 
@@ -114,6 +120,10 @@ class FrameCollector(Collector):
                      g, sum(1 for r in frame.rows if not r.child))
         yield _gauge("reuseport_ctl_listening", "1 while something listens on the port.",
                      g, int(frame.listening))
+        if group.policy != "kernel" and not group.own:
+            yield _gauge("reuseport_ctl_policy_in_force", "1 while every member of the group "
+                         "is in the pinned policy's table and every slot has its socket.",
+                         g, int(frame.policy_note is None))
         for name, help_, value in (
                 ("reuseport_ctl_lookups", "Listener lookups for the port (one per SYN or "
                  "unconnected datagram) since the watch began.", frame.lookups),
@@ -138,6 +148,8 @@ class FrameCollector(Collector):
                 name, help_, labels=WORKER_LABELS)
             for r in frame.rows:
                 v = getattr(r, attr)
+                if isinstance(v, bool):
+                    v = int(v)
                 if v is not None:
                     fam.add_metric([*g, "child" if r.child else str(r.slot), str(r.pid),
                                     ",".join(map(str, r.tids))], v)

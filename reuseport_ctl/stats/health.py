@@ -16,6 +16,7 @@ Stuck: a TCP member took nothing in an interval while connections waited
 (queue before + arrivals - queue now == 0 with a queue left), a UDP member's
 queue did not shrink while datagrams waited; after STUCK_AFTER such intervals
 in a row it is named. A stopped process is named at once: the kernel says so.
+Drops are a total since the watch began; they warn while they grow.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class MemberHealth:
 class _Seen:
     base_drops: Optional[int]
     queue: int
+    drops: Optional[int] = None         # at the previous sample
     idle: int = 0                       # intervals in a row with work waiting, none taken
 
 
@@ -78,7 +80,8 @@ def assess(state: HealthState, samples: Sequence[MemberSample]) -> list[MemberHe
     for s in samples:
         seen = state.seen.get(s.key)
         if seen is None:
-            seen = state.seen[s.key] = _Seen(base_drops=s.drops, queue=s.queue_len)
+            seen = state.seen[s.key] = _Seen(base_drops=s.drops, queue=s.queue_len,
+                                             drops=s.drops)
         elif took_nothing(s, seen.queue):
             seen.idle += 1
         else:
@@ -87,14 +90,20 @@ def assess(state: HealthState, samples: Sequence[MemberSample]) -> list[MemberHe
         if seen.base_drops is None and s.drops is not None:
             seen.base_drops = s.drops
         drops = s.drops - seen.base_drops if s.drops is not None else None
+        fresh = (s.drops - seen.drops) if s.drops is not None and seen.drops is not None else 0
+        seen.drops = s.drops
         stopped = s.state in ("T", "t")
         stuck = stopped or seen.idle >= STUCK_AFTER
         out.append(MemberHealth(key=s.key, drops=drops, stuck=stuck, stopped=stopped,
-                                outside=s.outside, warning=_warning(s, stuck, stopped, drops)))
+                                outside=s.outside,
+                                warning=_warning(s, stuck, stopped, drops, fresh)))
     return out
 
 
-def _warning(s: MemberSample, stuck: bool, stopped: bool, drops: Optional[int]) -> Optional[str]:
+def _warning(s: MemberSample, stuck: bool, stopped: bool, drops: Optional[int],
+             fresh: int) -> Optional[str]:
+    """The one line for a member, or None; drops alone warn only while they
+    grow (fresh: since the previous sample), the total stays in the row."""
     what = "connections" if s.proto == "tcp" else "datagrams"
     waiting = (f"{s.queue_len:,} {what} waiting" if s.proto == "tcp"
                else f"{s.queue_len:,} bytes waiting")
@@ -106,8 +115,9 @@ def _warning(s: MemberSample, stuck: bool, stopped: bool, drops: Optional[int]) 
         return f"{s.label} takes no {what} while they queue ({waiting}{lost}): stuck or overloaded."
     if s.outside:
         return f"{s.label} is {s.outside}: it takes a share of the group's {what}."
-    if drops:
-        return f"{s.label} dropped {drops:,} {what}: its queue overflowed."
+    if fresh > 0:
+        return (f"{s.label} is dropping {what}: {fresh:,} since the last update ({drops:,} "
+                f"since the watch began); its queue overflows.")
     return None
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional, Sequence
 
 from .fairness import jain, max_min_ratio
+from .health import HealthState, MemberSample, assess
 
 HISTORY_S = 60.0                # the sparkline's span
 SPARK = "▁▂▃▄▅▆▇█"
@@ -51,6 +52,9 @@ class WorkerObs:
     nthreads: int = 1                   # threads in its process
     child: bool = False                 # a dispatcher's child: holds no listener
     conns: Optional[int] = None         # connections it holds now (dispatcher groups)
+    drops: Optional[int] = None         # sk_drops of its socket(s), cumulative (None: unknown)
+    state: str = ""                     # its process's state letter (/proc: T is stopped)
+    outside: Optional[str] = None       # why its process is not the server's, or None
 
     @property
     def key(self) -> tuple:
@@ -88,6 +92,8 @@ class Observation:
                                                                     # that returned >= 0
     listening: bool = True              # False: nothing listens on the port now
     dispatcher: bool = False            # the listener's connections are held by children
+    policy: Optional[str] = None        # the policy on the group now (None: unchanged)
+    policy_note: Optional[str] = None   # the pinned policy is not in force: why, in a line
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,10 @@ class WorkerRow:
     queue_len: int
     child: bool = False                 # a dispatcher's child
     conns: Optional[int] = None         # connections it holds now (dispatcher groups)
+    drops: Optional[int] = None         # dropped on its socket(s) since the watch began
+    stuck: bool = False                 # work queues for it and it takes none
+    stopped: bool = False               # its process is stopped (SIGSTOP, a debugger)
+    outside: Optional[str] = None       # not in the server's process tree: why
 
 
 @dataclass(frozen=True)
@@ -132,6 +142,9 @@ class Frame:
     joined: tuple[RowRef, ...]          # rows that appeared since the previous frame
     left: tuple[RowRef, ...]            # rows that went
     dispatcher: bool = False            # one listener, its connections handed to children
+    drops: Optional[int] = None         # over every row, since the watch began
+    warnings: tuple[str, ...] = ()      # member health, one line each (stats/health.py)
+    policy_note: Optional[str] = None   # the pinned policy is not in force: why
 
 
 @dataclass(frozen=True)
@@ -169,9 +182,11 @@ class _Seen:
 class LiveState:
     interval: float = 1.0
     counted: tuple[bool, bool, bool] = (True, True, True)   # data-ready, wakeups, EAGAIN probes on
+    proto: str = "tcp"
     t0: Optional[float] = None
     prev: Optional[Observation] = None
     seen: dict[tuple, _Seen] = field(default_factory=dict)     # row key -> its memory
+    health: HealthState = field(default_factory=HealthState)
 
     @property
     def history_len(self) -> int:
@@ -250,6 +265,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
     for k in state.seen.keys() - now.keys():
         del state.seen[k]
     joined: list[RowRef] = []
+    samples: list[MemberSample] = []
 
     rows: list[WorkerRow] = []
     for w in sorted(obs.workers, key=lambda w: (w.child, w.slot, w.pid, w.inodes)):
@@ -286,6 +302,12 @@ def step(state: LiveState, obs: Observation) -> Frame:
             wakeups = sum(mine.values()) if wk_on else None
             woken = {t for (_, t), n in mine.items() if n}
         tids = tuple(sorted(set(w.tids) | woken)) if w.nthreads > 1 else ()
+        if not w.child:
+            arrivals = None if new or ready is None or s.data_ready is None \
+                else ready - s.data_ready
+            samples.append(MemberSample(key=w.key, label=str(s.ref), proto=state.proto,
+                                        queue_len=w.queue_len, drops=w.drops,
+                                        arrivals=arrivals, state=w.state, outside=w.outside))
         acc_rate = None if new else rate(accepts, s.accepts, dt)
         ready_rate = None if new else rate(ready, s.data_ready, dt)
         if not first:
@@ -297,6 +319,12 @@ def step(state: LiveState, obs: Observation) -> Frame:
             history=tuple(s.history), data_ready=ready, data_ready_per_s=ready_rate,
             wakeups=wakeups, wakeups_per_event=per_event(wakeups, ready),
             spurious_wakeups=spurious, queue_len=w.queue_len, child=w.child, conns=w.conns))
+
+    health = {h.key: h for h in assess(state.health, samples)}
+    keys = [w.key for w in sorted(obs.workers, key=lambda w: (w.child, w.slot, w.pid, w.inodes))]
+    rows = [_with_health(r, health.get(k)) for r, k in zip(rows, keys)]
+    warnings = tuple(h.warning for h in health.values() if h.warning)
+    dropped = [h.drops for h in health.values() if h.drops is not None]
 
     # The kernel's split is over the rows with a listener; a dispatcher's
     # children get theirs from the server, which the kernel does not see.
@@ -320,9 +348,16 @@ def step(state: LiveState, obs: Observation) -> Frame:
         accepts=accepts_total, accepts_per_s=sum(rates) if rates else None,
         jain=jain(counts) if counted else None,
         max_min_ratio=max_min_ratio(counts) if counted else None, joined=tuple(joined),
-        left=left, dispatcher=obs.dispatcher)
+        left=left, dispatcher=obs.dispatcher, drops=sum(dropped) if dropped else None,
+        warnings=warnings, policy_note=obs.policy_note)
     state.prev = obs
     return frame
+
+
+def _with_health(r: WorkerRow, h) -> WorkerRow:
+    if h is None:                       # a dispatcher's child: no socket of the group
+        return r
+    return replace(r, drops=h.drops, stuck=h.stuck, stopped=h.stopped, outside=h.outside)
 
 
 def _with_share(r: WorkerRow, share: Optional[float]) -> WorkerRow:

@@ -91,6 +91,10 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
                  + ("" if frame.jain is not None else " (--spurious shows who)"), style="yellow")
     if not frame.listening:
         t.append(f"\nnothing listens on {g.proto} port {g.port} now; waiting", style="yellow")
+    if frame.policy_note:
+        t.append(f"\npolicy {g.policy} is not in force: {frame.policy_note}", style="bold red")
+    for w in frame.warnings:
+        t.append(f"\n{w}", style="bold yellow")
     if note:
         t.append(f"\n{note}", style="yellow")
     return t
@@ -110,6 +114,7 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     t.add_column("ready/s", justify="right")
     t.add_column("wakeups/ev", justify="right")
     t.add_column("spurious", justify="right")
+    t.add_column("drops", justify="right")
     if frame.dispatcher:
         t.add_column("conns", justify="right")
     widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
@@ -121,7 +126,8 @@ def table(frame: Frame, g: GroupInfo) -> Table:
             _f(r.accepts_per_s), Text(sparkline(r.history, SPARK_WIDTH), style="cyan"),
             Text(str(r.queue_len), style="bold red" if r.queue_len and tcp else ""),
             _f(r.data_ready_per_s), _f(r.wakeups_per_event, "{:.2f}"),
-            _f(r.spurious_wakeups, "{:,}"), *extra)
+            _f(r.spurious_wakeups, "{:,}"),
+            Text(_f(r.drops, "{:,}"), style="bold red" if r.drops else ""), *extra)
     return t
 
 

@@ -72,7 +72,8 @@ class Watch:
             eagain = source.own or self.session.counts_eagain
             self.state = LiveState(interval=interval,
                                    counted=(names["data_ready"] != "none",
-                                            names["wakeups"] != "none", eagain))
+                                            names["wakeups"] != "none", eagain),
+                                   proto=source.proto)
             self.group = GroupInfo(
                 port=source.port, proto=source.proto, policy=source.policy(),
                 lookup_strategy=names["lookup"], data_ready_strategy=names["data_ready"],
@@ -169,7 +170,8 @@ class Watch:
         return Observation(ts=t.ts, wall=wall, workers=tuple(workers),
                            lookups=t.lookups, data_ready=ready, wakeups=wakeups,
                            accept_eagain=dict(t.accept_eagain), accepted=dict(t.accepted),
-                           listening=listening, dispatcher=self.source.dispatcher())
+                           listening=listening, dispatcher=self.source.dispatcher(),
+                           policy=self.source.policy(), policy_note=self.source.policy_note())
 
     def tick(self, wait: bool) -> bool:
         """Observe, step, output. False when the group went away and --wait
@@ -177,7 +179,13 @@ class Watch:
         workers = self.source.find()
         if workers is None and not wait:
             return False
-        frame = self.frame = step(self.state, self._observe(workers))
+        obs = self._observe(workers)
+        frame = self.frame = step(self.state, obs)
+        if obs.policy is not None and obs.policy != self.group.policy:
+            self._events.append(f"policy {self.group.policy} -> {obs.policy}")
+            self.group = replace(self.group, policy=obs.policy)
+            if self.as_json:
+                self.ndjson.group = self.group
         if self.group.addr == "" and self.source.addr():
             self.group = replace(self.group, addr=self.source.addr(),
                                  reuseport=self.source.reuseport(),

@@ -24,7 +24,8 @@ import psutil
 from .. import pins
 from ..errors import UserError
 from ..groups import ReuseportGroup, find_group
-from ..kernel import conns, diag, owners
+from ..kernel import conns, diag, owners, process
+from ..stats.health import outsiders
 from ..stats.live import WorkerObs
 
 CHILD_SLOT = -1         # a dispatcher's child is no slot of the group
@@ -58,10 +59,17 @@ class CpuSampler:
         return out
 
 
-def member_rows(group: ReuseportGroup) -> list[WorkerObs]:
-    """A reuseport group: one row per member socket, in slot order."""
+def member_rows(group: ReuseportGroup, prefer: Optional[int] = None) -> list[WorkerObs]:
+    """A reuseport group: one row per member socket, in slot order, with
+    what member health needs: its drops, its process's state, and whether
+    that process belongs to the server (stats/health.outsiders)."""
+    holders = {p for m in group.members for p in (m.holders or (m.pid,))}
+    chains = {m.pid: process.ancestors(m.pid, holders) for m in group.members}
+    outside = outsiders(chains, [m.pid for m in group.members], prefer)
+    states = {p: process.state(p) for p in chains}
     return [WorkerObs(pid=m.pid, slot=m.slot, inodes=(m.inode,), queue_len=m.queue_len,
-                      tids=m.threads)
+                      tids=m.threads, drops=m.drops, state=states[m.pid],
+                      outside=outside.get(m.pid))
             for m in group.members]
 
 
@@ -84,8 +92,8 @@ def process_rows(group: ReuseportGroup) -> list[WorkerObs]:
             for p, r in rows.items()]
 
 
-def rows_of(group: ReuseportGroup) -> list[WorkerObs]:
-    return member_rows(group) if group.reuseport else process_rows(group)
+def rows_of(group: ReuseportGroup, prefer: Optional[int] = None) -> list[WorkerObs]:
+    return member_rows(group, prefer) if group.reuseport else process_rows(group)
 
 
 class ForeignSource:
@@ -95,15 +103,17 @@ class ForeignSource:
     def __init__(self, port: int, proto: str, host: Optional[str], pid: Optional[int]):
         self.port, self.proto, self.host, self.pid = port, proto, host, pid
         self.group: Optional[ReuseportGroup] = None
+        self.pinned: Optional[pins.PolicyState] = None   # the pinned policy, read each find()
         self._dispatcher = False
         self._children: set[int] = set()    # pids seen holding the listener's connections
 
     def _find_group(self) -> ReuseportGroup:
-        # The slot numbering is groups.find_group's; when it can number by the
-        # pinned policy's table (slots=...), pass that here so watch, status
-        # and attach show the same slot for the same socket.
+        # A pinned policy numbers the members (its socket array's slots), so
+        # watch, status and attach show the same slot for the same socket.
+        self.pinned = pins.policy_state(self.port, self.proto)
         return find_group(self.port, self.proto, pid=self.pid, host=self.host,
-                          require_reuseport=False)
+                          require_reuseport=False,
+                          slots=self.pinned.slots if self.pinned is not None else None)
 
     def find(self, first: bool = False) -> Optional[list[WorkerObs]]:
         """The rows now; None when nothing listens on the port. A group that
@@ -117,8 +127,8 @@ class ForeignSource:
                 return None
             if first or self.group is None:
                 raise
-            return [w for w in rows_of(self.group) if owners.pid_exists(w.pid)]
-        return self._with_children(rows_of(self.group))
+            return [w for w in rows_of(self.group, self.pid) if owners.pid_exists(w.pid)]
+        return self._with_children(rows_of(self.group, self.pid))
 
     def _with_children(self, rows: list[WorkerObs]) -> list[WorkerObs]:
         """A dispatcher's rows: the listener's, then one per child holding
@@ -143,16 +153,13 @@ class ForeignSource:
         return self._dispatcher
 
     def policy(self) -> str:
-        meta = None
-        try:
-            path = pins.pin_dir(self.proto, self.port)
-            meta = pins.read_meta(path) if path.exists() else None
-        except (UserError, OSError):
-            pass
-        here = os.stat("/proc/thread-self/ns/net").st_ino
-        if meta is not None and (not meta.netns or meta.netns == here):
-            return meta.policy
-        return "kernel"
+        """reuseport-ctl's policy pinned on the group in this namespace, or
+        "kernel" (as of the last find())."""
+        return self.pinned.policy if self.pinned is not None else "kernel"
+
+    def policy_note(self) -> Optional[str]:
+        """The pinned policy is not in force: the one line that says why."""
+        return self.pinned.divergence if self.pinned is not None else None
 
     def selections(self) -> Optional[list[int]]:
         try:
@@ -185,7 +192,7 @@ class OwnSource:
 
     def find(self, first: bool = False) -> Optional[list[WorkerObs]]:
         sup, cfg = self.sup, self.sup.cfg
-        queues = {s.inode: s.queue_len for s in diag.listeners(self.port, self.proto)}
+        socks = {s.inode: s for s in diag.listeners(self.port, self.proto)}
         recs = sup.counters.snapshot()
         out = []
         for index, pid in sorted(sup.pids().items()):
@@ -197,8 +204,11 @@ class OwnSource:
                 inodes = ()                     # the acceptor hands connections over
             else:
                 inodes = (self._inodes[0],)
+            drops = [socks[i].drops for i in inodes if i in socks]
             out.append(WorkerObs(pid=pid, slot=index, inodes=inodes,
-                                 queue_len=sum(queues.get(i, 0) for i in inodes),
+                                 queue_len=sum(socks[i].queue_len for i in inodes if i in socks),
+                                 drops=sum(drops) if drops and None not in drops else None,
+                                 state=process.state(pid),
                                  accepts=recs[index][self._field],
                                  eagain=recs[index]["eagain"],
                                  shared=cfg.model not in ("reuseport", "dispatcher")))
@@ -209,6 +219,9 @@ class OwnSource:
 
     def policy(self) -> str:
         return str(self.sup.cfg.policy)
+
+    def policy_note(self) -> Optional[str]:
+        return None             # the supervisor refills the array as workers restart
 
     def reuseport(self) -> bool:
         return self.sup.cfg.model == "reuseport"
