@@ -4,12 +4,18 @@ SO_REUSEPORT group."""
 
 def main() -> None:
     """The console entry point. Importing the verbs (click, rich, pyroute2,
-    psutil) takes seconds on a loaded machine: a Ctrl-C meanwhile ends with
-    the same line and status as one during the work, not a traceback."""
+    psutil) takes seconds on a loaded machine: a Ctrl-C, SIGTERM or SIGHUP
+    meanwhile ends with the same line and status (128 + N) as one during
+    the work, not a traceback or a silent death."""
     import sys
+
+    from .signals import as_interrupts, exit_code, name, signum_of
     try:
-        from .cli import main as cli_main
-    except KeyboardInterrupt:
-        sys.stderr.write("reuseport-ctl: interrupted\n")
-        sys.exit(130)
+        with as_interrupts():
+            from .cli import main as cli_main
+    except KeyboardInterrupt as e:
+        sig = signum_of(e)
+        sys.stderr.write("reuseport-ctl: interrupted" + ("" if sig == 2 else f" ({name(sig)})")
+                         + "\n")
+        sys.exit(exit_code(sig))
     cli_main()

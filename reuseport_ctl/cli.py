@@ -2,11 +2,13 @@
 SO_REUSEPORT group. One small command per verb; the work is in the layers."""
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from .errors import UserError
+from .signals import Stopped, as_interrupts, exit_code, name, signum_of
 
 EPILOG = """\b
 Examples:
@@ -18,17 +20,21 @@ Examples:
 
 
 class Group(click.Group):
-    """Turns UserError (and Ctrl-C) into one sentence and a non-zero exit."""
+    """Turns UserError into one sentence and a non-zero exit, and a stopping
+    signal (Ctrl-C, SIGTERM, SIGHUP) into 128 + its number (signals.py)."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with as_interrupts():
+                return super().invoke(ctx)
         except UserError as e:
             click.echo(f"reuseport-ctl: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("reuseport-ctl: interrupted", err=True)
-            sys.exit(130)
+        except (Stopped, KeyboardInterrupt) as e:   # Stopped: the verb printed what it had
+            sig = signum_of(e)
+            click.echo("reuseport-ctl: interrupted" + ("" if sig == signal.SIGINT
+                                                       else f" ({name(sig)})"), err=True)
+            sys.exit(exit_code(sig))
 
 
 @click.group(cls=Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})

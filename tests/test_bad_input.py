@@ -50,6 +50,9 @@ REFUSED = [
     (["remap", "--remove", "99", "--sizes", "2-3"], 1, "slots 0-2"),
     (["vm", "--memory", "abc", "--", "true"], 2, "not a size"),
     (["load", "--host", "999.1.1.1", "--port", "80"], 1, "not an IP address"),
+    (["run", "--backlog", "99999999999"], 1, "--backlog must be at most 2,147,483,647"),
+    (["run", "--duration", "inf"], 1, "positive number of seconds, not inf"),
+    (["run", "--duration", "nan"], 1, "positive number of seconds, not nan"),
 ]
 
 

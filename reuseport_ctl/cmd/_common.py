@@ -25,3 +25,19 @@ def check_output_path(path: Optional[str], option: str = "--plot",
                                                     and not os.access(path, os.W_OK)):
         raise UserError(f"{option} {path}: this user cannot write there.")
 
+
+
+def in_range(lo: int, hi: int | None = None):
+    """A click callback: the number within [lo, hi], else one sentence that
+    gives the range (before the value reaches a syscall: listen() raises
+    OverflowError on a backlog past 2**31)."""
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        name = max(param.opts, key=len)
+        if value < lo:
+            raise UserError(f"{name} must be at least {lo:,}, not {value:,}.")
+        if hi is not None and value > hi:
+            raise UserError(f"{name} must be at most {hi:,}, not {value:,}.")
+        return value
+    return check

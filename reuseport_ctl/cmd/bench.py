@@ -3,11 +3,11 @@ of load levels and per-request work."""
 from __future__ import annotations
 
 import json
-import signal
 
 import click
 
 from ..errors import UserError
+from ..signals import Stopped
 from ._common import check_output_path
 from ..experiments import bench as B
 
@@ -95,11 +95,7 @@ def bench(models, policies, workers, conns, concurrency, work_us, repeat, short_
     if not host_netns:
         from ..kernel.netns import enter_private_netns
         enter_private_netns()
-    restore = _sigterm_interrupts()
-    try:
-        result = _run(cfg)
-    finally:
-        restore()
+    result = _run(cfg)      # SIGTERM between two points: Interrupted, as Ctrl-C (cli.py)
     if plot_path:
         from ..ui.bench_plot import plot_bench
         if result.points:
@@ -117,7 +113,7 @@ def bench(models, policies, workers, conns, concurrency, work_us, repeat, short_
         if plot_path and result.points:
             console.print(f"plot: {plot_path}")
     if result.interrupted:
-        raise KeyboardInterrupt
+        raise Stopped(result.interrupted)       # after printing the points done
 
 
 def _run(cfg: B.BenchConfig) -> B.BenchResult:
@@ -142,18 +138,6 @@ def _run(cfg: B.BenchConfig) -> B.BenchResult:
             bar.update(task, completed=done)
             bar.refresh()
         return B.run_bench(cfg, on_point=point, on_start=start)
-
-
-def _sigterm_interrupts():
-    """SIGTERM between two points acts like Ctrl-C (the supervisor catches both
-    while a point runs and cleans up before run_bench returns)."""
-    def on_term(signum, frame):
-        raise KeyboardInterrupt
-    try:
-        old = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:
-        return lambda: None
-    return lambda: signal.signal(signal.SIGTERM, old)
 
 
 COMMANDS = [bench]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import click
@@ -10,6 +11,8 @@ from ..errors import UserError
 from ..kernel.process import usable_cpus
 from ..policies import help_text as policy_names
 from ..policies import parse_policy
+from ..signals import Stopped
+from ._common import in_range
 from ..workers.supervisor import MODELS, RunConfig, Supervisor, client_host, parse_cpus
 
 EPILOG = """\b
@@ -23,11 +26,11 @@ Examples:
 
 
 @click.command(epilog=EPILOG)
-@click.option("--workers", "-w", type=int, default=None,
+@click.option("--workers", "-w", type=int, callback=in_range(1, 1024), default=None,
               help="Worker processes [default: CPUs this process may use].")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to bind: IPv4 or IPv6, specific or wildcard (0.0.0.0, ::).")
-@click.option("--port", "-p", type=int, default=8080, show_default=True,
+@click.option("--port", "-p", type=int, callback=in_range(0, 65535), default=8080, show_default=True,
               help="Port to bind; 0 lets the kernel pick one.")
 @click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
 @click.option("--model", "-m", type=click.Choice(MODELS), default="reuseport", show_default=True,
@@ -39,10 +42,11 @@ Examples:
                    "CPU k (lines up with --policy cpu), or none: leave the workers to the "
                    "scheduler [default: usable CPUs].")
 @click.option("--user", default=None, help="Run workers as this user; the group gets its uid.")
-@click.option("--backlog", type=int, default=1024, show_default=True, help="listen() backlog.")
+@click.option("--backlog", type=int, callback=in_range(1, 2**31 - 1), default=1024, show_default=True,
+              help="listen() backlog (the kernel caps it at net.core.somaxconn).")
 @click.option("--duration", "-d", type=float, default=None,
               help="Without --load: stop after this many seconds [default: at Ctrl-C or SIGTERM].")
-@click.option("--load", "load_n", type=int, default=None, metavar="N",
+@click.option("--load", "load_n", type=int, callback=in_range(1, 10**9), default=None, metavar="N",
               help="Once the workers are up, make N connections (or datagrams) and stop.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--watch", "watch", is_flag=True,
@@ -54,10 +58,8 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
 
     TCP workers answer HTTP/1.1 (header X-Worker names the slot); UDP workers
     echo each datagram after a line `worker: <slot>`."""
-    if load_n is not None and load_n < 1:
-        raise UserError(f"--load must be at least 1, not {load_n}.")
-    if duration is not None and duration <= 0:
-        raise UserError(f"--duration must be positive, not {duration}.")
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
+        raise UserError(f"--duration must be a positive number of seconds, not {duration}.")
     n = len(usable_cpus()) if workers is None else workers
     pol = parse_policy(policy)
     unpinned = cpus is not None and cpus.strip() == "none"
@@ -74,18 +76,24 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
                     port=port, proto=proto, model=model, policy=pol,
                     cpus=pinned, user=user, backlog=backlog)
     load = None
+    failed = None
     with Supervisor(cfg) as sup:
         sup.start()
-        if sup.wait_ready():
-            if load_n is not None:
-                load = sup.run_in_child(lambda: _load(client_host(host), sup.port, proto, load_n))
-            elif watch:
-                from ..watching import watch_own
-                watch_own(sup, duration)
-            else:
-                click.echo(f"reuseport-ctl: {cfg.workers} workers ready on {_addr(host, sup.port)} "
-                           f"({proto}, {model}, policy {cfg.policy}); Ctrl-C stops.", err=True)
-                _serve(sup, duration, live=not as_json)
+        try:
+            if sup.wait_ready():
+                if load_n is not None:
+                    load = sup.run_in_child(
+                        lambda: _load(client_host(host), sup.port, proto, load_n))
+                elif watch:
+                    from ..watching import watch_own
+                    watch_own(sup, duration)
+                else:
+                    click.echo(f"reuseport-ctl: {cfg.workers} workers ready on "
+                               f"{_addr(host, sup.port)} ({proto}, {model}, policy "
+                               f"{cfg.policy}); Ctrl-C stops.", err=True)
+                    _serve(sup, duration, live=not as_json)
+        except UserError as e:        # e.g. a worker that dies each time: still the summary
+            failed = e
         sup.stop()
         rep = sup.report(load)
     if as_json:
@@ -98,6 +106,10 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         if not console.is_terminal:
             console.width = 100     # a file or pipe has no width: do not cut the columns
         console.print(summary(rep))
+    if failed is not None:
+        raise failed
+    if sup.stop_signal:
+        raise Stopped(sup.stop_signal)     # a summary, then the shell's 128 + N
 
 
 def _check_cpu_policy(workers: int) -> None:
@@ -114,10 +126,7 @@ def _check_cpu_policy(workers: int) -> None:
 
 
 def _load(host: str, port: int, proto: str, n: int) -> dict:
-    try:
-        from ..load.client import run_load
-    except ImportError:
-        raise UserError("the built-in load client is not part of this installation.") from None
+    from ..load.client import run_load
     return run_load(host, port, proto, conns=n).to_dict()
 
 

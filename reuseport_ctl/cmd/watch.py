@@ -8,6 +8,7 @@ from __future__ import annotations
 import click
 
 from ..kernel import diag
+from ..signals import Stopped
 from ..watching import (ForeignSource, Stop, Watch, check_options, loop, nothing_listening,
                         require_probe_caps)
 
@@ -71,10 +72,15 @@ def watch(port, proto, host, pid, interval, duration, as_json, prometheus, wait,
     if not wait and not diag.listeners(port, proto):
         raise nothing_listening(port, proto)
     stop = Stop()
-    with stop.signals(), Watch(ForeignSource(port, proto, host, pid), interval, as_json,
-                               prometheus, spurious=spurious) as w:
+    # A signal while the probes attach (seconds on a loaded machine) stops at
+    # once, releasing what was attached so far; once watching, it ends the
+    # watch with a last frame.
+    with Watch(ForeignSource(port, proto, host, pid), interval, as_json, prometheus,
+               spurious=spurious) as w, stop.signals():
         w.announce()
         loop(w, duration, stop, wait)
+    if stop.signum:
+        raise Stopped(stop.signum)
 
 
 

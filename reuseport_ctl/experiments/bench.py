@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import signal
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -134,7 +135,7 @@ class BenchResult:
     points: list[Point]
     env: dict
     probe: str                      # how wakeups were counted, or why not
-    interrupted: bool = False
+    interrupted: int = 0            # the signal that stopped it early (0: it ran to the end)
 
     def to_json(self) -> list[dict]:
         return [asdict(p) for p in self.points]
@@ -292,8 +293,8 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
                         if on_start:
                             on_start(done, f"{setup.label} c={conc} work={work}us #{rep + 1}")
                         p = _run_point(cfg, setup, conc, work, rep, session)
-                        if p is None:                      # stopped by a signal
-                            result.interrupted = True
+                        if isinstance(p, int):             # stopped by this signal
+                            result.interrupted = p
                             return result
                         result.points.append(p)
                         done += 1
@@ -336,7 +337,8 @@ def _probe_session(cfg: BenchConfig):
 
 
 def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
-               session) -> Optional[Point]:
+               session) -> Point | int:
+    """One point; the number of the signal that stopped it instead, if one did."""
     run_cfg = RunConfig(workers=cfg.workers, host=cfg.host, port=cfg.port, proto="tcp",
                         model=setup.model, policy=parse_policy(setup.policy or "kernel"),
                         cpus=cfg.cpus, work_us=work)
@@ -345,7 +347,7 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
         sup.start()
         if not sup.wait_ready():
             sup.stop()
-            return None
+            return sup.stop_signal or signal.SIGINT
         workers = [sup.counters.read(i)["pid"] for i in range(cfg.workers)]
         acceptor = (sup.counters.read(sup.counters.acceptor)["pid"]
                     if setup.model == "dispatcher" else None)
@@ -362,7 +364,7 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
                                                timeout))
         if out is None or sup.stopping:
             sup.stop()
-            return None
+            return sup.stop_signal or signal.SIGINT
         load, client_cpu_s = out
         cpu1 = _cpu_times(watched)
         sys1 = psutil.cpu_times()

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..signals import Interrupted
 from . import accel as _accel
 from . import kernels
 from .errors import EXIT_TIMEOUT, VMError
@@ -378,8 +379,8 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
                 timed_out = True
                 break
             time.sleep(0.1)
-    except _Stop:
-        raise KeyboardInterrupt from None
+    except _Stop as e:
+        raise Interrupted(e.args[0]) from None
     finally:
         # The teardown must finish whatever arrives meanwhile (a second
         # SIGTERM, a SIGHUP): signals wait until it is done.
@@ -402,7 +403,7 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
         for s, h in old.items():
             signal.signal(s, h)
         if pending:
-            raise KeyboardInterrupt
+            raise Interrupted(pending[0])
     if silent:
         raise _Silent()
     seconds = time.monotonic() - started

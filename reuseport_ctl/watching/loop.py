@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from typing import Optional
 
+from ..signals import STOPPING
 from .checks import gone, require_probe_caps
 from .engine import Watch
 from .sources import OwnSource
@@ -15,16 +16,19 @@ POLL_S = 0.1         # seconds between checks for q / signals / the deadline
 
 
 class Stop:
-    """SIGINT and SIGTERM end the watch cleanly (probes detached, a last frame)."""
+    """SIGINT, SIGTERM and SIGHUP end the watch cleanly (probes detached, a
+    last frame); the verb then exits 128 + N (signals.py)."""
 
     def __init__(self):
         self.why: Optional[str] = None
+        self.signum = 0
 
     @contextmanager
     def signals(self):
         def handler(signum, frame):
             self.why = signal.Signals(signum).name
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            self.signum = signum
+        old = {s: signal.signal(s, handler) for s in STOPPING}
         try:
             yield
         finally:

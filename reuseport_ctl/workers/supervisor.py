@@ -133,7 +133,8 @@ class Supervisor:
         self.chans: list[tuple[socket.socket, socket.socket]] = []   # (acceptor end, worker end)
         self.selector = None
         self.counters: Optional[Counters] = None
-        self.stopping = False                       # set by SIGINT/SIGTERM
+        self.stopping = False                       # set by SIGINT/SIGTERM/SIGHUP
+        self.stop_signal = 0                        # ... and which one
         self._children: dict[int, int] = {}        # pid -> record index
         self._early: dict[int, int] = {}           # record index -> deaths before ready
         self._helper: Optional[int] = None         # run_in_child's process
@@ -358,10 +359,12 @@ class Supervisor:
         # after resetting them.
         sys.stdout.flush()
         sys.stderr.flush()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        old = signal.pthread_sigmask(signal.SIG_BLOCK,
+                                     {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
         pid = os.fork()
         if pid == 0:
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group:
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)   # so does a hang-up:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)  # only the supervisor decides
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
             gc.freeze()     # never finalize the parent's objects (fd numbers get reused)
@@ -447,8 +450,9 @@ class Supervisor:
     def _catch_signals(self) -> None:
         def on_signal(signum, frame):
             self.stopping = True
+            self.stop_signal = signum
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 self._handlers[sig] = signal.signal(sig, on_signal)
         except ValueError:          # not the main thread: the caller handles signals
             self._handlers.clear()
