@@ -211,6 +211,7 @@ class Pin:
     layout: str = "netns"        # "netns" | "flat" (earlier versions)
     state: str = ""              # here | live | stale | orphaned
     open_sockets: int | None = None
+    name: str = ""               # its `ip netns` name, if it has one
 
     def as_dict(self) -> dict:
         m = self.meta
@@ -219,6 +220,7 @@ class Pin:
                 "addr": m.addr if m else None, "state": self.state,
                 "stale": self.state == "stale", "layout": self.layout,
                 "open_sockets": self.open_sockets, "follower": _follower_pid(m),
+                "name": self.name,
                 "pinned": str(self.path)}
 
 
@@ -288,6 +290,9 @@ def pins_everywhere(base: Path | None = None, proto: str | None = None,
             live_cookie = cookies.get(p.netns, 0)
         p.open_sockets = _open_sockets(p.path, p.meta)
         p.state = judge(p.netns, cookie, here, live_cookie, p.open_sockets)
+        where = live.get(p.netns, "")
+        if p.state in ("here", "live") and "/run/netns/" in where:
+            p.name = where.rsplit("/", 1)[1]
     return found
 
 
@@ -572,6 +577,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     require_caps("detach")
     fs = bpffs.find()
     base = (fs.path if fs else BPFFS) / NAME
+    shown = fs.host_path if fs else (lambda p: p)
     cur, cleaned = _mine(proto, port, base)
     stale = [p.as_dict() for p in cleaned]
     meta = cur.meta if cur else None
@@ -592,7 +598,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
         # Every socket we steered is closed: the group (and its program) is gone.
         remove_pins(path)
         notes.insert(0, "the group it was attached to is gone; removed its pins")
-        return Detached(port, proto, meta.policy, removed=False, pinned=str(path),
+        return Detached(port, proto, meta.policy, removed=False, pinned=str(shown(path)),
                         note="; ".join(notes), stopped_follower=stopped, stale=stale)
     group = find_group(port, proto, pid=pid, host=host)
     with group.taken() as socks:
@@ -608,7 +614,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     if meta is not None:
         remove_pins(path)
     return Detached(port, proto, meta.policy if meta else None, removed=removed,
-                    pinned=str(path) if meta else None, note="; ".join(notes),
+                    pinned=str(shown(path)) if meta else None, note="; ".join(notes),
                     stopped_follower=stopped, stale=stale)
 
 
