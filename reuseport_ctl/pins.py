@@ -55,7 +55,8 @@ def root(mount: bool = False) -> Path:
     return (fs.path if fs else BPFFS) / NAME
 
 
-def pin_dir(proto: str, port: int, netns_inode: int | None = None, base: Path | None = None) -> Path:
+def pin_dir(proto: str, port: int, netns_inode: int | None = None,
+            base: Path | None = None) -> Path:
     """Where this network namespace's (or `netns_inode`'s) policy on
     proto/port is pinned."""
     ino = netns.current_inode() if netns_inode is None else netns_inode

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import bpf_objects, bpf_objects_settle
+from conftest import bpf_objects
 from test_attach import free_port, hits, start_worker
 from reuseport_ctl import pins
 from reuseport_ctl.errors import UserError

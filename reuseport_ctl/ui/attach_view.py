@@ -133,8 +133,8 @@ def render_status(d: dict) -> Group:
         parts.append(Text(d["note"], style="yellow"))
     parts.append(_pinned_in(d))
     if not d.get("in_force", True) and not d.get("follower"):
-        parts += _hints(hints, {"follow": "put new sockets in the policy and keep it in "
-                                          "force with"})
+        parts += _hints(hints, {"follow": "put new sockets in the policy and keep it "
+                                          "in force with"})
     return Group(*parts)
 
 
