@@ -55,7 +55,8 @@ def root(mount: bool = False) -> Path:
     return (fs.path if fs else BPFFS) / NAME
 
 
-def pin_dir(proto: str, port: int, netns_inode: int | None = None, base: Path | None = None) -> Path:
+def pin_dir(proto: str, port: int, netns_inode: int | None = None,
+            base: Path | None = None) -> Path:
     """Where this network namespace's (or `netns_inode`'s) policy on
     proto/port is pinned."""
     ino = netns.current_inode() if netns_inode is None else netns_inode
@@ -211,6 +212,7 @@ class Pin:
     layout: str = "netns"        # "netns" | "flat" (earlier versions)
     state: str = ""              # here | live | stale | orphaned
     open_sockets: int | None = None
+    name: str = ""               # its `ip netns` name, if it has one
 
     def as_dict(self) -> dict:
         m = self.meta
@@ -219,6 +221,7 @@ class Pin:
                 "addr": m.addr if m else None, "state": self.state,
                 "stale": self.state == "stale", "layout": self.layout,
                 "open_sockets": self.open_sockets, "follower": _follower_pid(m),
+                "name": self.name,
                 "pinned": str(self.path)}
 
 
@@ -288,6 +291,9 @@ def pins_everywhere(base: Path | None = None, proto: str | None = None,
             live_cookie = cookies.get(p.netns, 0)
         p.open_sockets = _open_sockets(p.path, p.meta)
         p.state = judge(p.netns, cookie, here, live_cookie, p.open_sockets)
+        where = live.get(p.netns, "")
+        if p.state in ("here", "live") and "/run/netns/" in where:
+            p.name = where.rsplit("/", 1)[1]
     return found
 
 
@@ -363,13 +369,11 @@ def _follower_pid(meta: Meta | None) -> int | None:
 
 def stop_follower(meta: Meta | None) -> int | None:
     """SIGTERM the `attach --follow` recorded in meta and wait for it to
-    exit; its pid, or None if none was running."""
+    exit; its pid, or None if none was running here. (A follower in another
+    pid namespace cannot be signalled from here: it sees within a tick that
+    the record is no longer its own, and exits.)"""
     pid = _follower_pid(meta)
     if pid is None:
-        f = meta.follower if meta else None
-        if f and f.get("pidns") != process.pid_ns():
-            raise UserError(f"the policy is followed by pid {f['pid']} of another pid "
-                            f"namespace: stop that `reuseport-ctl attach --follow` first.")
         return None
     process.terminate(pid, meta.follower["start"])
     return pid
@@ -572,6 +576,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     require_caps("detach")
     fs = bpffs.find()
     base = (fs.path if fs else BPFFS) / NAME
+    shown = fs.host_path if fs else (lambda p: p)
     cur, cleaned = _mine(proto, port, base)
     stale = [p.as_dict() for p in cleaned]
     meta = cur.meta if cur else None
@@ -592,7 +597,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
         # Every socket we steered is closed: the group (and its program) is gone.
         remove_pins(path)
         notes.insert(0, "the group it was attached to is gone; removed its pins")
-        return Detached(port, proto, meta.policy, removed=False, pinned=str(path),
+        return Detached(port, proto, meta.policy, removed=False, pinned=str(shown(path)),
                         note="; ".join(notes), stopped_follower=stopped, stale=stale)
     group = find_group(port, proto, pid=pid, host=host)
     with group.taken() as socks:
@@ -608,7 +613,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     if meta is not None:
         remove_pins(path)
     return Detached(port, proto, meta.policy if meta else None, removed=removed,
-                    pinned=str(path) if meta else None, note="; ".join(notes),
+                    pinned=str(shown(path)) if meta else None, note="; ".join(notes),
                     stopped_follower=stopped, stale=stale)
 
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import bpf_objects, bpf_objects_settle
+from conftest import bpf_objects
 from test_attach import free_port, hits, start_worker
 from reuseport_ctl import pins
 from reuseport_ctl.errors import UserError
@@ -308,6 +308,7 @@ def test_follow_exits_on_sigterm_leaving_only_the_pinned_policy(workers):
         finally:
             f.kill()
         assert f.lines[-1]["event"] == "stopped" and "stays pinned" in f.lines[-1]["text"]
+        assert f.lines[-1]["text"].startswith(signal.Signals(sig).name)
         # Of what attach made, only the pins are alive: the follower's fds and
         # bcc's objects went with the process (other test runs may make
         # objects meanwhile: only ours, those pinned, may have appeared).
@@ -441,7 +442,7 @@ def test_systemd_unit_runs_the_follower(workers):
         p.send_signal(getattr(signal, keys["KillSignal"]))
         out, err = p.communicate(timeout=10)
         assert p.returncode == 0, err
-        assert "follow ended: stopped; the policy stays pinned." in out
+        assert "follow ended: SIGTERM: stopped; the policy stays pinned." in out
         assert pins.read_meta(pins.pin_dir("tcp", port)).policy == "round-robin"
     finally:
         if p.poll() is None:

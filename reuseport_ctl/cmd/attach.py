@@ -90,8 +90,11 @@ def attach(port, pid, host, proto, policy, follow, as_json):
     if follow:
         # Installed before attaching: a signal from now on ends the follow
         # cleanly (the policy stays pinned) instead of interrupting it.
+        def on_signal(signum, _frame):
+            stop.signal = signal.Signals(signum).name
+            stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, on_signal)
     a = pins.attach(port, policy, proto=proto, pid=pid, host=host, follow=follow)
     d = a.as_dict()
     if as_json:
@@ -119,6 +122,8 @@ def _follow(port: int, proto: str, stop: threading.Event, as_json: bool) -> None
                    f"and leave the policy pinned.")
         sys.stdout.flush()
     why = f.run(stop, say)
+    if stop.is_set():
+        why = f"{getattr(stop, 'signal', 'signal')}: {why}"
     if as_json:
         click.echo(json.dumps({"event": "stopped", "ts": round(time.time(), 3),
                                "text": why}))

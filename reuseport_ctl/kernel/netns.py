@@ -88,6 +88,9 @@ def live_namespaces() -> dict[int, str]:
     a socket created in it is still open somewhere (that keeps it alive
     without naming it)."""
     found: dict[int, str] = {}
+    for mountinfo in ("/proc/self/mountinfo", "/proc/1/mountinfo"):
+        for ino, path in _nsfs_mounts(mountinfo):   # first: they carry `ip netns` names
+            found.setdefault(ino, path)
     for pid in (n for n in os.listdir("/proc") if n.isdigit()):
         try:
             tids = os.listdir(f"/proc/{pid}/task")
@@ -113,9 +116,6 @@ def live_namespaces() -> dict[int, str]:
                     continue
                 if ino is not None:
                     found.setdefault(ino, e.path)
-    for mountinfo in ("/proc/self/mountinfo", "/proc/1/mountinfo"):
-        for ino, path in _nsfs_mounts(mountinfo):
-            found.setdefault(ino, path)
     return found
 
 

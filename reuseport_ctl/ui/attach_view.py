@@ -133,27 +133,29 @@ def render_status(d: dict) -> Group:
         parts.append(Text(d["note"], style="yellow"))
     parts.append(_pinned_in(d))
     if not d.get("in_force", True) and not d.get("follower"):
-        parts += _hints(hints, {"follow": "put new sockets in the policy and keep it in "
-                                          "force with"})
+        parts += _hints(hints, {"follow": "put new sockets in the policy and keep it "
+                                          "in force with"})
     return Group(*parts)
 
 
 def render_pins(d: dict) -> Group:
     """d: {"pins": [Pin.as_dict()], "removed_stale": [...], "note"}: every pin."""
     t = Table(title="reuseport-ctl pins on this machine", title_justify="left")
-    for col, just in (("netns", "right"), ("proto", "left"), ("port", "right"),
-                      ("policy", "left"), ("address", "left"), ("state", "left"),
-                      ("follower", "right")):
-        t.add_column(col, justify=just, no_wrap=col != "state",
-                      min_width=14 if col == "state" else None)
+    followed = any(p.get("follower") for p in d["pins"])
+    for col in ("netns", "port", "policy", "state") + (("follower",) if followed
+                                                                  else ()):
+        t.add_column(col, justify="right" if col == "follower" else "left",
+                     no_wrap=col != "state", min_width=14 if col == "state" else None)
     states = {"here": "this namespace", "live": "live", "orphaned":
               "orphaned: no process or mount names its namespace, sockets still open"}
     rows = [(p, states.get(p["state"], p["state"]), None) for p in d["pins"]] + \
         [(p, "stale: namespace gone; removed", "dim") for p in d["removed_stale"]]
     for p, state, style in rows:
         flat = " (flat layout)" if p.get("layout") == "flat" else ""
-        t.add_row(f"net:[{p['netns']}]", p["proto"], str(p["port"]), p["policy"] or "?",
-                  p["addr"] or "", state + flat, str(p["follower"] or "-"), style=style)
+        name = f" {p['name']}" if p.get("name") else ""
+        row = [f"net:[{p['netns']}]{name}", f"{p['proto']} {p['port']}", p["policy"] or "?",
+               state + flat]
+        t.add_row(*row + ([str(p.get("follower") or "-")] if followed else []), style=style)
     if not rows:
         return Group(Text("no reuseport-ctl policy is pinned on this machine"))
     parts = [t, Text(f"pinned under {Path(rows[0][0]['pinned']).parent.parent}", style="dim")]
