@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from churn_schema import SCHEMA, validate
 from reuseport_ctl.errors import UserError
 from reuseport_ctl.experiments import churn
 from reuseport_ctl.kernel import sysctl
@@ -101,11 +102,11 @@ def test_config_refuses_nonsense(kw):
 
 
 def test_schema_validator_catches_mistakes():
-    assert churn.validate({"experiment": "churn"})                       # missing keys
-    assert churn.validate([], churn.SCHEMA)                              # not an object
-    assert churn.validate(-1, {"type": "integer", "minimum": 0})
-    assert churn.validate(True, {"type": "integer"})                     # bool is no int
-    assert not churn.validate(None, {"type": ["integer", "null"]})
+    assert validate({"experiment": "churn"})                       # missing keys
+    assert validate([], SCHEMA)                              # not an object
+    assert validate(-1, {"type": "integer", "minimum": 0})
+    assert validate(True, {"type": "integer"})                     # bool is no int
+    assert not validate(None, {"type": ["integer", "null"]})
 
 
 def test_sysctl_setting_restores_on_error(netns):
@@ -191,7 +192,7 @@ def test_cli_json_schema_plot_restore_and_cleanup(netns, cli, tmp_path):
             "--remove-every", 0.5, "--queued", 8, "--queued-modes", "off,bpf",
             "--modes", "off,on,bpf,drain", "--json", "--plot", png, check=True)
     rep = json.loads(p.stdout)
-    assert churn.validate(rep) == []
+    assert validate(rep) == []
     assert rep["sysctl"] == {"name": MIG, "before": "1", "after": "1", "restored": True}
     assert sysctl.read(MIG) == "1"
     assert rep["netns"] == "host" and rep["kernel"] == os.uname().release
