@@ -30,7 +30,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import psutil
@@ -135,6 +135,7 @@ class BenchResult:
     env: dict
     probe: str                      # how wakeups were counted, or why not
     interrupted: bool = False
+    rows: list[Row] = field(default_factory=list)   # summarize(points): what the views show
 
     def to_json(self) -> list[dict]:
         return [asdict(p) for p in self.points]
@@ -300,6 +301,7 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
                         if on_point:
                             on_point(done, total, p)
     finally:
+        result.rows = summarize(result)
         if session is not None:
             session.close()
     return result
