@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from churn_schema import SCHEMA, validate
+from conftest import bpf_objects_settle
 from reuseport_ctl.errors import UserError
 from reuseport_ctl.experiments import churn
 from reuseport_ctl.kernel import sysctl
@@ -32,15 +33,8 @@ def churn_objects() -> tuple[set, set]:
             {i for i, n in bpf.map_names().items() if n.startswith("rp_mig_")})
 
 
-def churn_objects_settle(expected, seconds: float = 10.0):
-    """The kernel frees a program's maps after an RCU grace period: wait
-    (bounded) until the objects match, return what was last seen."""
-    deadline = time.monotonic() + seconds
-    while True:
-        now = churn_objects()
-        if now == expected or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
+def churn_objects_settle(expected):
+    return bpf_objects_settle(expected, objects=churn_objects)
 
 
 def churn_pids() -> set[int]:
