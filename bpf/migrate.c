@@ -21,6 +21,7 @@
 //   -DSELECTED_SK_OFF, -DLOAD_OFF  (kernel struct offsets, from BTF);
 //   -DLEAST=0          migrate to the next live slot of the table
 #include <uapi/linux/bpf.h>
+#include "common.h"      // load_of(); the slot bound
 
 #define MODE_MIGRATE 0      // rp_mig_config[0]: move orphaned requests
 #define MODE_REFUSE  1      //                   let the kernel reset them
@@ -61,24 +62,6 @@ static __always_inline void migrated_to(u32 slot)
     count(1);
 }
 
-#if LEAST
-// Accept-queue length of the socket in `slot`, ~0 if the slot is empty or
-// closed. Selecting stores the socket in the context (selected_sk), from
-// where sk_ack_backlog is read at its BTF offset; the final selection
-// below overwrites it.
-static __always_inline u32 queue_of(struct sk_reuseport_md *md, u32 slot)
-{
-    u64 sk = 0;
-    u32 q = ~0U;
-    if (bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &slot, 0))
-        return q;
-    bpf_probe_read_kernel(&sk, sizeof(sk), (void *)md + SELECTED_SK_OFF);
-    if (sk)
-        bpf_probe_read_kernel(&q, sizeof(q), (void *)(sk + LOAD_OFF));
-    return q;
-}
-#endif
-
 int rp_migrate(struct sk_reuseport_md *md)
 {
     u32 k_mode = 0, k_n = 1;
@@ -106,7 +89,7 @@ int rp_migrate(struct sk_reuseport_md *md)
             u32 *slotp = table_at(start, i, n);
             if (!slotp)
                 continue;
-            u32 q = queue_of(md, *slotp);
+            u32 q = load_of(md, *slotp);   // accept-queue length (LOAD_OFF)
             if (q < best) {
                 best = q;
                 best_slot = *slotp;

@@ -12,6 +12,7 @@
 //   queue also:        -DSKB_OFF, -DQUEUE_MAPPING_OFF (from BTF)
 //   numa also:         -DNODE_DIR (entries of `table` that are the node directory)
 #include <uapi/linux/bpf.h>
+#include "common.h"      // load_of(); the slot bound
 
 #define P_MOD       1   // hash % n                       (modulo-N)
 #define P_THRESHOLD 2   // (hash * n) >> 32               (hash-threshold, RFC 2992)
@@ -46,28 +47,6 @@ static __always_inline u32 jump_hash(u32 hash, u32 n)
             break;
     }
     return (u32)b;
-}
-#endif
-
-#if POLICY == P_LEAST
-// The scan below is unrolled by the verifier: it bounds the group size.
-#define LEAST_MAX_SLOTS 64
-
-// How loaded the socket in `slot` is: TCP's accept queue (sk_ack_backlog) or
-// UDP's receive memory (sk_rmem_alloc). Neither is in struct bpf_sock, and a
-// SK_REUSEPORT program cannot look members up; but selecting a slot stores
-// its socket in the context (sk_reuseport_kern.selected_sk), from where the
-// field is read at its BTF offset. ~0 when the slot is empty.
-static __always_inline u32 load_of(struct sk_reuseport_md *md, u32 slot)
-{
-    u64 sk = 0;
-    u32 load = ~0U;
-    if (bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &slot, 0))
-        return load;
-    bpf_probe_read_kernel(&sk, sizeof(sk), (void *)md + SELECTED_SK_OFF);
-    if (sk)
-        bpf_probe_read_kernel(&load, sizeof(load), (void *)(sk + LOAD_OFF));
-    return load;
 }
 #endif
 

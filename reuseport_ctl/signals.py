@@ -50,9 +50,14 @@ def name(signum: int) -> str:
 @contextmanager
 def as_interrupts():
     """SIGTERM and SIGHUP raise Interrupted while the block runs (main
-    thread only; elsewhere nothing changes)."""
+    thread only; elsewhere nothing changes). Only the first: a second one
+    while the cleanup runs (sysctls, programs, workers) must not cut it short."""
+    fired: list[int] = []
+
     def handler(signum, frame):
-        raise Interrupted(signum)
+        if not fired:
+            fired.append(signum)
+            raise Interrupted(signum)
     old = {}
     try:
         for s in (signal.SIGTERM, signal.SIGHUP):

@@ -70,13 +70,13 @@ def bpf_objects() -> tuple[set, set, set]:
     return progs, maps, set(bpf.link_ids())
 
 
-def bpf_objects_settle(expected, seconds: float = 10.0):
+def bpf_objects_settle(expected, seconds: float = 10.0, objects=bpf_objects):
     """The kernel frees a program's maps after an RCU grace period, in a work
-    item: wait (bounded) until the objects match, return what was last seen."""
+    item: wait (bounded) until objects() matches, return what was last seen."""
     import time
     deadline = time.monotonic() + seconds
     while True:
-        now = bpf_objects()
+        now = objects()
         if now == expected or time.monotonic() > deadline:
             return now
         time.sleep(0.05)

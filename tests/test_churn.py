@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from churn_schema import SCHEMA, validate
+from conftest import bpf_objects_settle
 from reuseport_ctl.errors import UserError
 from reuseport_ctl.experiments import churn
 from reuseport_ctl.kernel import sysctl
@@ -31,15 +33,8 @@ def churn_objects() -> tuple[set, set]:
             {i for i, n in bpf.map_names().items() if n.startswith("rp_mig_")})
 
 
-def churn_objects_settle(expected, seconds: float = 10.0):
-    """The kernel frees a program's maps after an RCU grace period: wait
-    (bounded) until the objects match, return what was last seen."""
-    deadline = time.monotonic() + seconds
-    while True:
-        now = churn_objects()
-        if now == expected or time.monotonic() > deadline:
-            return now
-        time.sleep(0.05)
+def churn_objects_settle(expected):
+    return bpf_objects_settle(expected, objects=churn_objects)
 
 
 def churn_pids() -> set[int]:
@@ -101,11 +96,11 @@ def test_config_refuses_nonsense(kw):
 
 
 def test_schema_validator_catches_mistakes():
-    assert churn.validate({"experiment": "churn"})                       # missing keys
-    assert churn.validate([], churn.SCHEMA)                              # not an object
-    assert churn.validate(-1, {"type": "integer", "minimum": 0})
-    assert churn.validate(True, {"type": "integer"})                     # bool is no int
-    assert not churn.validate(None, {"type": ["integer", "null"]})
+    assert validate({"experiment": "churn"})                       # missing keys
+    assert validate([], SCHEMA)                              # not an object
+    assert validate(-1, {"type": "integer", "minimum": 0})
+    assert validate(True, {"type": "integer"})                     # bool is no int
+    assert not validate(None, {"type": ["integer", "null"]})
 
 
 def test_sysctl_setting_restores_on_error(netns):
@@ -191,7 +186,7 @@ def test_cli_json_schema_plot_restore_and_cleanup(netns, cli, tmp_path):
             "--remove-every", 0.5, "--queued", 8, "--queued-modes", "off,bpf",
             "--modes", "off,on,bpf,drain", "--json", "--plot", png, check=True)
     rep = json.loads(p.stdout)
-    assert churn.validate(rep) == []
+    assert validate(rep) == []
     assert rep["sysctl"] == {"name": MIG, "before": "1", "after": "1", "restored": True}
     assert sysctl.read(MIG) == "1"
     assert rep["netns"] == "host" and rep["kernel"] == os.uname().release

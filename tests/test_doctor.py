@@ -199,6 +199,30 @@ def test_render_marks_missing_facilities():
     assert "core missing: SK_REUSEPORT" in text
 
 
+def test_render_fits_80_columns_one_line_a_facility():
+    detail = "tried for real: the program loaded and attached to a listener"     # 62 chars
+    facs = [Facility(n, n != "kprobes", detail, "lookups are counted by sk_lookup instead")
+            for n, _ in features.PROBES]
+    d = doctor_report("6.x", features.CORE, facs, choose(facs), {"path": None})
+    console = Console(record=True, width=80)
+    console.print(render_doctor(d, compact=True))
+    lines = console.export_text().splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= 80
+    table = lines[1:lines.index(next(x for x in lines if x.startswith("probes")))]
+    # detail wraps once at most; a missing facility adds what still works
+    assert len(table) <= 2 * len(facs) + 2, "\n".join(table)
+    row = [x for x in table if " kprobes " in x]
+    assert row and "✗" in row[0]
+    assert any("without it: lookups are counted by sk_lookup" in x for x in table)
+
+
+def test_doctor_piped_is_never_cut(cli):
+    # not a terminal (even one of 80 columns piped): the wide table, uncut
+    out = cli("doctor", env={**os.environ, "COLUMNS": "80"}).stdout
+    assert "…" not in out
+    assert "without it" in out and "core works" in out
+
+
 def test_tracefs_ensure_mounts_where_tracepoints_are():
     # What probe code calls before attaching a tracepoint (it may mount tracefs).
     root = tracefs.ensure()

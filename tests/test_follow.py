@@ -212,7 +212,7 @@ def test_gunicorn_restart_under_follow_keeps_round_robin_exact(gunicorn):
         # slots keep meaning the same workers
         assert {k: by_slot[k]["pid"] for k in (0, 2)} == {k: slots[k] for k in (0, 2)}
 
-        assert f.stop() == 0
+        assert f.stop() == 128 + signal.SIGTERM
         assert f.lines[-1]["event"] == "stopped"
         meta = pins.read_meta(pins.pin_dir("tcp", port))
         assert meta.follower is None and meta.policy == "round-robin"
@@ -264,7 +264,7 @@ def test_gunicorn_restart_without_follow_is_reported_then_follow_repairs(gunicor
         st = pins.policy_state(port)
         assert st.in_force and st.fallbacks == 0
         assert _even(served_by(port, 3000), 3, 3000)
-        assert f.stop() == 0
+        assert f.stop() == 128 + signal.SIGTERM
     finally:
         f.kill()
 
@@ -304,7 +304,7 @@ def test_follow_exits_on_sigterm_leaving_only_the_pinned_policy(workers):
         before = _rp_ids()
         f = Follow(port, "drain:0")
         try:
-            assert f.stop(sig) == 0, f.stderr()
+            assert f.stop(sig) == 128 + sig, f.stderr()       # README: Exit status
         finally:
             f.kill()
         assert f.lines[-1]["event"] == "stopped" and "stays pinned" in f.lines[-1]["text"]
@@ -355,7 +355,7 @@ def test_detach_stops_the_follower(workers, cli):
     try:
         d = json.loads(cli("detach", "--port", port, "--json", check=True).stdout)
         assert d["stopped_follower"] == f.p.pid and d["removed"] is True
-        assert f.p.wait(10) == 0
+        assert f.p.wait(10) == 128 + signal.SIGTERM
         assert not pins.pin_dir("tcp", port).exists()
         assert len(hits(port, 30)) == 3
     finally:
@@ -368,7 +368,7 @@ def test_attach_over_a_followed_policy_stops_its_follower(workers):
     try:
         a = pins.attach(port, "drain:1")
         assert a.stopped_follower == f.p.pid
-        assert f.p.wait(10) == 0
+        assert f.p.wait(10) == 128 + signal.SIGTERM
         assert pins.read_meta(pins.pin_dir("tcp", port)).policy == "drain:1"
     finally:
         f.kill()
@@ -406,7 +406,7 @@ def test_follow_udp_socket_closed_and_reopened(port):
             assert e["inode"] == new_inode
             st = wait_for(lambda: (s := pins.policy_state(port, "udp")) and s.in_force and s)
             assert st.slots[new_inode] == e["slot"] and st.divergence is None
-            assert f.stop() == 0
+            assert f.stop() == 128 + signal.SIGTERM
         finally:
             f.kill()
         pins.detach(port, "udp")
@@ -441,7 +441,8 @@ def test_systemd_unit_runs_the_follower(workers):
         wait_for(lambda: (st := pins.policy_state(port)) and st.follower == p.pid, timeout=60)
         p.send_signal(getattr(signal, keys["KillSignal"]))
         out, err = p.communicate(timeout=10)
-        assert p.returncode == 0, err
+        assert p.returncode == 143, err
+        assert "143" in keys["SuccessExitStatus"].split()     # systemd: a clean stop
         assert "follow ended: SIGTERM: stopped; the policy stays pinned." in out
         assert pins.read_meta(pins.pin_dir("tcp", port)).policy == "round-robin"
     finally:

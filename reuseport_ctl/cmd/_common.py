@@ -26,6 +26,20 @@ def check_output_path(path: Optional[str], option: str = "--plot",
         raise UserError(f"{option} {path}: this user cannot write there.")
 
 
+def with_progress(fn, total: int, what: str):
+    """Run fn(progress) under a rich progress bar on stderr (a terminal only)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task(what, total=total)
+
+        def progress(msg: str) -> None:
+            bar.update(task, advance=1, description=f"{what}: {msg}")
+        return fn(progress)
+
 
 def in_range(lo: int, hi: int | None = None):
     """A click callback: the number within [lo, hi], else one sentence that

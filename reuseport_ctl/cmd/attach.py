@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 
 from .. import pins
+from ..signals import Stopped
 from ..kernel.owners import process_name
 from ..policies import help_text as policy_names
 from ..ui.attach_view import (render_attach, render_detach, render_follow_event,
@@ -92,6 +93,7 @@ def attach(port, pid, host, proto, policy, follow, as_json):
         # cleanly (the policy stays pinned) instead of interrupting it.
         def on_signal(signum, _frame):
             stop.signal = signal.Signals(signum).name
+            stop.signum = signum
             stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, on_signal)
@@ -129,6 +131,8 @@ def _follow(port: int, proto: str, stop: threading.Event, as_json: bool) -> None
                                "text": why}))
     else:
         click.echo(f"follow ended: {why}.")
+    if stop.is_set():
+        raise Stopped(stop.signum)          # the policy stays pinned; exit 128 + N
 
 
 @click.command("detach", epilog=DETACH_EPILOG)

@@ -6,7 +6,6 @@ import json
 
 import click
 
-from ..errors import UserError
 from ..signals import Stopped
 from ._common import check_output_path
 from ..experiments import bench as B

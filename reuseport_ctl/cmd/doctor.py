@@ -10,7 +10,7 @@ from rich.console import Console
 
 from ..kernel import features
 from ..probes.strategy import choose
-from ..ui.doctor_view import doctor_report, render_doctor
+from ..ui.doctor_view import COMPACT_BELOW, doctor_report, render_doctor
 
 EPILOG = """\b
 Examples:
@@ -44,7 +44,9 @@ def doctor(as_json):
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        console.print(render_doctor(report))
+        if not console.is_terminal:
+            console.width = 160     # piped: the wide table, nothing cut or squeezed
+        console.print(render_doctor(report, compact=console.width < COMPACT_BELOW))
     sys.exit(0 if report["core_ok"] else 1)
 
 

@@ -8,7 +8,7 @@ import os
 import click
 
 from ..errors import UserError
-from ._common import check_output_path
+from ._common import check_output_path, with_progress
 
 EPILOG = """\b
 Examples:
@@ -62,7 +62,7 @@ def remap(policies, sizes, flows, proto, changes, remove, as_json, plot_path, ho
     if not host_netns:
         from ..kernel.netns import enter_private_netns
         enter_private_netns()
-    rows = _with_progress(lambda progress: rx.run_remap(
+    rows = with_progress(lambda progress: rx.run_remap(
         pols, lo, hi, flows, proto, change_list, remove, progress=progress),
         rx.steps(pols, lo, hi, change_list), "remap")
     if plot_path:
@@ -80,21 +80,6 @@ def remap(policies, sizes, flows, proto, changes, remove, as_json, plot_path, ho
     console.print(render_remap(rows, f"{machine_label()} · {proto} · "))
     if plot_path:
         console.print(f"plot: {plot_path}")
-
-
-def _with_progress(fn, total: int, what: str):
-    """Run fn(progress) under a rich progress bar on stderr (a terminal only)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task(what, total=total)
-
-        def progress(msg: str) -> None:
-            bar.update(task, advance=1, description=f"{what}: {msg}")
-        return fn(progress)
 
 
 COMMANDS = [remap]

@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import UserError
-from ._common import check_output_path
+from ._common import check_output_path, with_progress
 
 EPILOG = """\b
 Examples:
@@ -67,8 +67,7 @@ def udp_lookup(n_spec, path, seconds, rounds, early_demux, no_probe, as_json, pl
     if not host_netns:
         from ..kernel.netns import enter_private_netns
         enter_private_netns()
-    from .remap import _with_progress
-    out = _with_progress(lambda progress: ux.run_udp_lookup(
+    out = with_progress(lambda progress: ux.run_udp_lookup(
         ns, seconds, rounds, paths, probe=not no_probe, early_demux=early_demux,
         progress=progress), ux.steps(ns, paths, rounds), "udp-lookup")
     if plot_path:

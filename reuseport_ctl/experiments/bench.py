@@ -31,7 +31,7 @@ import platform
 import signal
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
 import psutil
@@ -136,6 +136,7 @@ class BenchResult:
     env: dict
     probe: str                      # how wakeups were counted, or why not
     interrupted: int = 0            # the signal that stopped it early (0: it ran to the end)
+    rows: list[Row] = field(default_factory=list)   # summarize(points): what the views show
 
     def to_json(self) -> list[dict]:
         return [asdict(p) for p in self.points]
@@ -276,7 +277,8 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
               on_start: Optional[Callable[[int, str], None]] = None) -> BenchResult:
     """Run every point. on_start(index, label) before a point, on_point(done,
     total, point) after it. Ctrl-C or SIGTERM during a point stops the bench
-    after cleaning up; the points done so far come back with interrupted=True."""
+    after cleaning up; the points done so far come back with interrupted set to
+    the signal."""
     cfg.validate()
     for s in cfg.setups:                                   # refuse before starting anything
         RunConfig(workers=cfg.workers, model=s.model,
@@ -301,6 +303,7 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
                         if on_point:
                             on_point(done, total, p)
     finally:
+        result.rows = summarize(result)
         if session is not None:
             session.close()
     return result

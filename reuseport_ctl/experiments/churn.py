@@ -36,42 +36,38 @@ kernel queued for it meanwhile is what gets orphaned.
 The group here is not the Supervisor's: its membership changes at run time.
 Group keeps a copy of every listener (like the supervisor) so that it, not
 the worker, decides when the listener closes, and reads each accept queue's
-length (TCP_INFO) to drain.
+length (TCP_INFO) to drain. Its pieces live with their kind: the program in
+policies/migrate.py, the worker in workers/churn.py, the load in
+load/steady.py.
 """
 from __future__ import annotations
 
-import gc
-import mmap
 import os
-import pickle
 import platform
 import re
 import select
-import signal
 import socket
-import struct
 import time
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from ..errors import UserError
-from ..kernel import bpf, process
+from ..kernel import children
 from ..kernel import sockets as ksock
 from ..kernel import sysctl
-from ..workers import http
+from ..load.steady import SteadyLoad
+from ..policies.migrate import MAX_SLOTS, MigrateProgram
+from ..workers.churn import run_churn_worker
+from ..workers.supervisor import client_host
 
 MIGRATE_REQ = "net.ipv4.tcp_migrate_req"
 MODES = ("off", "on", "bpf", "bpf-refuse", "drain")
 CHURN_MODES = ("off", "on", "bpf", "drain")          # the default table
 QUEUED_MODES = ("off", "on", "bpf", "bpf-refuse", "drain")
-MAX_SLOTS = 16          # bpf/migrate.c unrolls its scans over the slots
 READY_TIMEOUT_S = 5.0
-LEAVE_FINISH_S = 2.0    # a leaving worker finishes its open connections within this
 DRAIN_GRACE_S = 0.05    # after steering away: in-flight handshakes land meanwhile
 DRAIN_TIMEOUT_S = 3.0
 
@@ -189,310 +185,6 @@ def parse_modes(spec: str) -> tuple[str, ...]:
     return modes
 
 
-# --- the SELECT_OR_MIGRATE program -------------------------------------------------
-
-@lru_cache(maxsize=1)
-def program_source() -> str:
-    here = Path(__file__).resolve().parents[2] / "bpf" / "migrate.c"
-    if here.is_file():
-        return here.read_text()
-    return resources.files("reuseport_ctl.bpf").joinpath("migrate.c").read_text()
-
-
-class MigrateProgram:
-    """bpf/migrate.c, loaded, with its socket array: the one owner of every
-    BPF object churn makes. migrate=False loads it as a plain SELECT program
-    (steering only; the kernel never runs it for migration)."""
-
-    MODE_MIGRATE, MODE_REFUSE = 0, 1
-
-    def __init__(self, migrate: bool = True, refuse: bool = False,
-                 max_slots: int = MAX_SLOTS):
-        from ..kernel.bcc import compile_program
-
-        self.migrate, self.refuse, self.max_slots = migrate, refuse, max_slots
-        self.attach_type = (bpf.ATTACH_SK_REUSEPORT_SELECT_OR_MIGRATE if migrate
-                            else bpf.ATTACH_SK_REUSEPORT_SELECT)
-        self.table: list[int] = []
-        self.target = "shortest accept queue"
-        self._bpf = None
-        self._fds: list[int] = []
-        self.prog_fd = -1
-        self._member: Optional[socket.socket] = None
-        try:
-            self.socks_fd = self._own(bpf.create_map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8,
-                                                  max_slots, "rp_mig_socks"))
-            cflags = [f"-DSOCKS_FD={self.socks_fd}", f"-DMAX_SLOTS={max_slots}"]
-            try:
-                from ..kernel.btf import offset_macros
-                cflags += ["-DLEAST=1"] + offset_macros({
-                    "SELECTED_SK_OFF": ("sk_reuseport_kern", "selected_sk"),
-                    "LOAD_OFF": ("sock", "sk_ack_backlog")})
-            except Exception:       # no BTF: migrate to the next live slot instead
-                cflags.append("-DLEAST=0")
-                self.target = "next live slot"
-            self._bpf = compile_program(program_source(), cflags)
-            self.prog_fd = self._load()
-            self.maps = {name: self._bpf[f"rp_mig_{name}".encode()].map_fd
-                         for name in ("table", "config", "stats", "to")}
-            bpf.map_update(self.maps["config"], bpf.u32(0),
-                           bpf.u32(self.MODE_REFUSE if refuse else self.MODE_MIGRATE))
-            self._write_table()
-        except BaseException:
-            self.close()
-            raise
-
-    def _own(self, fd: int) -> int:
-        self._fds.append(fd)
-        return fd
-
-    def _load(self) -> int:
-        try:
-            return self._bpf.load_func(b"rp_migrate", bpf.PROG_TYPE_SK_REUSEPORT,
-                                       attach_type=self.attach_type).fd
-        except TypeError:
-            pass            # an older bcc without attach_type: load its bytecode ourselves
-        except Exception as e:
-            raise UserError(f"the kernel refused the select-or-migrate program ({e}).") from None
-        try:
-            return self._own(bpf.prog_load(bpf.PROG_TYPE_SK_REUSEPORT,
-                                           self._bpf.dump_func(b"rp_migrate"),
-                                           expected_attach_type=self.attach_type,
-                                           name="rp_migrate"))
-        except OSError as e:
-            raise UserError(f"the kernel refused the select-or-migrate program "
-                            f"({e.strerror}).") from None
-
-    @property
-    def kind(self) -> str:
-        return "select_or_migrate" if self.migrate else "select"
-
-    def attach(self, sock: socket.socket) -> None:
-        from ..kernel.owners import attach_reuseport_ebpf
-        try:
-            attach_reuseport_ebpf(sock, self.prog_fd)
-        except OSError as e:
-            raise UserError(f"cannot attach the select-or-migrate program to the group "
-                            f"({e.strerror}).") from None
-        self._member = sock
-
-    def put(self, slot: int, sock: socket.socket) -> None:
-        """Put a listening member in the socket array (not yet steered to)."""
-        bpf.map_update(self.socks_fd, bpf.u32(slot), bpf.u64(sock.fileno()))
-
-    def enable(self, slot: int) -> None:
-        if slot not in self.table:
-            self.table.append(slot)
-            self._write_table()
-
-    def disable(self, slot: int) -> None:
-        """New connections stop going to `slot` (its queue can drain)."""
-        if slot in self.table:
-            self.table.remove(slot)
-            self._write_table()
-
-    def _write_table(self) -> None:
-        # Entries first, then the count: the program never reads a stale slot
-        # past n (a removed slot read before the count shrinks just fails to
-        # select, and the scan moves on).
-        for i, slot in enumerate(self.table):
-            bpf.map_update(self.maps["table"], bpf.u32(i), bpf.u32(slot))
-        bpf.map_update(self.maps["config"], bpf.u32(1), bpf.u32(len(self.table)))
-
-    def stats(self) -> dict:
-        vals = [struct.unpack("=Q", bpf.map_lookup(self.maps["stats"], bpf.u32(i), 8) or
-                              bytes(8))[0] for i in range(4)]
-        to = {}
-        for slot in range(self.max_slots):
-            raw = bpf.map_lookup(self.maps["to"], bpf.u32(slot), 8)
-            n = struct.unpack("=Q", raw)[0] if raw else 0
-            if n:
-                to[str(slot)] = n
-        return {"attach_type": self.kind, "refuse": self.refuse, "target": self.target,
-                "selected": vals[0], "migrated": vals[1], "refused": vals[2],
-                "no_slot": vals[3], "migrated_to": to}
-
-    def close(self, member: Optional[socket.socket] = None) -> None:
-        """Detach (through a live member, if any is left), empty the socket
-        array so its sockets are free again, release every fd. Idempotent."""
-        from ..kernel.owners import detach_reuseport_prog
-        for s in (member, self._member):
-            if s is not None and s.fileno() >= 0:
-                try:
-                    detach_reuseport_prog(s)
-                    break
-                except OSError:
-                    continue
-        self._member = None
-        if self._fds:
-            for slot in range(self.max_slots):
-                try:
-                    bpf.map_delete(self.socks_fd, bpf.u32(slot))
-                except OSError:
-                    pass
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
-        self.prog_fd = -1
-
-
-# --- children ------------------------------------------------------------------------
-
-def _fork() -> int:
-    """fork() with SIGINT/SIGTERM blocked across it; the child ignores Ctrl-C
-    (the parent decides), dies on SIGTERM, and never finalizes the parent's
-    objects (fd numbers get reused)."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    pid = os.fork()
-    if pid == 0:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        gc.freeze()
-        return 0
-    signal.pthread_sigmask(signal.SIG_SETMASK, old)
-    return pid
-
-
-def _stop(pid: int, grace: float = 1.0) -> None:
-    """SIGTERM, wait up to `grace`, then SIGKILL; always reaped."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            if os.waitpid(pid, os.WNOHANG)[0]:
-                return
-        except ChildProcessError:
-            return
-        time.sleep(0.005)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-
-
-def _worker_main(slot: int, listener: socket.socket, ctl: socket.socket, hold: bool,
-                 parent: int) -> None:
-    """A churn worker: epoll over its listener, its connections and the
-    control socket. Commands (one byte each): a = start accepting,
-    l = leave: stop accepting, close our copy of the listener, answer L,
-    then finish the open connections and exit. Never returns."""
-    code = 1
-    try:
-        process.die_with_parent(parent)
-        process.close_fds_except({0, 1, 2, listener.fileno(), ctl.fileno()})
-        process.set_name(f"rpctl-churn{slot}")
-        ok, close_resp, bad = http.responses(slot, os.getpid())
-        ep = select.epoll()
-        lfd, cfd = listener.fileno(), ctl.fileno()
-        ctl.setblocking(False)
-        ep.register(cfd, select.EPOLLIN)
-        conns: dict[int, tuple[socket.socket, bytearray]] = {}
-        accepting = leaving = False
-        leave_by = 0.0
-
-        def start_accepting() -> None:
-            nonlocal accepting
-            if not accepting and not leaving:
-                ep.register(lfd, select.EPOLLIN)
-                accepting = True
-
-        def drop(fd: int) -> None:
-            s, _ = conns.pop(fd)
-            ep.unregister(fd)
-            s.close()
-
-        if not hold:
-            start_accepting()
-        ctl.send(b"R")
-        while True:
-            if leaving and (not conns or time.monotonic() > leave_by):
-                break
-            for fd, ev in ep.poll(0.1 if leaving else 1.0):
-                if fd == lfd:
-                    if not accepting:           # closed by an 'l' earlier in this batch
-                        continue
-                    for _ in range(64):         # what is queued, up to a batch
-                        try:
-                            c, _ = listener.accept()
-                        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                            break
-                        c.setblocking(False)
-                        conns[c.fileno()] = (c, bytearray())
-                        ep.register(c.fileno(), select.EPOLLIN)
-                elif fd == cfd:
-                    try:
-                        cmds = ctl.recv(64)
-                    except BlockingIOError:
-                        continue
-                    if not cmds:
-                        os._exit(0)             # the parent went away
-                    for cmd in cmds:
-                        if cmd == ord("a"):
-                            start_accepting()
-                        elif cmd == ord("l") and not leaving:
-                            if accepting:
-                                ep.unregister(lfd)
-                            accepting = False
-                            listener.close()
-                            leaving, leave_by = True, time.monotonic() + LEAVE_FINISH_S
-                            ctl.send(b"L")
-                elif fd in conns:
-                    _serve(conns, fd, drop, ok, close_resp, bad)
-        code = 0
-    except BaseException as e:
-        try:
-            os.write(2, f"reuseport-ctl: churn worker {slot}: {type(e).__name__}: {e}\n".encode())
-        except BaseException:
-            pass
-    finally:
-        os._exit(code)
-
-
-def _serve(conns, fd, drop, ok: bytes, close_resp: bytes, bad: bytes) -> None:
-    s, buf = conns[fd]
-    try:
-        data = s.recv(65536)
-    except BlockingIOError:
-        return
-    except OSError:
-        return drop(fd)
-    if not data:
-        return drop(fd)
-    buf += data
-    out = bytearray()
-    keep = True
-    while keep:
-        try:
-            r = http.next_request(buf)
-        except http.BadRequest:
-            out += bad
-            keep = False
-            break
-        if r is None:
-            break
-        n, keep = r
-        del buf[:n]
-        out += ok if keep else close_resp
-    try:
-        if out:
-            s.send(out)         # a few hundred bytes into an empty send buffer
-    except OSError:
-        return drop(fd)
-    if not keep:
-        drop(fd)
-
-
 # --- the group ----------------------------------------------------------------------
 
 @dataclass
@@ -552,9 +244,10 @@ class Group:
         except BaseException:
             lst.close()
             raise
-        pid = _fork()
+        pid = children.fork()
         if pid == 0:
-            _worker_main(slot, lst, theirs, hold, self._me)
+            children.run_child(lambda: run_churn_worker(slot, lst, theirs, hold, self._me),
+                               f"churn worker {slot}")
         theirs.close()
         m = _Member(slot, lst, pid, mine, time.monotonic())
         self.members[slot] = m
@@ -569,7 +262,7 @@ class Group:
         self.members[slot].ctl.send(b"a")
 
     def queue_len(self, slot: int) -> int:
-        return accept_queue_len(self.members[slot].listener)
+        return ksock.accept_queue_len(self.members[slot].listener)
 
     def leave(self, slot: int, linger: float = 0.0) -> int:
         """The worker stops accepting; `linger` seconds later its listener
@@ -583,7 +276,7 @@ class Group:
             pass
         if linger > 0:
             time.sleep(linger)
-        queued = accept_queue_len(m.listener)
+        queued = ksock.accept_queue_len(m.listener)
         m.listener.close()          # the last reference: inet_csk_listen_stop() runs now
         if self.program is not None:
             self.program.disable(slot)
@@ -639,8 +332,8 @@ class Group:
         pids = [(m.pid, m.ctl) for m in self.members.values()] + self._leaving
         self.members.clear()
         self._leaving = []
-        for pid, ctl in pids:
-            _stop(pid)
+        children.stop((pid for pid, _ in pids), grace=1.0)
+        for _, ctl in pids:
             ctl.close()
 
 
@@ -651,13 +344,6 @@ def _recv_byte(s: socket.socket, timeout: float) -> bytes:
         return s.recv(1)
     except OSError:
         return b""
-
-
-def accept_queue_len(listener: socket.socket) -> int:
-    """A listener's accept-queue length: TCP_INFO's tcpi_unacked is
-    sk_ack_backlog for a socket in LISTEN."""
-    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    return struct.unpack_from("=I", info, 24)[0]
 
 
 # --- kernel counters -------------------------------------------------------------
@@ -716,7 +402,7 @@ def queued_case(mode: str, k: int, host: str = "127.0.0.1", port: int = 0,
             try:
                 first = g.add(hold=True)
                 before = migrate_counters()
-                chost = _client_host(host)
+                chost = client_host(host)
                 for _ in range(k):
                     c = socket.create_connection((chost, g.port), timeout=timeout)
                     c.sendall(REQUEST)
@@ -792,146 +478,6 @@ def _read_answers(clients: list[socket.socket], timeout: float) -> tuple[Counter
     return outcomes, dict(sorted(served.items()))
 
 
-def _client_host(host: str) -> str:
-    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-
-
-# --- steady load ---------------------------------------------------------------------
-
-_KINDS = ("refused", "reset", "timeout", "other")
-_REC = struct.Struct("=6q")         # per load process: done, ok, refused, reset, timeout, other
-
-
-class SteadyLoad:
-    """The built-in client's engine (load/engine.py), without an end: each
-    of `processes` forked processes keeps concurrency/processes connections
-    in flight, one after another, until stop(). Every process publishes its
-    running counts in a shared page (read for the progress bar and the
-    timeline) and sends its whole tally back at the end."""
-
-    def __init__(self, host: str, port: int, concurrency: int, timeout: float,
-                 processes: int = 2):
-        from ..load import http as lhttp
-        from ..load.engine import Target
-
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        hh = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.target = Target("tcp", family, addr, float(timeout), 1,
-                             lhttp.request("/", hh, last=False), lhttp.request("/", hh, last=True))
-        self.processes = max(1, min(processes, concurrency))
-        self.concurrency = concurrency
-        self._shared = mmap.mmap(-1, 8 + _REC.size * self.processes)   # [0]: stop flag
-        self._kids: dict[int, int] = {}          # result pipe read end -> pid
-        self.timeline: list[dict] = []
-        self._t0 = 0.0
-
-    def start(self, t0: float) -> None:
-        from ..load.plan import split
-
-        self._t0 = t0
-        me = os.getpid()
-        for p, width in enumerate(split(self.concurrency, self.processes)):
-            r, w = os.pipe()
-            pid = _fork()
-            if pid == 0:
-                self._child(p, width, w, me)
-            os.close(w)
-            self._kids[r] = pid
-
-    def _child(self, p: int, lanes: int, w: int, parent: int) -> None:
-        from ..load.engine import Engine, Tally
-
-        code = 1
-        try:
-            process.die_with_parent(parent)
-            process.close_fds_except({0, 1, 2, w})
-            process.set_name("rpctl-churnload")
-            shared, off = self._shared, 8 + _REC.size * p
-            tally = Tally()
-
-            def publish(done: int) -> None:
-                e = tally.errors
-                _REC.pack_into(shared, off, done, tally.ok, *(e[k] for k in _KINDS))
-
-            def indices():
-                i = 0
-                while not shared[0]:
-                    yield i
-                    i += 1
-            it = indices()
-            Engine(self.target, tally, publish, parent).run([it] * lanes)
-            publish(tally.done)
-            tally.lat_ms = tally.lat_ms[:0]         # not needed: keep the pipe small
-            data = memoryview(pickle.dumps(tally))
-            while data:
-                data = data[os.write(w, data):]
-            code = 0
-        except BaseException as e:
-            try:
-                os.write(2, f"reuseport-ctl: churn load: {type(e).__name__}: {e}\n".encode())
-            except BaseException:
-                pass
-        finally:
-            os._exit(code)
-
-    def counts(self) -> dict[str, int]:
-        """Running totals over every load process."""
-        tot = [0] * 6
-        for p in range(self.processes):
-            for i, v in enumerate(_REC.unpack_from(self._shared, 8 + _REC.size * p)):
-                tot[i] += v
-        return dict(zip(("conns", "ok") + _KINDS, tot))
-
-    def progress(self) -> tuple[int, int]:
-        c = self.counts()
-        return c["conns"], c["reset"]
-
-    def sample(self) -> None:
-        """One timeline point: the running totals now."""
-        self.timeline.append({"t": round(time.monotonic() - self._t0, 4), **self.counts()})
-
-    def stop(self, timeout: float = 10.0) -> dict:
-        """Let every connection in flight finish (at most the client timeout),
-        then return the totals, per-worker counts and the timeline."""
-        self._shared[0] = 1
-        bufs = {r: bytearray() for r in self._kids}
-        open_ = set(self._kids)
-        deadline = time.monotonic() + timeout
-        while open_ and time.monotonic() < deadline:
-            for r in select.select(list(open_), [], [], 0.1)[0]:
-                chunk = os.read(r, 1 << 16)
-                if chunk:
-                    bufs[r] += chunk
-                else:
-                    open_.discard(r)
-        self.sample()
-        tallies = [pickle.loads(b) for b in bufs.values() if b]
-        self.close()
-        if len(tallies) != self.processes:
-            raise RuntimeError("a churn load process died; its error is above")
-        totals: Counter = Counter({k: 0 for k in ("conns", "ok") + _KINDS})
-        per_worker: Counter = Counter()
-        for t in tallies:
-            totals["conns"] += t.done
-            totals["ok"] += t.ok
-            totals.update(t.errors)
-            per_worker.update(t.per_worker)
-        return {"totals": dict(totals), "timeline": self.timeline,
-                "per_worker": {k: per_worker[k] for k in sorted(per_worker, key=_natural)}}
-
-    def close(self) -> None:
-        for r, pid in self._kids.items():
-            _stop(pid, grace=2.0)
-            os.close(r)
-        self._kids.clear()
-        if not self._shared.closed:
-            self._shared.close()
-
-
-def _natural(name: str):
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
 # --- the churn case ---------------------------------------------------------------
 
 def churn_case(mode: str, cfg: ChurnConfig,
@@ -944,7 +490,7 @@ def churn_case(mode: str, cfg: ChurnConfig,
             for _ in range(cfg.workers):
                 g.add()
             before = migrate_counters()
-            load = SteadyLoad(_client_host(cfg.host), g.port, cfg.concurrency, cfg.timeout)
+            load = SteadyLoad(client_host(cfg.host), g.port, cfg.concurrency, cfg.timeout)
             try:
                 t0 = time.monotonic()
                 load.start(t0)
@@ -1046,148 +592,3 @@ def run_experiment(cfg: ChurnConfig, netns: str = "private",
             "sysctl": {"name": MIGRATE_REQ, "before": before, "after": after,
                        "restored": before == after},
             "queued": queued, "churn": churn}
-
-
-@contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """SIGTERM becomes KeyboardInterrupt once, so every `finally` (sysctl,
-    program, workers) runs; a second one during the cleanup is ignored."""
-    fired = []
-
-    def on_term(signum, frame):
-        if not fired:
-            fired.append(signum)
-            raise KeyboardInterrupt("SIGTERM")
-
-    try:
-        old = signal.signal(signal.SIGTERM, on_term)
-    except ValueError:          # not the main thread: the caller handles signals
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
-# --- the JSON schema ----------------------------------------------------------------
-
-_INT = {"type": "integer", "minimum": 0}
-_NUM = {"type": "number", "minimum": 0}
-_COUNTS = {"type": "object", "additionalProperties": _INT}
-_MODE = {"type": "string", "enum": list(MODES)}
-_PROGRAM = {"type": ["object", "null"],
-            "required": ["attach_type", "refuse", "target", "selected", "migrated",
-                         "refused", "no_slot", "migrated_to"],
-            "properties": {"attach_type": {"type": "string",
-                                           "enum": ["select", "select_or_migrate"]},
-                           "refuse": {"type": "boolean"}, "target": {"type": "string"},
-                           "selected": _INT, "migrated": _INT, "refused": _INT,
-                           "no_slot": _INT, "migrated_to": _COUNTS}}
-_ERRORS = {"type": "object", "required": ["refused", "reset", "timeout", "other"],
-           "additionalProperties": _INT}
-
-SCHEMA = {
-    "type": "object",
-    "required": ["experiment", "version", "kernel", "cpus", "netns", "config", "sysctl",
-                 "queued", "churn"],
-    "properties": {
-        "experiment": {"type": "string", "enum": ["churn"]},
-        "version": {"type": "integer", "enum": [1]},
-        "kernel": {"type": "string"},
-        "cpus": {"type": "integer", "minimum": 1},
-        "netns": {"type": "string", "enum": ["private", "host"]},
-        "config": {"type": "object",
-                   "required": ["workers", "duration", "linger", "modes", "queued",
-                                "schedule"]},
-        "sysctl": {"type": "object", "required": ["name", "before", "after", "restored"],
-                   "properties": {"name": {"type": "string"}, "before": {"type": "string"},
-                                  "after": {"type": "string"},
-                                  "restored": {"type": "boolean"}}},
-        "queued": {"type": "array", "items": {
-            "type": "object",
-            "required": ["mode", "k", "queued", "queued_at_close", "ok", "reset", "timeout",
-                         "other", "served_by", "migrated", "migrate_failed", "program"],
-            "properties": {"mode": _MODE, "k": _INT, "queued": _INT, "queued_at_close": _INT,
-                           "first_slot": _INT, "second_slot": _INT,
-                           "ok": _INT, "reset": _INT, "timeout": _INT, "other": _INT,
-                           "served_by": _COUNTS, "migrated": _INT, "migrate_failed": _INT,
-                           "program": _PROGRAM}}},
-        "churn": {"type": "array", "items": {
-            "type": "object",
-            "required": ["mode", "sysctl", "program", "removal", "duration_s", "conns", "ok",
-                         "errors", "failed", "resets_per_10k", "failed_per_10k", "leaves",
-                         "joins", "queued_at_close", "migrated", "migrate_failed",
-                         "program_stats", "final_workers", "per_worker", "events",
-                         "timeline"],
-            "properties": {
-                "mode": _MODE, "sysctl": {"type": "integer", "enum": [0, 1]},
-                "program": {"type": ["string", "null"],
-                            "enum": ["select", "select_or_migrate", None]},
-                "removal": {"type": "string", "enum": ["abrupt", "drain"]},
-                "duration_s": _NUM, "conns": _INT, "ok": _INT, "errors": _ERRORS,
-                "failed": _INT, "resets_per_10k": _NUM, "failed_per_10k": _NUM,
-                "leaves": _INT, "joins": _INT, "queued_at_close": _INT,
-                "migrated": _INT, "migrate_failed": _INT, "program_stats": _PROGRAM,
-                "final_workers": {"type": "array", "items": _INT},
-                "per_worker": _COUNTS,
-                "events": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["t", "action", "slot", "skipped", "queued", "took_s",
-                                 "workers"],
-                    "properties": {"t": _NUM, "action": {"type": "string",
-                                                         "enum": ["add", "remove"]},
-                                   "slot": {"type": ["integer", "null"]},
-                                   "skipped": {"type": "boolean"},
-                                   "queued": {"type": ["integer", "null"]},
-                                   "took_s": {"type": ["number", "null"]},
-                                   "workers": _INT}}},
-                "timeline": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["t", "conns", "ok", "refused", "reset", "timeout", "other"],
-                    "properties": {"t": {"type": "number"},
-                                   "conns": _INT, "ok": _INT, "refused": _INT,
-                                   "reset": _INT, "timeout": _INT, "other": _INT}}}}}},
-    },
-}
-
-_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
-
-
-def validate(obj, schema: dict = SCHEMA, path: str = "$") -> list[str]:
-    """The JSON Schema subset SCHEMA uses (type, enum, required, properties,
-    additionalProperties, items, minimum): the list of violations, [] if none."""
-    errs: list[str] = []
-    types = schema.get("type")
-    if types is not None:
-        types = types if isinstance(types, list) else [types]
-        if not any(_is(obj, t) for t in types):
-            return [f"{path}: expected {'/'.join(types)}, got {type(obj).__name__}"]
-    if "enum" in schema and obj not in schema["enum"]:
-        errs.append(f"{path}: {obj!r} not one of {schema['enum']}")
-    if "minimum" in schema and isinstance(obj, (int, float)) and not isinstance(obj, bool) \
-            and obj < schema["minimum"]:
-        errs.append(f"{path}: {obj} < {schema['minimum']}")
-    if isinstance(obj, dict):
-        for k in schema.get("required", ()):
-            if k not in obj:
-                errs.append(f"{path}: missing {k!r}")
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties")
-        for k, v in obj.items():
-            if k in props:
-                errs += validate(v, props[k], f"{path}.{k}")
-            elif isinstance(extra, dict):
-                errs += validate(v, extra, f"{path}.{k}")
-    if isinstance(obj, list) and "items" in schema:
-        for i, v in enumerate(obj):
-            errs += validate(v, schema["items"], f"{path}[{i}]")
-    return errs
-
-
-def _is(v, t: str) -> bool:
-    if t == "integer":
-        return isinstance(v, int) and not isinstance(v, bool)
-    if t == "number":
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    return isinstance(v, _TYPES[t])

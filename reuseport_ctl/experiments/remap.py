@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 
 from ..errors import UserError
 from ..kernel import bpf
+from ..kernel.sockets import open_listener
 from ..policies import Policy, parse_policy
 from ..policies.tables import jump_index, mod_index, threshold_index
 
@@ -157,17 +158,9 @@ class _Group:
     _in_array: list = field(default_factory=list)   # socket array content (eBPF)
 
     def _new_socket(self) -> socket.socket:
-        kind = socket.SOCK_STREAM if self.proto == "tcp" else socket.SOCK_DGRAM
-        s = socket.socket(socket.AF_INET, kind)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((HOST, self.port))
-            if self.proto == "tcp":
-                s.listen(4096)
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
+        s = open_listener(HOST, self.port, self.proto, reuseport=True, backlog=4096,
+                          group=tuple(self.socks))
+        s.setblocking(False)
         self.port = s.getsockname()[1]
         return s
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from ..errors import UserError
+from ..kernel.sockets import open_listener
 
 HOST = "127.0.0.1"
 DEFAULT_NS = (1, 10, 100, 1000, 10000)
@@ -132,14 +133,10 @@ class Server:
     session: object = None                           # ProbeSession (kprobes only)
 
     def _member(self) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((HOST, self.port))
-            s.setblocking(False)
-        except BaseException:
-            s.close()
-            raise
+        # No group= (it only explains a failed bind): copying 10k members per
+        # socket would make the set-up quadratic.
+        s = open_listener(HOST, self.port, "udp", reuseport=True, backlog=0)
+        s.setblocking(False)
         self.port = s.getsockname()[1]
         return s
 

@@ -10,11 +10,29 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
+from importlib import resources
+from pathlib import Path
 
 from ..errors import UserError
 from .headers import FIX, HeaderTree, find_header_tree
 
 DIST = "/usr/lib/python3/dist-packages"
+
+
+@lru_cache(maxsize=1)
+def source_dir() -> Path:
+    """Where the BPF C lives: bpf/ of a source checkout, else the copy
+    shipped inside the wheel (the package reuseport_ctl.bpf)."""
+    here = Path(__file__).resolve().parents[2] / "bpf"
+    if (here / "common.h").is_file():
+        return here
+    return Path(str(resources.files("reuseport_ctl.bpf")))
+
+
+@lru_cache(maxsize=None)
+def program_source(name: str) -> str:
+    """The text of bpf/<name>."""
+    return (source_dir() / name).read_text()
 
 
 @lru_cache(maxsize=1)
@@ -71,8 +89,10 @@ def compile_program(text: str, cflags: list[str] | None = None):
     """Compile bcc-dialect C; returns a bcc.BPF object (caller owns cleanup)."""
     bcc = bcc_module()
     try:
-        # -w: the stand-in headers warn about attributes clang ignores.
-        return bcc.BPF(text=text.encode(), cflags=["-w"] + list(cflags or []))
+        # -w: the stand-in headers warn about attributes clang ignores; -I:
+        # the sources' own #include "common.h".
+        return bcc.BPF(text=text.encode(),
+                       cflags=["-w", f"-I{source_dir()}"] + list(cflags or []))
     except Exception as e:  # bcc raises plain Exception on compile failure
         raise UserError(f"bcc could not compile the BPF program ({e}); "
                         f"check the header tree with 'reuseport-ctl doctor'.") from None

@@ -41,10 +41,6 @@ class Listener:
                               # datagrams dropped (receive buffer full, filter)
 
     @property
-    def family_name(self) -> str:
-        return "ipv4" if self.family == socket.AF_INET else "ipv6"
-
-    @property
     def endpoint(self) -> str:
         a = f"[{self.addr}]" if self.family == socket.AF_INET6 else self.addr
         return f"{a}:{self.port}"

@@ -26,7 +26,7 @@ from typing import Optional
 
 from .. import cpulist
 from ..errors import UserError
-from ..nic.model import Channels, Irq, Nic, Rss, RxQueue, Topology, TxQueue
+from .nicinfo import Channels, Irq, Nic, Rss, RxQueue, Topology, TxQueue
 
 SYS_NET = Path("/sys/class/net")
 SYS_NODE = Path("/sys/devices/system/node")
@@ -422,10 +422,6 @@ def irq(number: int, table) -> Irq:
 
 
 # --- the whole interface -----------------------------------------------------------
-
-
-def link_names() -> list[str]:
-    return netns_links()
 
 
 def read_nic(ifname: str) -> Nic:

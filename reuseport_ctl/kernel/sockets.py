@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -90,9 +91,11 @@ def open_group(host: str, port: int, proto: str, n: int, *, backlog: int,
         raise
 
 
-def socket_uid(sock: socket.socket) -> int:
-    """The uid the kernel stamped on the socket (what anti-hijack compares)."""
-    return os.fstat(sock.fileno()).st_uid
+def accept_queue_len(listener: socket.socket) -> int:
+    """A listener's accept-queue length: TCP_INFO's tcpi_unacked is
+    sk_ack_backlog for a socket in LISTEN."""
+    info = listener.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return struct.unpack_from("=I", info, 24)[0]
 
 
 # --- who holds a port ---------------------------------------------------------

@@ -7,9 +7,10 @@ connection or datagram.
     least-loaded, drain:K, eBPF (bcc): one SK_REUSEPORT program over a
     queue, numa            REUSEPORT_SOCKARRAY keyed by worker slot
 
-parse_policy() turns the user's spelling into a Policy; Policy.attach() loads
-and attaches it to a group and returns the Selector that owns every BPF object
-it created (close() releases them all).
+parse_policy() turns the user's spelling into a Policy; selector.attach_policy()
+loads and attaches it to a group and returns the Selector that owns every BPF
+object it created (close() releases them all). migrate.py holds churn's
+select-or-migrate program.
 """
 from __future__ import annotations
 

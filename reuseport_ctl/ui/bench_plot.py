@@ -15,9 +15,7 @@ def plot_bench(result, path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..experiments.bench import summarize
-
-    rows = summarize(result)
+    rows = result.rows
     works = sorted({r.work_us for r in rows})
     concs = sorted({r.concurrency for r in rows})
     labels = list(dict.fromkeys(r.label for r in rows))

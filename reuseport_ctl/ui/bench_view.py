@@ -1,7 +1,7 @@
 """Rendering of a bench: one table per load point (setups side by side, the
 median of the repeats with its min-max), then where each model's imbalance
-appears. The numbers are the ones --json prints, summarized by
-experiments.bench.summarize()."""
+appears. The numbers are the ones --json prints, as the bench summarized
+them (BenchResult.rows)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..experiments.bench import IMBALANCED, BenchResult, Row, Spread, imbalances, summarize, worst
+from ..experiments.bench import IMBALANCED, BenchResult, Row, Spread, imbalances, worst
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -44,7 +44,7 @@ def shares_text(r: Row) -> str:
 
 def headline(result: BenchResult) -> str:
     """Where each setup's worst imbalance was (median max:min over repeats)."""
-    rows = summarize(result)
+    rows = result.rows
     parts = []
     for label, r in worst(rows).items():
         parts.append(f"{label} {_num(r.max_min.median, '.2f')}:1 "
@@ -53,7 +53,7 @@ def headline(result: BenchResult) -> str:
 
 
 def render_bench(result: BenchResult) -> RenderableType:
-    rows = summarize(result)
+    rows = result.rows
     env, cfg = result.env, result.config
     kind = ("short connections (1 request each)" if cfg["requests_per_conn"] == 1 else
             f"keep-alive ({cfg['requests_per_conn']} requests per connection)")

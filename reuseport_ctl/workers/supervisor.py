@@ -23,13 +23,11 @@ the group, and the policy could not be attached before the first connection.
 """
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import select
 import signal
 import socket
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ from typing import Any, Callable, Optional
 
 from .. import cpulist
 from ..errors import UserError
-from ..kernel import process
+from ..kernel import children, process
 from ..kernel import sockets as ksock
 from ..policies import Policy
 from ..stats.fairness import summarize
@@ -178,7 +176,7 @@ class Supervisor:
         for s in self.socks:
             s.setblocking(cfg.model in ("shared-accept", "dispatcher"))
         if cfg.policy.kind != "none":
-            from ..policies.selector import attach_policy     # lands with the policies work
+            from ..policies.selector import attach_policy
             self.selector = attach_policy(cfg.policy, self.socks, cpus=cfg.cpus)
         if cfg.model == "dispatcher":
             self.chans = [ksock.channel_pair() for _ in range(cfg.workers)]
@@ -220,7 +218,7 @@ class Supervisor:
         a dying worker is restarted while the load runs; fn's result comes back
         pickled. None if stopped by a signal first."""
         r, w = os.pipe()
-        pid = self._fork()
+        pid = children.fork()
         if pid == 0:
             os.close(r)
             self._helper_main(fn, w)
@@ -238,7 +236,7 @@ class Supervisor:
         finally:
             os.close(r)
             if self.stopping:
-                _kill(pid, signal.SIGTERM)
+                children.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
             self._helper = None
         if self.stopping:
@@ -287,17 +285,8 @@ class Supervisor:
                     self.selector.close()
                     self.selector = None
         finally:
-            pids = list(self._children) + ([self._helper] if self._helper else [])
-            for pid in pids:
-                _kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_GRACE_S
-            while pids and time.monotonic() < deadline:
-                pids = [p for p in pids if not _reaped(p)]
-                if pids:
-                    time.sleep(0.01)
-            for pid in pids:                        # stragglers
-                _kill(pid, signal.SIGKILL)
-                _reaped(pid, block=True)
+            children.stop(list(self._children) + ([self._helper] if self._helper else []),
+                          STOP_GRACE_S)
             self._children.clear()
             for s in self.socks + [s for pair in self.chans for s in pair]:
                 s.close()
@@ -353,68 +342,38 @@ class Supervisor:
         cpus = self.cfg.cpus
         return cpus[index % len(cpus)] if cpus else None
 
-    def _fork(self) -> int:
-        # Block SIGINT/SIGTERM across fork so a child cannot get one while it
-        # still runs our handlers (it would ignore it); the child unblocks
-        # after resetting them.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        old = signal.pthread_sigmask(signal.SIG_BLOCK,
-                                     {signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
-        pid = os.fork()
-        if pid == 0:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches the whole group:
-            signal.signal(signal.SIGHUP, signal.SIG_IGN)   # so does a hang-up:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # only the supervisor decides
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-            gc.freeze()     # never finalize the parent's objects (fd numbers get reused)
-            return 0
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        return pid
-
     def _spawn(self, index: int) -> None:
         rec = self.counters.slot(index)
         rec.set(READY, 0)
-        pid = self._fork()
+        pid = children.fork()
         if pid == 0:
-            self._child_main(index)
+            children.run_child(lambda: self._child_main(index), self._role(index))
         rec.set(PID, pid)
         self._children[pid] = index
 
     def _child_main(self, index: int) -> None:
-        """Body of a worker or the acceptor; never returns."""
-        code = 1
-        try:
-            process.die_with_parent(self._me)
-            keep = self._sockets_for(index)
-            for s in self.socks + [s for pair in self.chans for s in pair]:
-                if s not in keep:
-                    s.close()
-            process.close_fds_except({0, 1, 2} | {s.fileno() for s in keep})
-            cfg = self.cfg
-            acceptor = index == cfg.workers
-            process.set_name("rpctl-acceptor" if acceptor else f"rpctl-w{index}")
-            if cfg.cpus:
-                process.pin(self._cpu(index))
-            if self.account:
-                process.drop_privileges(self.account)
-            ctr = self.counters.slot(index)
-            models.set_work_us(cfg.work_us)
-            if acceptor:
-                models.run_acceptor(cfg.proto, ctr, self.socks[0], [a for a, _ in self.chans])
-            else:
-                own = self.socks[index] if cfg.model == "reuseport" else self.socks[0]
-                chan = self.chans[index][1] if self.chans else None
-                models.run_worker(cfg.model, cfg.proto, index, ctr, own, chan)
-            code = 0
-        except BaseException as e:
-            try:        # fd 2 itself: sys.stderr may wrap an fd we closed
-                os.write(2, f"reuseport-ctl: {self._role(index)}: {type(e).__name__}: "
-                            f"{e}\n".encode())
-            except BaseException:
-                pass
-        finally:
-            os._exit(code)
+        """Body of a worker or the acceptor, in its forked process."""
+        process.die_with_parent(self._me)
+        keep = self._sockets_for(index)
+        for s in self.socks + [s for pair in self.chans for s in pair]:
+            if s not in keep:
+                s.close()
+        process.close_fds_except({0, 1, 2} | {s.fileno() for s in keep})
+        cfg = self.cfg
+        acceptor = index == cfg.workers
+        process.set_name("rpctl-acceptor" if acceptor else f"rpctl-w{index}")
+        if cfg.cpus:
+            process.pin(self._cpu(index))
+        if self.account:
+            process.drop_privileges(self.account)
+        ctr = self.counters.slot(index)
+        models.set_work_us(cfg.work_us)
+        if acceptor:
+            models.run_acceptor(cfg.proto, ctr, self.socks[0], [a for a, _ in self.chans])
+        else:
+            own = self.socks[index] if cfg.model == "reuseport" else self.socks[0]
+            chan = self.chans[index][1] if self.chans else None
+            models.run_worker(cfg.model, cfg.proto, index, ctr, own, chan)
 
     def _sockets_for(self, index: int) -> list[socket.socket]:
         cfg = self.cfg
@@ -474,19 +433,3 @@ def _death(status: int) -> str:
             name = f"signal {sig}"
         return f"the last time killed by signal {sig} ({name}), from outside"
     return f"last exit status {os.waitstatus_to_exitcode(status)}; its error is above"
-
-
-def _kill(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _reaped(pid: int, block: bool = False) -> bool:
-    try:
-        return os.waitpid(pid, 0 if block else os.WNOHANG)[0] != 0
-    except ChildProcessError:
-        return True
-
-
