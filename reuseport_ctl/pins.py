@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .groups import ReuseportGroup, find_group
-from .kernel import bpf, bpffs, diag, netns, owners, process
+from .kernel import bpf, bpffs, diag, lockfile, netns, owners, process
 
 BPFFS = bpffs.DEFAULT
 ROOT = BPFFS / "reuseport-ctl"       # as the host sees it
@@ -297,6 +297,7 @@ def pins_everywhere(base: Path | None = None, proto: str | None = None,
     return found
 
 
+@lockfile.serialised("removing stale pins")
 def clean_stale(proto: str | None = None, port: int | None = None,
                 base: Path | None = None) -> list[Pin]:
     """Remove the pins whose namespace is gone (of one proto/port, or all);
@@ -421,6 +422,7 @@ class Attachment:
                 "state": self.state.as_dict() if self.state else None}
 
 
+@lockfile.serialised("attach", first=lambda: require_caps("attach"))
 def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = None,
            host: str | None = None, follow: bool = False) -> Attachment:
     """Steer the reuseport group on `port` with a policy that stays attached
@@ -568,6 +570,7 @@ class Detached:
         return asdict(self)
 
 
+@lockfile.serialised("detach", first=lambda: require_caps("detach"))
 def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | None = None,
            force: bool = False) -> Detached:
     """Give the group back to the kernel's default selection and unpin (the

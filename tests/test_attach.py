@@ -289,7 +289,7 @@ def test_200_cycles_leave_nothing_behind(workers, cli):
             if i % 20 == 0:
                 pins.attach(port, "drain:1")
         else:
-            pins.attach(port, "mod" if i % 2 else "cpu")
+            pins.attach(port, "mod")     # (cpu: refused on 3 sockets over 2 CPUs)
         ours |= _pinned_ids(port)
         pins.detach(port)
     cli("attach", "--port", port, "--policy", "drain:2", check=True)
@@ -405,3 +405,23 @@ def test_missing_privileges(workers, cli, how):
                            capture_output=True, text=True, timeout=60)
         _fails(r, "needs CAP_BPF and CAP_NET_ADMIN")
     assert not pins.pin_dir("tcp", port).exists()
+
+
+def test_cpu_policy_on_more_sockets_than_cpus_is_refused_as_run_refuses_it(netns, cli):
+    n = (os.cpu_count() or 1) + 1
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", 9104))
+        s.listen(8)
+        socks.append(s)
+    try:
+        a = cli("attach", "--port", 9104, "--policy", "cpu")
+        r = cli("run", "--workers", n, "--policy", "cpu", "--port", 9105, "--duration", 1)
+        for p in (a, r):
+            assert p.returncode == 1 and "no CPU would reach" in p.stderr, p.stderr
+        assert not pins.pin_dir("tcp", 9104).exists()
+    finally:
+        for s in socks:
+            s.close()

@@ -256,6 +256,15 @@ def test_gunicorn_restart_without_follow_is_reported_then_follow_repairs(gunicor
     assert [(m.slot, m.pid, m.in_policy) for m in g.members] == \
         [(1, slots[1], True), (2, slots[2], True), (3, new_pid, False)]
 
+    # watch says the same, numbers the members the same, while it lasts
+    w = cli("watch", "--port", port, "--json", "--interval", 0.5, "--duration", 1.2,
+            check=True)
+    last = json.loads(w.stdout.splitlines()[-1])
+    assert last["policy"] == "round-robin" and last["policy_in_force"] is False
+    assert last["policy_note"] == st.divergence
+    assert [(r["slot"], r["pid"]) for r in last["workers"]] == \
+        [(1, slots[1]), (2, slots[2]), (3, new_pid)]
+
     # a follower started now takes the new socket into the vacated slot
     f = Follow(port, "round-robin")
     try:

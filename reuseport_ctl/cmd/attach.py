@@ -14,6 +14,7 @@ from rich.console import Console
 
 from .. import pins
 from ..signals import Stopped
+from ._common import in_range
 from ..kernel.owners import process_name
 from ..policies import help_text as policy_names
 from ..ui.attach_view import (render_attach, render_detach, render_follow_event,
@@ -64,7 +65,8 @@ force). Pins whose network namespace is gone are reported and removed.
 
 proto_opt = click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp",
                          show_default=True)
-port_opt = click.option("--port", type=int, required=True, help="The group's local port.")
+port_opt = click.option("--port", type=int, required=True, callback=in_range(1, 65535),
+                        help="The group's local port.")
 json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 
 
@@ -153,7 +155,8 @@ def detach(port, pid, host, proto, force, as_json):
 
 
 @click.command("status", epilog=STATUS_EPILOG)
-@click.option("--port", type=int, help="The group's local port (default: every pin).")
+@click.option("--port", type=int, callback=in_range(1, 65535),
+              help="The group's local port (default: every pin).")
 @proto_opt
 @json_opt
 def status(port, proto, as_json):

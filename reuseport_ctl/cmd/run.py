@@ -66,8 +66,8 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
     if unpinned and pol.name in ("cpu", "numa"):
         raise UserError(f"--policy {pol.name} steers by where the workers run, so it needs "
                         f"pinned workers: drop --cpus none (or use --cpus auto).")
-    if pol.name == "cpu" and model == "reuseport":
-        _check_cpu_policy(n)
+    if model == "reuseport":
+        pol.check_group_size(n)             # e.g. cpu with more workers than CPUs
     if unpinned:
         pinned: tuple[int, ...] = ()
     else:
@@ -110,19 +110,6 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         raise failed
     if sup.stop_signal:
         raise Stopped(sup.stop_signal)     # a summary, then the shell's 128 + N
-
-
-def _check_cpu_policy(workers: int) -> None:
-    """cpu sends CPU c's traffic to worker c % n: with more workers than
-    CPUs, the workers past the last CPU would get nothing."""
-    import os
-    ncpu = os.cpu_count() or 1
-    if workers > ncpu:
-        idle = ", ".join(map(str, range(ncpu, workers)))
-        raise UserError(f"policy cpu gives worker c the traffic CPU c receives, and this "
-                        f"machine has {ncpu} CPUs (0-{ncpu - 1}): no CPU would reach "
-                        f"worker{'s' if workers - ncpu > 1 else ''} {idle}; use "
-                        f"--workers {ncpu} or fewer.")
 
 
 def _load(host: str, port: int, proto: str, n: int) -> dict:

@@ -57,6 +57,22 @@ class Policy:
             raise UserError(f"cannot drain worker {bad[0]}: the group has slots 0..{n - 1}.")
         if self.drain and len(set(self.drain)) >= n:
             raise UserError("cannot drain every worker: at least one must take new connections.")
+        if self.name == "cpu":
+            _check_cpu_policy(n)
+
+
+def _check_cpu_policy(n: int) -> None:
+    """cpu gives slot c the traffic CPU c receives: with more sockets than
+    CPUs, the slots past the last CPU would get nothing (run and attach
+    refuse it alike)."""
+    import os
+    ncpu = os.cpu_count() or 1
+    if n > ncpu:
+        idle = ", ".join(map(str, range(ncpu, n)))
+        raise UserError(f"policy cpu gives slot c the traffic CPU c receives, and this "
+                        f"machine has {ncpu} CPUs (0-{ncpu - 1}): no CPU would reach "
+                        f"slot{'s' if n - ncpu > 1 else ''} {idle} of the {n}; use a group "
+                        f"of {ncpu} or fewer (run: --workers {ncpu}).")
 
 
 def _ascii_int(text: str) -> int:
