@@ -391,7 +391,8 @@ def require_caps(verb: str) -> None:
 
 
 def _slot_record(m) -> dict:
-    return {"slot": m.slot, "pid": m.pid, "inode": m.inode, "addr": m.addr}
+    return {"slot": m.slot, "pid": m.pid, "inode": m.inode, "addr": m.addr,
+            "tids": list(m.threads)}
 
 
 @dataclass
@@ -731,6 +732,8 @@ class SlotStatus:
     alive: bool                 # the socket is still bound to the port
     in_policy: bool = True      # False: a socket on the port the policy does not have
     skipped: bool = False       # its socket closed and the table leaves it out
+    tids: list[int] = field(default_factory=list)   # a threaded server: the threads
+                                                     # waiting on it now
 
 
 @dataclass
@@ -808,6 +811,11 @@ def status(port: int, proto: str = "tcp") -> Status:
                                     selections=0 if counts else None, alive=True,
                                     in_policy=False))
             nxt = max(nxt, slots[-1].slot) + 1
+    waiting = {p: owners.waiting_threads(p) for p in {s.pid for s in slots if s.pid and s.alive}}
+    for s in slots:
+        w = waiting.get(s.pid, {})
+        if len(w) > 1:                          # only a threaded server's are worth naming
+            s.tids = sorted(t for t, inodes in w.items() if s.inode in inodes)
     return Status(port=port, proto=proto, policy=meta.policy, kind=meta.kind,
                   created=meta.created, pinned=str(path), slots=slots, netns=pin.netns,
                   in_force=st.in_force, divergence=st.divergence, fallbacks=st.fallbacks,

@@ -6,6 +6,7 @@ to children), and a watch started in the middle of a steady load (every
 probe's total against the load client's own count over the same window)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -230,3 +231,24 @@ def test_every_total_starts_when_the_watch_does(netns, strategies):
     for k, v in got.items():
         assert abs(v - truth) <= 0.01 * truth, (k, v, truth, got)
     assert sum(x["spurious_wakeups"] for x in first["workers"]) == 0
+
+
+def test_attach_and_status_name_each_members_thread(netns, cli):
+    """The same group model in every verb: attach and status label each
+    member of a threaded server with the thread that serves it, as watch
+    does, and number the members alike."""
+    port, threads = 18611, 3
+    with threaded_server(port, threads) as p:
+        tids = sorted(t for t in owners.thread_ids(p.pid) if t != p.pid)
+        a = json.loads(cli("attach", "--port", port, "--policy", "round-robin", "--json",
+                           check=True).stdout)
+        try:
+            assert sorted(t for s in a["slots"] for t in s["tids"]) == tids
+            assert all(len(s["tids"]) == 1 for s in a["slots"])
+            st = json.loads(cli("status", "--port", port, "--json", check=True).stdout)
+            assert [(s["slot"], s["tids"]) for s in st["slots"]] == \
+                [(s["slot"], s["tids"]) for s in a["slots"]]
+            text = cli("status", "--port", port, check=True).stdout
+            assert "pid [threads]" in text and f"[{a['slots'][0]['tids'][0]}]" in text
+        finally:
+            cli("detach", "--port", port, check=True)

@@ -55,3 +55,13 @@ def in_range(lo: int, hi: int | None = None):
             raise UserError(f"{name} must be at most {hi:,}, not {value:,}.")
         return value
     return check
+
+
+def console(stderr: bool = False):
+    """A rich Console that fits the terminal, and never cuts a table when the
+    output is a file or a pipe (which has no width: rich would assume 80)."""
+    from rich.console import Console
+    c = Console(stderr=stderr)
+    if not c.is_terminal:
+        c.width = 200
+    return c

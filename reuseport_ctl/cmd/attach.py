@@ -10,11 +10,10 @@ import threading
 import time
 
 import click
-from rich.console import Console
 
 from .. import pins
 from ..signals import Stopped
-from ._common import in_range
+from ._common import console, in_range
 from ..kernel.owners import process_name
 from ..policies import help_text as policy_names
 from ..ui.attach_view import (render_attach, render_detach, render_follow_event,
@@ -104,7 +103,7 @@ def attach(port, pid, host, proto, policy, follow, as_json):
     if as_json:
         click.echo(json.dumps(d))
     else:
-        Console().print(render_attach(_with_names(d)))
+        console().print(render_attach(_with_names(d)))
     if follow:
         _follow(port, proto, stop, as_json)
 
@@ -151,7 +150,7 @@ def detach(port, pid, host, proto, force, as_json):
     if as_json:
         click.echo(json.dumps(d))
     else:
-        Console().print(render_detach(d))
+        console().print(render_detach(d))
 
 
 @click.command("status", epilog=STATUS_EPILOG)
@@ -169,13 +168,13 @@ def status(port, proto, as_json):
         if as_json:
             click.echo(json.dumps(d))
         else:
-            Console().print(render_pins(d))
+            console().print(render_pins(d))
         return
     d = pins.status(port, proto=proto).as_dict()
     if as_json:
         click.echo(json.dumps(d))
     else:
-        Console().print(render_status(_with_names(d)))
+        console().print(render_status(_with_names(d)))
 
 
 COMMANDS = [attach, detach, status]

@@ -14,7 +14,8 @@ BAR = 24
 def _slots_table(title: str, slots: list[dict], counts: bool = False) -> Table:
     t = Table(title=title, title_justify="left")
     t.add_column("slot", justify="right")
-    t.add_column("pid", justify="right")
+    t.add_column(r"pid \[threads]" if any(s.get("tids") for s in slots) else "pid",
+                 justify="right")
     t.add_column("process")
     t.add_column("inode", justify="right")
     t.add_column("address")
@@ -28,7 +29,10 @@ def _slots_table(title: str, slots: list[dict], counts: bool = False) -> Table:
         flag = "" if s.get("in_policy", True) else "*"
         if s.get("skipped"):
             flag = " (skipped)"
-        row = [str(s["slot"]), str(s["pid"] or "?"), s.get("process", "") + flag,
+        who = str(s["pid"] or "?")
+        if s.get("tids"):                        # a threaded server: which threads serve it
+            who += f" [{','.join(map(str, s['tids']))}]"
+        row = [str(s["slot"]), who, s.get("process", "") + flag,
                str(s["inode"]), s["addr"]]
         if counts:
             n = s.get("selections")

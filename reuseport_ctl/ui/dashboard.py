@@ -104,7 +104,7 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     tcp = g.proto == "tcp"
     t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
     t.add_column("slot", justify="right")
-    t.add_column("pid [threads]" if any(r.tids for r in frame.rows) else "pid",
+    t.add_column(r"pid \[threads]" if any(r.tids for r in frame.rows) else "pid",
                  justify="right")
     t.add_column("cpu%", justify="right")
     t.add_column("share", no_wrap=True)
