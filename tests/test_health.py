@@ -96,3 +96,13 @@ def test_process_state_and_ancestors_from_proc():
         child.kill()
         child.wait()
     assert process.state(child.pid) == ""
+
+
+def test_capabilities_count_sys_admin_for_bpf_perfmon_and_net_admin():
+    from reuseport_ctl.kernel import caps
+    bit = lambda *names: sum(1 << caps.BITS[n] for n in names)  # noqa: E731
+    need = ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN")
+    assert caps.missing(need, bit("CAP_SYS_ADMIN")) == []
+    assert caps.missing(need, bit("CAP_BPF")) == ["CAP_PERFMON", "CAP_NET_ADMIN"]
+    assert caps.missing(("CAP_SYS_PTRACE",), bit("CAP_SYS_ADMIN")) == ["CAP_SYS_PTRACE"]
+    assert caps.missing(need, bit(*need)) == []

@@ -115,7 +115,8 @@ def _state_path(iface: str) -> Path:
 
 
 def _netns() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
+    from ..kernel.netns import current_inode
+    return current_inode()
 
 
 def _apply(n, v, yes: bool, as_json: bool) -> None:

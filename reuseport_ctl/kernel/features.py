@@ -384,17 +384,12 @@ def probe_pidfd_getfd() -> Facility:
             child.wait()
 
 
-CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21,
-        "CAP_PERFMON": 38, "CAP_BPF": 39}
-
-
 def probe_capabilities() -> Facility:
-    status = Path("/proc/self/status").read_text()
-    eff = int(next(l.split()[1] for l in status.splitlines() if l.startswith("CapEff:")), 16)
-    missing = [n for n, bit in CAPS.items() if not eff >> bit & 1]
+    from . import caps
+    missing = caps.missing(caps.BITS)
     if missing:
         return _fac(CAPABILITIES, False, f"missing {', '.join(missing)}")
-    return _fac(CAPABILITIES, True, ", ".join(CAPS))
+    return _fac(CAPABILITIES, True, ", ".join(caps.BITS))
 
 
 BCC_PROBE_C = """

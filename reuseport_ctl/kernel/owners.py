@@ -28,9 +28,6 @@ from . import bpf
 _SOCKET = re.compile(r"socket:\[(\d+)\]")
 _EPOLL_INO = re.compile(r"^tfd:\s*\d+\s.*\bino:([0-9a-f]+)", re.M)
 
-CAP_NET_ADMIN = 12
-CAP_SYS_ADMIN = 21
-CAP_BPF = 39
 
 
 @dataclass(frozen=True)
@@ -256,24 +253,10 @@ def attach_reuseport_ebpf(sock: socket.socket, prog_fd: int) -> None:
 
 # --- capabilities ---------------------------------------------------------------
 
-def effective_caps(pid: int | str = "self") -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
-
-
 def missing_caps(caps: int | None = None) -> list[str]:
     """Names of what steering a group needs and this process lacks: CAP_BPF
-    (or CAP_SYS_ADMIN) to load and pin programs, CAP_NET_ADMIN for
-    SK_REUSEPORT programs. (Taking another user's sockets also needs
+    to load and pin programs, CAP_NET_ADMIN for SK_REUSEPORT programs
+    (CAP_SYS_ADMIN covers both). (Taking another user's sockets also needs
     CAP_SYS_PTRACE; take_socket() says so when the kernel refuses.)"""
-    caps = effective_caps() if caps is None else caps
-    have = lambda c: bool(caps & (1 << c))  # noqa: E731
-    missing = []
-    if not (have(CAP_BPF) or have(CAP_SYS_ADMIN)):
-        missing.append("CAP_BPF")
-    if not (have(CAP_NET_ADMIN) or have(CAP_SYS_ADMIN)):
-        missing.append("CAP_NET_ADMIN")
-    return missing
+    from . import caps as _caps
+    return _caps.missing(("CAP_BPF", "CAP_NET_ADMIN"), caps)

@@ -4,18 +4,10 @@ from __future__ import annotations
 from typing import Optional
 
 from ..errors import UserError
-from ..kernel import owners
-
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
-
+from ..kernel import caps
 
 def require_probe_caps() -> None:
-    caps = owners.effective_caps()
-    has = lambda c: bool(caps & (1 << c))  # noqa: E731
-    missing = [name for name, ok in (
-        ("CAP_BPF", has(CAP_BPF) or has(CAP_SYS_ADMIN)),
-        ("CAP_PERFMON", has(CAP_PERFMON) or has(CAP_SYS_ADMIN)),
-        ("CAP_NET_ADMIN", has(CAP_NET_ADMIN))) if not ok]
+    missing = caps.missing(("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"))
     if missing:
         raise UserError(f"watch attaches BPF probes and needs root (this process lacks "
                         f"{', '.join(missing)}): run it with sudo.")
