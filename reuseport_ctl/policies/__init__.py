@@ -71,8 +71,8 @@ def _check_cpu_policy(n: int) -> None:
         idle = ", ".join(map(str, range(ncpu, n)))
         raise UserError(f"policy cpu gives slot c the traffic CPU c receives, and this "
                         f"machine has {ncpu} CPUs (0-{ncpu - 1}): no CPU would reach "
-                        f"slot{'s' if n - ncpu > 1 else ''} {idle} of the {n}; use a group "
-                        f"of {ncpu} or fewer (run: --workers {ncpu}).")
+                        f"worker{'s' if n - ncpu > 1 else ''} {idle} of the {n} in the "
+                        f"group; use a group of {ncpu} or fewer (run: --workers {ncpu}).")
 
 
 def _ascii_int(text: str) -> int:
