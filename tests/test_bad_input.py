@@ -53,6 +53,7 @@ REFUSED = [
     (["run", "--backlog", "99999999999"], 1, "--backlog must be at most 2,147,483,647"),
     (["run", "--duration", "inf"], 1, "positive number of seconds, not inf"),
     (["run", "--duration", "nan"], 1, "positive number of seconds, not nan"),
+    (["run", "--host", "999.1.1.1"], 1, "takes an IP address to bind"),
 ]
 
 
@@ -105,3 +106,10 @@ def test_doctor_without_capabilities_prints_no_library_noise(cli):
                        capture_output=True, text=True, timeout=120)
     assert "Failed to load program" not in p.stderr, p.stderr
     assert json.loads(p.stdout)["facilities"], p.stdout[:200]
+
+
+def test_run_binds_a_bracketed_ipv6_address_as_attach_accepts_it(netns, cli):
+    p = cli("run", "--host", "[::1]", "--workers", 2, "--load", 20, "--json")
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    assert rep["host"] == "::1" and rep["total"] == 20

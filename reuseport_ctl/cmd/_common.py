@@ -65,3 +65,18 @@ def console(stderr: bool = False):
     if not c.is_terminal:
         c.width = 200
     return c
+
+
+def bind_address(text: str, option: str = "--host") -> str:
+    """An address to bind, as the user may write it: 127.0.0.1, ::1, [::1]
+    (as in a URL), 0.0.0.0 or :: for every address. Never a name: binding
+    does not look names up, so a typo is said to be one here."""
+    import ipaddress
+    h = text.strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        raise UserError(f"{option} takes an IP address to bind (127.0.0.1, ::1, [::1], "
+                        f"0.0.0.0 or ::), not {text!r}.") from None

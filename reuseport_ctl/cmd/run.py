@@ -12,7 +12,7 @@ from ..kernel.process import usable_cpus
 from ..policies import help_text as policy_names
 from ..policies import parse_policy
 from ..signals import Stopped
-from ._common import in_range
+from ._common import bind_address, in_range
 from ..workers.supervisor import MODELS, RunConfig, Supervisor, client_host, parse_cpus
 
 EPILOG = """\b
@@ -58,6 +58,7 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
 
     TCP workers answer HTTP/1.1 (header X-Worker names the slot); UDP workers
     echo each datagram after a line `worker: <slot>`."""
+    host = bind_address(host)
     if duration is not None and not (math.isfinite(duration) and duration > 0):
         raise UserError(f"--duration must be a positive number of seconds, not {duration}.")
     n = len(usable_cpus()) if workers is None else workers
