@@ -20,14 +20,17 @@ import re
 import socket
 from dataclasses import dataclass
 
-import psutil
-
 from ..errors import UserError
 from . import bpf
 
 _SOCKET = re.compile(r"socket:\[(\d+)\]")
 _EPOLL_INO = re.compile(r"^tfd:\s*\d+\s.*\bino:([0-9a-f]+)", re.M)
 
+
+
+# Where /proc is: tests point it at a tree of their own (as psutil's
+# PROCFS_PATH) to check the serving rules below without root or processes.
+PROC = "/proc"
 
 
 @dataclass(frozen=True)
@@ -39,16 +42,16 @@ class Holder:
 
 
 def _pids() -> list[int]:
-    return sorted(int(n) for n in os.listdir("/proc") if n.isdigit())
+    return sorted(int(n) for n in os.listdir(PROC) if n.isdigit())
 
 
 def pid_exists(pid: int) -> bool:
-    return os.path.isdir(f"/proc/{pid}") and os.path.exists(f"/proc/{pid}/stat")
+    return os.path.isdir(f"{PROC}/{pid}") and os.path.exists(f"{PROC}/{pid}/stat")
 
 
 def process_name(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
+        with open(f"{PROC}/{pid}/comm") as f:
             return f.read().strip()
     except OSError:
         return "?"
@@ -57,7 +60,7 @@ def process_name(pid: int) -> str:
 def _fd_links(pid: int):
     """(fd, link target) for every fd of pid; quietly nothing if it is gone."""
     try:
-        entries = os.scandir(f"/proc/{pid}/fd")
+        entries = os.scandir(f"{PROC}/{pid}/fd")
     except OSError:
         return
     with entries:
@@ -89,7 +92,7 @@ def epoll_watched(pid: int) -> set[int]:
         if target != "anon_inode:[eventpoll]":
             continue
         try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            with open(f"{PROC}/{pid}/fdinfo/{fd}") as f:
                 text = f.read()
         except OSError:
             continue
@@ -100,7 +103,7 @@ def epoll_watched(pid: int) -> set[int]:
 def thread_ids(pid: int) -> list[int]:
     """Every thread (task) id of process pid, ascending; [] if it is gone."""
     try:
-        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+        return sorted(int(t) for t in os.listdir(f"{PROC}/{pid}/task"))
     except (OSError, ValueError):
         return []
 
@@ -116,8 +119,8 @@ _WAIT_CALLS = {
 def _fd_inode(pid: int, fd: int) -> tuple[str, int] | None:
     """(what, inode) of pid's fd: what is "socket", "epoll" or "other"."""
     try:
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+        target = os.readlink(f"{PROC}/{pid}/fd/{fd}")
+        ino = os.stat(f"{PROC}/{pid}/fd/{fd}").st_ino
     except OSError:
         return None
     if target == "anon_inode:[eventpoll]":
@@ -129,7 +132,7 @@ def _fd_inode(pid: int, fd: int) -> tuple[str, int] | None:
 def _epoll_set(pid: int, epfd: int) -> set[int]:
     """Inodes of the files epoll instance epfd of pid watches."""
     try:
-        with open(f"/proc/{pid}/fdinfo/{epfd}") as f:
+        with open(f"{PROC}/{pid}/fdinfo/{epfd}") as f:
             return {int(h, 16) for h in _EPOLL_INO.findall(f.read())}
     except OSError:
         return set()
@@ -148,7 +151,7 @@ def waiting_threads(pid: int) -> dict[int, set[int]]:
     for tid in thread_ids(pid):
         out[tid] = set()
         try:
-            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+            with open(f"{PROC}/{pid}/task/{tid}/syscall") as f:
                 fields = f.read().split()
         except OSError:
             continue
@@ -170,10 +173,12 @@ def waiting_threads(pid: int) -> dict[int, set[int]]:
 
 
 def parent_pid(pid: int) -> int:
-    """The parent's pid (0 if pid is gone)."""
+    """The parent's pid (0 if pid is gone): field 4 of /proc/PID/stat, after
+    the command name (which may hold spaces and parentheses)."""
     try:
-        return psutil.Process(pid).ppid()
-    except psutil.Error:
+        with open(f"{PROC}/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
         return 0
 
 
