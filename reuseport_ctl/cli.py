@@ -16,6 +16,7 @@ Examples:
   reuseport-ctl run --workers 4 --load 2000 --policy round-robin
   reuseport-ctl attach --port 8080 --policy drain:0
   reuseport-ctl detach --port 8080
+  reuseport-ctl --ebpf watch --port 8080 --duration 1    the programs watch loads
 """
 
 
@@ -39,9 +40,15 @@ class Group(click.Group):
 
 @click.group(cls=Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="reuseport-ctl")
-def main():
+@click.option("--ebpf", is_flag=True,
+              help="Also print every BPF program the verb compiles, with its cflags (struct "
+                   "offsets from BTF, the port, map fds), on stderr as it is compiled.")
+def main(ebpf):
     """See and steer how the kernel spreads connections and datagrams across
     the sockets of a SO_REUSEPORT group."""
+    if ebpf:
+        from .kernel.bcc import show_programs
+        show_programs()
 
 
 def _register():

@@ -113,3 +113,21 @@ def test_run_binds_a_bracketed_ipv6_address_as_attach_accepts_it(netns, cli):
     assert p.returncode == 0, p.stderr
     rep = json.loads(p.stdout)
     assert rep["host"] == "::1" and rep["total"] == 20
+
+
+def test_ebpf_prints_every_program_with_its_cflags(netns, cli):
+    import socket
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind(("127.0.0.1", 8090))
+    s.listen(8)
+    try:
+        p = cli("--ebpf", "attach", "--port", 8090, "--policy", "round-robin", "--json")
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["policy"] == "round-robin"     # it still attaches
+        shown = p.stderr.split("/* reuseport-ctl --ebpf: cflags ")
+        assert len(shown) == 2 and "-DMAX_SLOTS=" in shown[1]
+        assert "bpf_sk_select_reuseport" in shown[1]               # the C itself
+    finally:
+        cli("detach", "--port", 8090)
+        s.close()

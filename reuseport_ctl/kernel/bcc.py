@@ -85,14 +85,27 @@ def stderr_captured():
             out.append(tmp.read().decode(errors="replace"))
 
 
+# `reuseport-ctl --ebpf VERB`: where every program is shown as it is
+# compiled (a dup of the real stderr, so doctor's captured probes show too).
+SHOW = None
+
+
+def show_programs() -> None:
+    global SHOW
+    SHOW = os.fdopen(os.dup(2), "w")
+
+
 def compile_program(text: str, cflags: list[str] | None = None):
     """Compile bcc-dialect C; returns a bcc.BPF object (caller owns cleanup)."""
     bcc = bcc_module()
+    # -w: the stand-in headers warn about attributes clang ignores; -I: the
+    # sources' own #include "common.h".
+    flags = ["-w", f"-I{source_dir()}"] + list(cflags or [])
+    if SHOW is not None:
+        SHOW.write(f"/* reuseport-ctl --ebpf: cflags {' '.join(flags)} */\n{text}\n")
+        SHOW.flush()
     try:
-        # -w: the stand-in headers warn about attributes clang ignores; -I:
-        # the sources' own #include "common.h".
-        return bcc.BPF(text=text.encode(),
-                       cflags=["-w", f"-I{source_dir()}"] + list(cflags or []))
+        return bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as e:  # bcc raises plain Exception on compile failure
         raise UserError(f"bcc could not compile the BPF program ({e}); "
                         f"check the header tree with 'reuseport-ctl doctor'.") from None
