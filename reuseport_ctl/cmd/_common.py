@@ -50,9 +50,9 @@ def in_range(lo: int, hi: int | None = None):
             return value
         name = max(param.opts, key=len)
         if value < lo:
-            raise UserError(f"{name} must be at least {lo:,}, not {value:,}.")
+            raise UserError(f"{name} must be at least {lo}, not {value}.")
         if hi is not None and value > hi:
-            raise UserError(f"{name} must be at most {hi:,}, not {value:,}.")
+            raise UserError(f"{name} must be at most {hi}, not {value}.")
         return value
     return check
 
@@ -80,3 +80,19 @@ def bind_address(text: str, option: str = "--host") -> str:
     except ValueError:
         raise UserError(f"{option} takes an IP address to bind (127.0.0.1, ::1, [::1], "
                         f"0.0.0.0 or ::), not {text!r}.") from None
+
+
+def seconds(lo: float = 0.0, hi: float = 86400.0 * 365):
+    """A click callback: a finite number of seconds in (lo, hi]; nan, inf and
+    the negatives are one sentence, not a run that never ends."""
+    import math
+
+    def check(ctx, param, value):
+        if value is None:
+            return value
+        name = max(param.opts, key=len)
+        if not (math.isfinite(value) and lo < value <= hi):
+            raise UserError(f"{name} must be a number of seconds above {lo:g} and at most "
+                            f"{hi:g}, not {value}.")
+        return value
+    return check

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import UserError
+from ._common import in_range, seconds
 from ..load.client import run_load
 from ..ui.load_view import render_load
 
@@ -33,21 +34,25 @@ other.
 
 @click.command("load", epilog=EPILOG)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Server address or name.")
-@click.option("--port", type=int, required=True, help="Server port.")
+@click.option("--port", type=int, required=True, callback=in_range(1, 65535),
+              help="Server port.")
 @click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
-@click.option("--conns", type=int, default=None,
+@click.option("--conns", type=int, default=None, callback=in_range(1, 10**9),
               help="Connections (TCP) or datagrams (UDP) to make  [default: 1000, or no "
                    "limit with --duration].")
-@click.option("--duration", "-d", type=float, default=None,
+@click.option("--duration", "-d", type=float, default=None, callback=seconds(),
               help="Keep starting connections for this many seconds (with --conns: "
                    "whichever ends first).")
 @click.option("--concurrency", type=int, default=16, show_default=True,
+              callback=in_range(1, 65536),
               help="How many are in flight at once.")
-@click.option("--processes", type=int, default=None,
+@click.option("--processes", type=int, default=None, callback=in_range(1, 256),
               help="Client processes  [default: min(CPUs, concurrency)]")
 @click.option("--requests-per-conn", type=int, default=1, show_default=True,
+              callback=in_range(1, 10**6),
               help="HTTP requests per connection; >1 uses keep-alive.")
 @click.option("--timeout", type=float, default=2.0, show_default=True,
+              callback=seconds(0, 3600),
               help="Seconds to wait for each reply.")
 @click.option("--path", default="/", show_default=True, help="HTTP path to GET.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")

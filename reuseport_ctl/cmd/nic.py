@@ -12,6 +12,7 @@ import click
 from rich.console import Console
 
 from ..errors import UserError
+from ._common import in_range
 
 STATE_DIR = Path("/var/cache/reuseport-ctl")
 
@@ -33,7 +34,7 @@ It changes nothing by itself. --apply saves the values it replaces in
 
 @click.command("nic", epilog=EPILOG)
 @click.argument("iface", required=False)
-@click.option("--port", "-p", type=int, default=None,
+@click.option("--port", "-p", type=int, default=None, callback=in_range(1, 65535),
               help="The reuseport group on this port: its interfaces and its workers' CPUs.")
 @click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")

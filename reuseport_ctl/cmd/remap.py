@@ -8,7 +8,7 @@ import os
 import click
 
 from ..errors import UserError
-from ._common import check_output_path, with_progress
+from ._common import check_output_path, in_range, with_progress
 
 EPILOG = """\b
 Examples:
@@ -29,7 +29,7 @@ def machine_label() -> str:
               help="Comma-separated hash policies to compare.")
 @click.option("--sizes", default="2-16", show_default=True,
               help="Group sizes LO-HI: joins LO→HI, then leaves HI→LO, one socket at a time.")
-@click.option("--flows", type=int, default=2000, show_default=True,
+@click.option("--flows", type=int, default=2000, show_default=True, callback=in_range(1, 10**6),
               help="Fixed flows (source ports) sent in every round.")
 @click.option("--proto", type=click.Choice(["udp", "tcp"]), default="udp", show_default=True,
               help="udp: one datagram per flow; tcp: one connection per flow.")

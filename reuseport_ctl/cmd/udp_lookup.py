@@ -7,7 +7,7 @@ import json
 import click
 
 from ..errors import UserError
-from ._common import check_output_path, with_progress
+from ._common import check_output_path, in_range, seconds, with_progress
 
 EPILOG = """\b
 Examples:
@@ -41,9 +41,9 @@ def _ns(spec: str) -> list[int]:
               default="both", show_default=True,
               help="connected: datagrams from a connected peer's 4-tuple; unconnected: from "
                    "a new 4-tuple (to the group's unconnected socket).")
-@click.option("--seconds", type=float, default=0.2, show_default=True,
+@click.option("--seconds", type=float, default=0.2, show_default=True, callback=seconds(0, 60),
               help="Length of one measurement.")
-@click.option("--rounds", type=int, default=5, show_default=True,
+@click.option("--rounds", type=int, default=5, show_default=True, callback=in_range(1, 1000),
               help="Interleaved rounds over all N; the best round counts.")
 @click.option("--early-demux", is_flag=True,
               help="Leave net.ipv4.udp_early_demux as it is (by default it is off for the run).")
