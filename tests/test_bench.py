@@ -43,6 +43,8 @@ def test_small_sweep_counts_json_and_plot(netns, cli, tmp_path):
         assert len(d["counts"]) == 2 and sum(d["counts"]) == 200
         assert d["requests_per_conn"] == 3 and d["work_us"] == 0
         assert 0.5 <= d["jain"] <= 1.0 and d["conns_per_s"] > 0
+        assert 0 < d["p50_ms"] <= d["p99_ms"] <= d["p999_ms"] <= d["max_ms"]
+        assert d["latency_cdf"][-1] == [100.0, d["max_ms"]]
         assert d["policy"] == ("kernel" if d["model"] == "reuseport" else None)
         assert set(d["cpu"]) >= {"client", "workers", "acceptor", "machine"}
         assert (d["cpu"]["acceptor"] is not None) == (d["model"] == "dispatcher")
@@ -74,7 +76,7 @@ def test_table_names_the_columns(netns, cli):
             "--concurrency", 2, "--work-us", 50, "--repeat", 2, "--no-probes",
             "--short-connections", timeout=60)
     assert p.returncode == 0, p.stderr
-    for word in ("shared-accept", "conns/s", "max:min", "Jain", "wakeups/conn", "saturated",
+    for word in ("shared-accept", "conns/s", "p99.9 ms", "max ms", "max:min", "Jain", "wakeups/conn", "saturated",
                  "concurrency 2 · work 50 µs", "imbalance appears", "2 repeat(s)"):
         assert word in p.stdout
 
@@ -148,7 +150,8 @@ def _leaked_bpf(before, seconds: float = 10.0) -> tuple[set, set, set]:
 
 def test_schema_check_finds_problems():
     good = {"model": "reuseport", "policy": "kernel", "concurrency": 1, "work_us": 0,
-            "conns_per_s": 10.0, "p50_ms": 0.1, "p99_ms": 0.2, "counts": [1, 2],
+            "conns_per_s": 10.0, "p50_ms": 0.1, "p99_ms": 0.2, "p999_ms": 0.3,
+            "max_ms": 0.4, "latency_cdf": [[50.0, 0.1], [100.0, 0.4]], "counts": [1, 2],
             "max_min_ratio": None, "jain": 0.9, "wakeups_per_conn": 1.0, "repeat": 0,
             "workers": 2, "requests_per_conn": 1, "conns": 3, "errors": 0,
             "spurious_wakeups": 0, "saturated": [],

@@ -21,7 +21,8 @@ Examples:
       the eBPF policies against the kernel's hash, keep-alive, as JSON
 
 \b
-Columns: conns/s, latency p50/p99 (client side), max:min (busiest worker's
+Columns: conns/s, request latency p50/p99/p99.9/max (client side, from
+connect() for a connection's first request), max:min (busiest worker's
 connections over the idlest's; ∞: a worker got none), Jain's index, the
 per-worker shares (busiest first), wakeups/conn (process wakeups caused by a
 listener data-ready, per accepted connection: 1 is wake-one, N is the herd,

@@ -115,8 +115,10 @@ class Point:
     conns: int                      # completed connections (client side)
     errors: int                     # connections that failed (client side)
     conns_per_s: float
-    p50_ms: float
+    p50_ms: float                   # request latency at the client (nearest rank)
     p99_ms: float
+    p999_ms: float
+    max_ms: float
     counts: list[int]               # connections accepted, per worker slot
     max_min_ratio: Optional[float]  # None: a worker got none
     jain: float
@@ -127,6 +129,7 @@ class Point:
     wakeup_source: str              # "probe" (sched_waking in sock_def_readable) or "none"
     cpu: dict                       # % of one core: client (per process), workers, acceptor, machine
     saturated: list[str]            # who was at >= 90 % of a core ("machine": every CPU)
+    latency_cdf: list = field(default_factory=list)   # [[percentile, ms], ...] (load.latency)
 
 
 @dataclass
@@ -149,7 +152,7 @@ _NUM_OR_NULL = {"type": ["number", "null"]}
 POINT_SCHEMA = {
     "type": "object",
     "required": ["model", "policy", "concurrency", "work_us", "conns_per_s", "p50_ms",
-                 "p99_ms", "counts", "max_min_ratio", "jain", "wakeups_per_conn",
+                 "p99_ms", "p999_ms", "max_ms", "latency_cdf", "counts", "max_min_ratio", "jain", "wakeups_per_conn",
                  "repeat", "workers", "requests_per_conn", "conns", "errors",
                  "spurious_wakeups", "cpu", "saturated"],
     "properties": {
@@ -166,6 +169,9 @@ POINT_SCHEMA = {
         "conns_per_s": _NUM,
         "p50_ms": _NUM,
         "p99_ms": _NUM,
+        "p999_ms": _NUM,
+        "max_ms": _NUM,
+        "latency_cdf": {"type": "array", "items": {"type": "array", "items": _NUM}},
         "counts": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "max_min_ratio": _NUM_OR_NULL,
         "jain": _NUM,
@@ -395,12 +401,14 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
                  workers=cfg.workers, requests_per_conn=cfg.requests_per_conn,
                  conns=load["ok"], errors=sum(load["errors"].values()),
                  conns_per_s=load["rate"], p50_ms=load["latency_ms"].get("p50", 0.0),
-                 p99_ms=load["latency_ms"].get("p99", 0.0), counts=counts,
+                 p99_ms=load["latency_ms"].get("p99", 0.0),
+                 p999_ms=load["latency_ms"].get("p99.9", 0.0),
+                 max_ms=load["latency_ms"].get("max", 0.0), counts=counts,
                  max_min_ratio=rep_["max_min_ratio"], jain=rep_["jain"],
                  wakeups_per_conn=wpc, wakeups=wakeups, data_ready=data_ready,
                  spurious_wakeups=eagain,
                  wakeup_source="probe" if wakeups is not None else "none",
-                 cpu=cpu, saturated=saturated(cpu))
+                 cpu=cpu, saturated=saturated(cpu), latency_cdf=load.get("latency_cdf", []))
 
 
 def _client(host, port, conns, conc, nprocs, rpc, timeout):
@@ -485,6 +493,8 @@ class Row:
     conns_per_s: Spread
     p50_ms: Spread
     p99_ms: Spread
+    p999_ms: Spread
+    max_ms: Spread
     max_min: Spread             # a repeat where a worker got none counts as inf
     jain: Spread
     wakeups_per_conn: Spread
@@ -519,6 +529,7 @@ def summarize(result: BenchResult) -> list[Row]:
             work_us=work, repeats=len(ps),
             conns_per_s=Spread.of([p.conns_per_s for p in ps]),
             p50_ms=Spread.of([p.p50_ms for p in ps]), p99_ms=Spread.of([p.p99_ms for p in ps]),
+            p999_ms=Spread.of([p.p999_ms for p in ps]), max_ms=Spread.of([p.max_ms for p in ps]),
             max_min=Spread.of([math.inf if p.max_min_ratio is None else p.max_min_ratio
                                for p in ps]),
             jain=Spread.of([p.jain for p in ps]),

@@ -83,6 +83,8 @@ def _point_table(work: int, conc: int, rows: Sequence[Row]) -> Table:
     t.add_column("conns/s", justify="right")
     t.add_column("p50 ms", justify="right")
     t.add_column("p99 ms", justify="right")
+    t.add_column("p99.9 ms", justify="right")
+    t.add_column("max ms", justify="right")
     t.add_column("max:min", justify="right")
     t.add_column("Jain", justify="right")
     t.add_column("shares %", justify="right")
@@ -92,7 +94,8 @@ def _point_table(work: int, conc: int, rows: Sequence[Row]) -> Table:
     t.add_column("saturated")
     for r in rows:
         t.add_row(r.label, spread(r.conns_per_s, ".0f"), _num(r.p50_ms.median, ".2f"),
-                  _num(r.p99_ms.median, ".2f"),
+                  _num(r.p99_ms.median, ".2f"), _num(r.p999_ms.median, ".2f"),
+                  _num(r.max_ms.median, ".1f"),
                   Text(spread(r.max_min, ".2f"), style=_ratio_style(r.max_min.median)),
                   _num(r.jain.median, ".3f"), shares_text(r),
                   spread(r.wakeups_per_conn, ".2f"), _num(r.spurious_per_conn.median, ".2f"),
