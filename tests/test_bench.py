@@ -184,3 +184,32 @@ def test_saturation_names_who():
     assert B.saturated(cpu) == ["acceptor", "worker 0", "client"]
     cpu = {"client": 10.0, "workers": [91.0, 92.0], "acceptor": None, "machine": 99.0}
     assert B.saturated(cpu) == ["workers", "machine"]
+
+
+def test_stall_spec_and_schedule():
+    from reuseport_ctl.workers.stall import parse_stall
+    s = parse_stall("1:100@400", workers=4)
+    assert (s.slot, s.ms, s.every_ms) == (1, 100, 400) and str(s) == "1:100@400"
+    assert parse_stall("0:50").every_ms == 250
+    # running for 300 ms, then stopped for 100 ms, again
+    assert not s.stopped_at(0.0) and not s.stopped_at(0.299)
+    assert s.stopped_at(0.3) and s.stopped_at(0.399) and not s.stopped_at(0.4)
+    assert s.next_change(0.0) == pytest.approx(0.3) and s.next_change(0.35) == pytest.approx(0.4)
+    for bad in ("x", "0:100@100", "4:10", "0:0"):
+        with pytest.raises(UserError):
+            parse_stall(bad, workers=4)
+
+
+def test_stall_rows_without_and_with(netns, cli):
+    """--stall runs each setup twice; the stalled worker really was stopped
+    (its stopped time is reported) and the run still completes every connection."""
+    p = cli("bench", "--models", "reuseport", "--policies", "none", "--workers", 2,
+            "--conns", 1500, "--concurrency", 4, "--work-us", 0, "--repeat", 1,
+            "--short-connections", "--no-probes", "--stall", "0:60@150", "--json", timeout=60)
+    doc = points(p)
+    assert [d["stall"] for d in doc] == [None, "0:60@150"]
+    calm, stalled = doc
+    assert calm["stalled_ms"] == 0 and stalled["stalled_ms"] >= 40
+    assert all(d["conns"] == 1500 and d["errors"] == 0 for d in doc)
+    # a connection hashed to the stopped worker waited for it
+    assert stalled["max_ms"] >= 30
