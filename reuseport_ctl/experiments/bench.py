@@ -354,6 +354,7 @@ def _probe_session(cfg: BenchConfig):
         from ..probes.strategy import Strategy
         chosen = default_strategies()
         chosen["lookup"] = Strategy("none", "bench does not count lookups")
+        chosen["live"] = Strategy("none", "bench does not count live connections")
         s = ProbeSession(cfg.port, "tcp", pids=(), strategies=chosen)
     except Exception as e:          # bcc raises plain Exception; UserError, ImportError too
         return None, f"off: {e}"
