@@ -9,6 +9,8 @@
 //   -DMAX_SLOTS, -DTABLE_SIZE
 //   least-loaded also: -DSELECTED_SK_OFF, -DLOAD_OFF (kernel struct offsets,
 //                      from BTF)
+//   least-conns also:  -DSELECTED_SK_OFF, -DQLEN_OFF (BTF), and conns.h's macros
+//                      (-DPORT, the struct sock offsets, -DNETNS_INUM, ...)
 //   queue also:        -DSKB_OFF, -DQUEUE_MAPPING_OFF (from BTF)
 //   numa also:         -DNODE_DIR (entries of `table` that are the node directory)
 #include <uapi/linux/bpf.h>
@@ -21,6 +23,7 @@
 #define P_LEAST     5   // fewest queued (accept queue / receive memory)
 #define P_QUEUE     6   // the skb's receive queue % n
 #define P_NUMA      7   // the receiving CPU's NUMA node -> one of that node's slots
+#define P_CONNS     8   // fewest live connections (conns.h counts them)
 
 // Per slot: how often this program chose it (read by status/watch).
 BPF_ARRAY(rp_selections, u64, MAX_SLOTS);
@@ -47,6 +50,35 @@ static __always_inline u32 jump_hash(u32 hash, u32 n)
             break;
     }
     return (u32)b;
+}
+#endif
+
+#if POLICY == P_CONNS
+// The live-connection counter (rp_lc_live and its two raw tracepoint
+// programs) lives in this same object, so the selector reads the counts
+// the tracepoints keep. Python pastes conns.h here.
+#include "conns.h"
+
+// A member's connections: ESTABLISHED children (rp_lc_live, keyed by the
+// listener's struct sock) plus handshakes in flight (its request sockets,
+// icsk_accept_queue.qlen), so a burst of SYNs that all arrive before the
+// first handshake completes is spread too. ~0 for an empty slot. The member
+// is found as load_of() finds it: select it, read selected_sk.
+static __always_inline u64 conns_of(struct sk_reuseport_md *md, u32 slot)
+{
+    u64 sk = 0;
+    if (bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &slot, 0))
+        return ~0ULL;
+    bpf_probe_read_kernel(&sk, sizeof(sk), (void *)md + SELECTED_SK_OFF);
+    if (!sk)
+        return ~0ULL;
+    u64 n = 0;
+    struct rp_live *v = rp_lc_live.lookup(&sk);
+    if (v && v->live > 0)
+        n = v->live;
+    u32 syn = 0;
+    bpf_probe_read_kernel(&syn, sizeof(syn), (void *)(sk + QLEN_OFF));
+    return n + syn;
 }
 #endif
 
@@ -102,6 +134,21 @@ int rp_select(struct sk_reuseport_md *md)
             idx = k;
         }
     }
+#elif POLICY == P_CONNS
+    // Fewest live connections wins; ties go to the first in the scan, which
+    // starts at a hash-chosen slot: short connections still spread.
+    u32 start = md->hash % n;
+    u64 best = ~0ULL;
+    for (u32 i = 0; i < LEAST_MAX_SLOTS; i++) {
+        u32 k = start + i;
+        if (k >= LEAST_MAX_SLOTS)
+            k -= LEAST_MAX_SLOTS;
+        u64 c = conns_of(md, k);
+        if (c < best) {
+            best = c;
+            idx = k;
+        }
+    }
 #elif POLICY == P_QUEUE
     idx = rx_queue(md) % n;
 #elif POLICY == P_NUMA
@@ -117,10 +164,16 @@ int rp_select(struct sk_reuseport_md *md)
     idx = (*dir & 0xffff) + md->hash % (*dir >> 16);
 #endif
 
+#if POLICY == P_CONNS
+    // the scan chose a socket slot itself (vacant ones fail in it), not an
+    // index into `table`
+    u32 key = idx;
+#else
     u32 *slot = rp_table.lookup(&idx);
     if (!slot)
         return SK_PASS;
     u32 key = *slot;
+#endif
     if (bpf_sk_select_reuseport(md, (void *)bpf_pseudo_fd(1, SOCKS_FD), &key, 0) == 0) {
         u64 *cnt = rp_selections.lookup(&key);
         if (cnt)

@@ -144,7 +144,8 @@ class Follower:
                 # A process exiting or still starting mid-scan: next tick.
                 events.append(Event(now, "diverged", text=f"not taken yet: {e}"))
                 group = None
-            cap = LEAST_MAX_SLOTS if meta.policy == "least-loaded" else MAX_SLOTS
+            cap = LEAST_MAX_SLOTS if meta.policy in ("least-loaded", "least-conns") \
+                else MAX_SLOTS
             for m in (group.members if group else ()):
                 if m.inode not in {s.inode for s in new}:
                     continue

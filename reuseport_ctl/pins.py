@@ -114,9 +114,11 @@ class Meta:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def write_pins(path: Path, meta: Meta, prog_fd: int | None, maps: dict[str, int]) -> None:
-    """Pin prog and maps into a new directory `path` (mode 0700, files 0600)
-    together with the meta record."""
+def write_pins(path: Path, meta: Meta, prog_fd: int | None, maps: dict[str, int],
+               links: dict[str, int] | None = None) -> None:
+    """Pin prog, maps and links (least-conns' raw tracepoints: pinned, they
+    stay attached after we exit; unpinned, they detach) into a new directory
+    `path` (mode 0700, files 0600) together with the meta record."""
     for d in (path.parent.parent, path.parent):
         d.mkdir(mode=0o700, exist_ok=True)
     path.mkdir(mode=0o700)
@@ -125,6 +127,8 @@ def write_pins(path: Path, meta: Meta, prog_fd: int | None, maps: dict[str, int]
             _pin(prog_fd, path / PROG)
         for name, fd in maps.items():
             _pin(fd, path / f"map_{name}")
+        for name, fd in (links or {}).items():
+            _pin(fd, path / f"link_{name}")
         mfd = bpf.map_create(bpf.MAP_TYPE_ARRAY, 4, META_SIZE, 1, "rpctl_meta")
         try:
             bpf.map_update(mfd, bpf.u32(0), _encode(meta))
@@ -482,7 +486,7 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
             try:
                 meta.prog = sel.prog_fd is not None
                 meta.maps = sorted(sel.maps)
-                write_pins(staging, meta, sel.prog_fd, sel.maps)
+                write_pins(staging, meta, sel.prog_fd, sel.maps, sel.links)
             except BaseException as e:
                 sel.close()                          # detach ours: back to the default...
                 _restore(old, old_path, old_socks, socks)  # ...or to what was there before

@@ -43,6 +43,8 @@ def test_small_sweep_counts_json_and_plot(netns, cli, tmp_path):
         assert len(d["counts"]) == 2 and sum(d["counts"]) == 200
         assert d["requests_per_conn"] == 3 and d["work_us"] == 0
         assert 0.5 <= d["jain"] <= 1.0 and d["conns_per_s"] > 0
+        assert 0 < d["p50_ms"] <= d["p99_ms"] <= d["p999_ms"] <= d["max_ms"]
+        assert d["latency_cdf"][-1] == [100.0, d["max_ms"]]
         assert d["policy"] == ("kernel" if d["model"] == "reuseport" else None)
         assert set(d["cpu"]) >= {"client", "workers", "acceptor", "machine"}
         assert (d["cpu"]["acceptor"] is not None) == (d["model"] == "dispatcher")
@@ -74,7 +76,7 @@ def test_table_names_the_columns(netns, cli):
             "--concurrency", 2, "--work-us", 50, "--repeat", 2, "--no-probes",
             "--short-connections", timeout=60)
     assert p.returncode == 0, p.stderr
-    for word in ("shared-accept", "conns/s", "max:min", "Jain", "wakeups/conn", "saturated",
+    for word in ("shared-accept", "conns/s", "p99.9 ms", "max ms", "max:min", "Jain", "wakeups/conn", "saturated",
                  "concurrency 2 · work 50 µs", "imbalance appears", "2 repeat(s)"):
         assert word in p.stdout
 
@@ -148,7 +150,8 @@ def _leaked_bpf(before, seconds: float = 10.0) -> tuple[set, set, set]:
 
 def test_schema_check_finds_problems():
     good = {"model": "reuseport", "policy": "kernel", "concurrency": 1, "work_us": 0,
-            "conns_per_s": 10.0, "p50_ms": 0.1, "p99_ms": 0.2, "counts": [1, 2],
+            "conns_per_s": 10.0, "p50_ms": 0.1, "p99_ms": 0.2, "p999_ms": 0.3,
+            "max_ms": 0.4, "latency_cdf": [[50.0, 0.1], [100.0, 0.4]], "counts": [1, 2],
             "max_min_ratio": None, "jain": 0.9, "wakeups_per_conn": 1.0, "repeat": 0,
             "workers": 2, "requests_per_conn": 1, "conns": 3, "errors": 0,
             "spurious_wakeups": 0, "saturated": [],
@@ -181,3 +184,32 @@ def test_saturation_names_who():
     assert B.saturated(cpu) == ["acceptor", "worker 0", "client"]
     cpu = {"client": 10.0, "workers": [91.0, 92.0], "acceptor": None, "machine": 99.0}
     assert B.saturated(cpu) == ["workers", "machine"]
+
+
+def test_stall_spec_and_schedule():
+    from reuseport_ctl.workers.stall import parse_stall
+    s = parse_stall("1:100@400", workers=4)
+    assert (s.slot, s.ms, s.every_ms) == (1, 100, 400) and str(s) == "1:100@400"
+    assert parse_stall("0:50").every_ms == 250
+    # running for 300 ms, then stopped for 100 ms, again
+    assert not s.stopped_at(0.0) and not s.stopped_at(0.299)
+    assert s.stopped_at(0.3) and s.stopped_at(0.399) and not s.stopped_at(0.4)
+    assert s.next_change(0.0) == pytest.approx(0.3) and s.next_change(0.35) == pytest.approx(0.4)
+    for bad in ("x", "0:100@100", "4:10", "0:0"):
+        with pytest.raises(UserError):
+            parse_stall(bad, workers=4)
+
+
+def test_stall_rows_without_and_with(netns, cli):
+    """--stall runs each setup twice; the stalled worker really was stopped
+    (its stopped time is reported) and the run still completes every connection."""
+    p = cli("bench", "--models", "reuseport", "--policies", "none", "--workers", 2,
+            "--conns", 1500, "--concurrency", 4, "--work-us", 0, "--repeat", 1,
+            "--short-connections", "--no-probes", "--stall", "0:60@150", "--json", timeout=60)
+    doc = points(p)
+    assert [d["stall"] for d in doc] == [None, "0:60@150"]
+    calm, stalled = doc
+    assert calm["stalled_ms"] == 0 and stalled["stalled_ms"] >= 40
+    assert all(d["conns"] == 1500 and d["errors"] == 0 for d in doc)
+    # a connection hashed to the stopped worker waited for it
+    assert stalled["max_ms"] >= 30

@@ -262,7 +262,12 @@ def test_cli_json(netns, cli):
               "latency_ms", "per_worker", "fairness", "requests", "requests_rate"):
         assert k in d
     assert d["ok"] == 400 and sum(d["per_worker"].values()) == 400
-    assert set(d["latency_ms"]) == {"p50", "p90", "p99", "max"}
+    assert set(d["latency_ms"]) == {"p50", "p90", "p99", "p99.9", "max"}
+    lat = d["latency_ms"]
+    assert lat["p50"] <= lat["p99"] <= lat["p99.9"] <= lat["max"]
+    cdf = d["latency_cdf"]
+    assert cdf[-1] == [100.0, lat["max"]] and [q for q, _ in cdf] == sorted(q for q, _ in cdf)
+    assert all(a[1] <= b[1] for a, b in zip(cdf, cdf[1:]))
 
 
 def test_cli_table_and_bad_port(netns, cli):
@@ -331,3 +336,12 @@ def test_plan_pinned_gives_each_port_to_one_lane():
                 total += 1
                 assert owner.setdefault(i % 6, (p, j)) == (p, j)
     assert total == 50 and len(owner) == 6
+
+
+def test_latency_cdf_and_per_mille():
+    from reuseport_ctl.load.latency import latency_cdf
+    xs = list(range(1, 1001))
+    assert percentiles(xs, (50, 99, 99.9))["p99.9"] == 999.0
+    cdf = latency_cdf(xs)
+    assert cdf[0] == [1.0, 10.0] and [99.9, 999.0] in cdf and cdf[-1] == [100.0, 1000.0]
+    assert latency_cdf([]) == []

@@ -9,6 +9,7 @@ import click
 from ..signals import Stopped
 from ._common import check_output_path
 from ..experiments import bench as B
+from ..workers.stall import DEFAULT as STALL_DEFAULT
 
 EPILOG = """\b
 Examples:
@@ -19,9 +20,15 @@ Examples:
       the seed's headline: one shared socket against a reuseport group
   reuseport-ctl bench --models reuseport --policies round-robin,least-loaded --json
       the eBPF policies against the kernel's hash, keep-alive, as JSON
+  reuseport-ctl bench --stall --short-connections
+      every model, and reuseport with kernel, round-robin, least-loaded, least-conns,
+      each without and with worker 0 stopped 100 ms in every 500 ms (SIGSTOP/SIGCONT):
+      Jain, p99 and max latency side by side
+  reuseport-ctl bench --models reuseport --policies least-loaded --stall 1:50@200
 
 \b
-Columns: conns/s, latency p50/p99 (client side), max:min (busiest worker's
+Columns: conns/s, request latency p50/p99/p99.9/max (client side, from
+connect() for a connection's first request), max:min (busiest worker's
 connections over the idlest's; ∞: a worker got none), Jain's index, the
 per-worker shares (busiest first), wakeups/conn (process wakeups caused by a
 listener data-ready, per accepted connection: 1 is wake-one, N is the herd,
@@ -43,19 +50,29 @@ def _policies(spec: str) -> list[str]:
 @click.command("bench", epilog=EPILOG)
 @click.option("--models", default=",".join(B.DEFAULT_MODELS), show_default=True,
               help="Server models to compare, comma-separated.")
-@click.option("--policies", default=",".join(B.DEFAULT_POLICIES), show_default=True,
+@click.option("--policies", default=None,
               help="Selection policies to run the reuseport model with, besides the "
-                   "kernel's hash; 'none' for the hash alone.")
+                   "kernel's hash; 'none' for the hash alone.  [default: "
+                   + ",".join(B.DEFAULT_POLICIES) + "; with --stall: "
+                   + ",".join(B.STALL_POLICIES) + "]")
 @click.option("--workers", "-w", type=int, default=4, show_default=True,
               help="Worker processes, the same for every model.")
-@click.option("--conns", type=int, default=2000, show_default=True,
-              help="Connections per load point.")
-@click.option("--concurrency", "-c", default=",".join(map(str, B.DEFAULT_CONCURRENCY)),
-              show_default=True, help="Client concurrency levels to sweep (connections in "
-                                      "flight), comma-separated.")
-@click.option("--work-us", default=",".join(map(str, B.DEFAULT_WORK_US)), show_default=True,
+@click.option("--conns", type=int, default=None,
+              help="Connections per load point.  [default: 2000; with --stall: 4000, so "
+                   "the load spans several stalls]")
+@click.option("--concurrency", "-c", default=None,
+              help="Client concurrency levels to sweep (connections in flight), "
+                   "comma-separated.  [default: " + ",".join(map(str, B.DEFAULT_CONCURRENCY))
+                   + "; with --stall: 16]")
+@click.option("--work-us", default=None,
               help="Busy CPU per request in the worker, in µs, comma-separated: emulates "
-                   "request processing.")
+                   "request processing.  [default: " + ",".join(map(str, B.DEFAULT_WORK_US))
+                   + "; with --stall: 100]")
+@click.option("--stall", default=None, is_flag=False, flag_value=STALL_DEFAULT,
+              metavar="SLOT:MS[@EVERY_MS]",
+              help="Also run every setup with worker SLOT stopped (SIGSTOP) for MS ms in "
+                   "every EVERY_MS ms (default 5 x MS) while the load runs; --stall alone: "
+                   + STALL_DEFAULT + ".")
 @click.option("--repeat", "-r", type=int, default=3, show_default=True,
               help="Repeats of every point (a spread, not one lucky number).")
 @click.option("--short-connections", is_flag=True,
@@ -73,15 +90,26 @@ def _policies(spec: str) -> list[str]:
               help="Print a JSON list: one object per model, load point and repeat.")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
               help="Write the per-worker shares per model, side by side, to a PNG.")
-def bench(models, policies, workers, conns, concurrency, work_us, repeat, short_connections,
-          requests_per_conn, port, cpus, no_probes, host_netns, as_json, plot_path):
+def bench(models, policies, workers, conns, concurrency, work_us, stall, repeat,
+          short_connections, requests_per_conn, port, cpus, no_probes, host_netns, as_json,
+          plot_path):
     """Run the same load against each server model in turn (reuseport with the
     kernel's hash and with each policy, shared-accept, shared-epoll,
     shared-epoll-exclusive, dispatcher), over a sweep of client concurrency
     and per-request work, and compare throughput, latency, fairness of the
     per-worker distribution, wakeups per connection and saturation."""
     check_output_path(plot_path)
+    from ..workers.stall import parse_stall
     from ..workers.supervisor import parse_cpus
+    stalled = parse_stall(stall, workers if workers >= 1 else None) if stall else None
+    if policies is None:
+        policies = ",".join(B.STALL_POLICIES if stalled else B.DEFAULT_POLICIES)
+    if conns is None:
+        conns = 4000 if stalled else 2000
+    if concurrency is None:
+        concurrency = "16" if stalled else ",".join(map(str, B.DEFAULT_CONCURRENCY))
+    if work_us is None:
+        work_us = "100" if stalled else ",".join(map(str, B.DEFAULT_WORK_US))
     cfg = B.BenchConfig(
         setups=B.setups_for([m.strip() for m in models.split(",") if m.strip()],
                             _policies(policies)),
@@ -89,7 +117,8 @@ def bench(models, policies, workers, conns, concurrency, work_us, repeat, short_
         concurrency=B.parse_int_list(concurrency, "--concurrency"),
         work_us=B.parse_int_list(work_us, "--work-us"), repeat=repeat,
         requests_per_conn=1 if short_connections else requests_per_conn,
-        port=port, cpus=parse_cpus(cpus) if cpus else None, probes=not no_probes)
+        port=port, cpus=parse_cpus(cpus) if cpus else None, probes=not no_probes,
+        stall=stalled)
     cfg.validate()
     if not host_netns:
         from ..kernel.netns import enter_private_netns

@@ -40,10 +40,14 @@ from ..errors import UserError
 from ..policies import NAMES as POLICY_NAMES
 from ..policies import parse_policy
 from ..stats.fairness import summarize as fairness
+from ..workers.stall import Stall, Staller
 from ..workers.supervisor import MODELS, RunConfig, Supervisor, client_host
 
 DEFAULT_MODELS = MODELS
 DEFAULT_POLICIES = ("hash", "threshold", "consistent", "round-robin", "least-loaded")
+# bench --stall: the policies the issue asks about (the kernel's hash is always run)
+STALL_POLICIES = tuple(p for p in ("round-robin", "least-loaded", "least-conns")
+                       if p in POLICY_NAMES)
 DEFAULT_CONCURRENCY = (1, 4, 16, 64)
 DEFAULT_WORK_US = (0, 100)
 SATURATED = 90.0            # % of one core
@@ -78,6 +82,7 @@ class BenchConfig:
     cpus: Optional[tuple[int, ...]] = None  # pin worker i to cpus[i % len]; None: scheduler
     probes: bool = True
     timeout: float = 5.0
+    stall: Optional[Stall] = None           # every setup also runs with this worker stalled
 
     def validate(self) -> None:
         if not self.setups:
@@ -95,10 +100,19 @@ class BenchConfig:
             raise UserError("--work-us takes a list of integers between 0 and 1000000.")
         if not 1 <= self.port <= 65535:
             raise UserError(f"--port must be between 1 and 65535, not {self.port}.")
+        if self.stall is not None and self.stall.slot >= self.workers:
+            raise UserError(f"--stall {self.stall}: there is no worker {self.stall.slot}; "
+                            f"the group has slots 0..{self.workers - 1}.")
+
+    @property
+    def stalls(self) -> tuple[Optional[Stall], ...]:
+        """Each setup runs without a stall, and with cfg.stall when given."""
+        return (None,) if self.stall is None else (None, self.stall)
 
     @property
     def total_points(self) -> int:
-        return len(self.setups) * len(self.concurrency) * len(self.work_us) * self.repeat
+        return (len(self.setups) * len(self.concurrency) * len(self.work_us) * self.repeat
+                * len(self.stalls))
 
 
 @dataclass
@@ -115,8 +129,10 @@ class Point:
     conns: int                      # completed connections (client side)
     errors: int                     # connections that failed (client side)
     conns_per_s: float
-    p50_ms: float
+    p50_ms: float                   # request latency at the client (nearest rank)
     p99_ms: float
+    p999_ms: float
+    max_ms: float
     counts: list[int]               # connections accepted, per worker slot
     max_min_ratio: Optional[float]  # None: a worker got none
     jain: float
@@ -127,6 +143,9 @@ class Point:
     wakeup_source: str              # "probe" (sched_waking in sock_def_readable) or "none"
     cpu: dict                       # % of one core: client (per process), workers, acceptor, machine
     saturated: list[str]            # who was at >= 90 % of a core ("machine": every CPU)
+    latency_cdf: list = field(default_factory=list)   # [[percentile, ms], ...] (load.latency)
+    stall: Optional[str] = None     # "SLOT:MS@EVERY_MS" while this point ran, None: no stall
+    stalled_ms: float = 0.0         # how long the stalled worker was stopped during the load
 
 
 @dataclass
@@ -149,7 +168,7 @@ _NUM_OR_NULL = {"type": ["number", "null"]}
 POINT_SCHEMA = {
     "type": "object",
     "required": ["model", "policy", "concurrency", "work_us", "conns_per_s", "p50_ms",
-                 "p99_ms", "counts", "max_min_ratio", "jain", "wakeups_per_conn",
+                 "p99_ms", "p999_ms", "max_ms", "latency_cdf", "counts", "max_min_ratio", "jain", "wakeups_per_conn",
                  "repeat", "workers", "requests_per_conn", "conns", "errors",
                  "spurious_wakeups", "cpu", "saturated"],
     "properties": {
@@ -166,6 +185,9 @@ POINT_SCHEMA = {
         "conns_per_s": _NUM,
         "p50_ms": _NUM,
         "p99_ms": _NUM,
+        "p999_ms": _NUM,
+        "max_ms": _NUM,
+        "latency_cdf": {"type": "array", "items": {"type": "array", "items": _NUM}},
         "counts": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "max_min_ratio": _NUM_OR_NULL,
         "jain": _NUM,
@@ -178,6 +200,8 @@ POINT_SCHEMA = {
                 "properties": {"client": _NUM, "workers": {"type": "array", "items": _NUM},
                                "acceptor": _NUM_OR_NULL, "machine": _NUM}},
         "saturated": {"type": "array", "items": {"type": "string"}},
+        "stall": {"type": ["string", "null"]},
+        "stalled_ms": _NUM,
     },
 }
 SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -292,16 +316,19 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
             for work in cfg.work_us:
                 for conc in cfg.concurrency:
                     for setup in cfg.setups:
-                        if on_start:
-                            on_start(done, f"{setup.label} c={conc} work={work}us #{rep + 1}")
-                        p = _run_point(cfg, setup, conc, work, rep, session)
-                        if isinstance(p, int):             # stopped by this signal
-                            result.interrupted = p
-                            return result
-                        result.points.append(p)
-                        done += 1
-                        if on_point:
-                            on_point(done, total, p)
+                        for stall in cfg.stalls:
+                            if on_start:
+                                on_start(done, f"{setup.label} c={conc} work={work}us "
+                                               f"{'stall ' + str(stall) + ' ' if stall else ''}"
+                                               f"#{rep + 1}")
+                            p = _run_point(cfg, setup, conc, work, rep, session, stall)
+                            if isinstance(p, int):             # stopped by this signal
+                                result.interrupted = p
+                                return result
+                            result.points.append(p)
+                            done += 1
+                            if on_point:
+                                on_point(done, total, p)
     finally:
         result.rows = summarize(result)
         if session is not None:
@@ -312,6 +339,7 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
 def _config_dict(cfg: BenchConfig) -> dict:
     d = asdict(cfg)
     d["setups"] = [s.label for s in cfg.setups]
+    d["stall"] = str(cfg.stall) if cfg.stall else None
     return d
 
 
@@ -326,6 +354,7 @@ def _probe_session(cfg: BenchConfig):
         from ..probes.strategy import Strategy
         chosen = default_strategies()
         chosen["lookup"] = Strategy("none", "bench does not count lookups")
+        chosen["live"] = Strategy("none", "bench does not count live connections")
         s = ProbeSession(cfg.port, "tcp", pids=(), strategies=chosen)
     except Exception as e:          # bcc raises plain Exception; UserError, ImportError too
         return None, f"off: {e}"
@@ -340,7 +369,7 @@ def _probe_session(cfg: BenchConfig):
 
 
 def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
-               session) -> Point | int:
+               session, stall: Optional[Stall] = None) -> Point | int:
     """One point; the number of the signal that stopped it instead, if one did."""
     run_cfg = RunConfig(workers=cfg.workers, host=cfg.host, port=cfg.port, proto="tcp",
                         model=setup.model, policy=parse_policy(setup.policy or "kernel"),
@@ -363,8 +392,15 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
         sys0 = psutil.cpu_times()
         host, port, rpc, timeout = client_host(cfg.host), sup.port, cfg.requests_per_conn, \
             cfg.timeout
-        out = sup.run_in_child(lambda: _client(host, port, cfg.conns, conc, nprocs, rpc,
-                                               timeout))
+        staller = Staller(stall, sup.pids()[stall.slot]) if stall is not None else None
+        try:
+            out = sup.run_in_child(lambda: _client(host, port, cfg.conns, conc, nprocs, rpc,
+                                                   timeout),
+                                   on_tick=staller.tick if staller else None,
+                                   next_due=staller.next_due if staller else None)
+        finally:
+            if staller is not None:
+                staller.release()       # before anything waits on the worker
         if out is None or sup.stopping:
             sup.stop()
             return sup.stop_signal or signal.SIGINT
@@ -395,12 +431,16 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
                  workers=cfg.workers, requests_per_conn=cfg.requests_per_conn,
                  conns=load["ok"], errors=sum(load["errors"].values()),
                  conns_per_s=load["rate"], p50_ms=load["latency_ms"].get("p50", 0.0),
-                 p99_ms=load["latency_ms"].get("p99", 0.0), counts=counts,
+                 p99_ms=load["latency_ms"].get("p99", 0.0),
+                 p999_ms=load["latency_ms"].get("p99.9", 0.0),
+                 max_ms=load["latency_ms"].get("max", 0.0), counts=counts,
                  max_min_ratio=rep_["max_min_ratio"], jain=rep_["jain"],
                  wakeups_per_conn=wpc, wakeups=wakeups, data_ready=data_ready,
                  spurious_wakeups=eagain,
                  wakeup_source="probe" if wakeups is not None else "none",
-                 cpu=cpu, saturated=saturated(cpu))
+                 cpu=cpu, saturated=saturated(cpu), latency_cdf=load.get("latency_cdf", []),
+                 stall=str(stall) if stall else None,
+                 stalled_ms=round(1000 * staller.stopped_s, 1) if staller else 0.0)
 
 
 def _client(host, port, conns, conc, nprocs, rpc, timeout):
@@ -485,6 +525,8 @@ class Row:
     conns_per_s: Spread
     p50_ms: Spread
     p99_ms: Spread
+    p999_ms: Spread
+    max_ms: Spread
     max_min: Spread             # a repeat where a worker got none counts as inf
     jain: Spread
     wakeups_per_conn: Spread
@@ -495,19 +537,21 @@ class Row:
     counts: list[list[int]]     # per repeat
     saturated: list[str]        # named in a majority of repeats
     errors: int
-    cpu: dict                   # medians, % of one core: client (per process), busiest
+    stall: Optional[str] = None     # the stall this row ran under (None: none)
+    cpu: dict = field(default_factory=dict)   # medians, % of one core: client (per process), busiest
                                 # worker, acceptor (None), machine (all CPUs, everyone's)
 
 
 def summarize(result: BenchResult) -> list[Row]:
     groups: dict[tuple, list[Point]] = {}
     for p in result.points:
-        groups.setdefault((p.work_us, p.concurrency, p.label), []).append(p)
+        groups.setdefault((p.work_us, p.concurrency, p.label, p.stall), []).append(p)
     order = {s: i for i, s in enumerate(result.config["setups"])}
     rows = []
-    for (work, conc, label), ps in sorted(groups.items(),
-                                          key=lambda kv: (kv[0][0], kv[0][1],
-                                                          order.get(kv[0][2], 99))):
+    for (work, conc, label, stall), ps in sorted(groups.items(),
+                                                 key=lambda kv: (kv[0][0], kv[0][1],
+                                                                 order.get(kv[0][2], 99),
+                                                                 kv[0][3] or "")):
         shares = [sorted(fairness(p.counts)["shares"], reverse=True) for p in ps]
         n = len(ps[0].counts)
         sat_votes: dict[str, int] = {}
@@ -519,6 +563,7 @@ def summarize(result: BenchResult) -> list[Row]:
             work_us=work, repeats=len(ps),
             conns_per_s=Spread.of([p.conns_per_s for p in ps]),
             p50_ms=Spread.of([p.p50_ms for p in ps]), p99_ms=Spread.of([p.p99_ms for p in ps]),
+            p999_ms=Spread.of([p.p999_ms for p in ps]), max_ms=Spread.of([p.max_ms for p in ps]),
             max_min=Spread.of([math.inf if p.max_min_ratio is None else p.max_min_ratio
                                for p in ps]),
             jain=Spread.of([p.jain for p in ps]),
@@ -530,7 +575,7 @@ def summarize(result: BenchResult) -> list[Row]:
             shares_hi=[max(s[i] for s in shares) for i in range(n)],
             counts=[p.counts for p in ps],
             saturated=[s for s, k in sat_votes.items() if 2 * k > len(ps)],
-            errors=sum(p.errors for p in ps),
+            errors=sum(p.errors for p in ps), stall=stall,
             cpu={"client": statistics.median(p.cpu["client"] for p in ps),
                  "worker": statistics.median(max(p.cpu["workers"], default=0.0) for p in ps),
                  "acceptor": (statistics.median(p.cpu["acceptor"] for p in ps)
@@ -559,7 +604,18 @@ def worst(rows: Sequence[Row]) -> dict[str, Row]:
     return out
 
 
+def stall_table(rows: Sequence[Row]) -> list[dict]:
+    """The headline of bench --stall: per setup and load point, Jain, p99 and
+    max latency without and with the stall (medians over repeats)."""
+    pairs: dict[tuple, dict] = {}
+    for r in rows:
+        d = pairs.setdefault((r.work_us, r.concurrency, r.label), {
+            "label": r.label, "concurrency": r.concurrency, "work_us": r.work_us})
+        d["stall" if r.stall else "calm"] = r
+    return [d for d in pairs.values() if "stall" in d and "calm" in d]
+
+
 __all__ = ["BenchConfig", "BenchResult", "Point", "Row", "Setup", "Spread", "SCHEMA",
            "DEFAULT_MODELS", "DEFAULT_POLICIES", "DEFAULT_CONCURRENCY", "DEFAULT_WORK_US",
-           "check_schema", "environment", "imbalances", "parse_int_list", "run_bench",
+           "check_schema", "environment", "stall_table", "STALL_POLICIES", "imbalances", "parse_int_list", "run_bench",
            "saturated", "setups_for", "split_policies", "summarize", "worst", "POLICY_NAMES"]

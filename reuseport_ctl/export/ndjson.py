@@ -61,6 +61,7 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
             "tids": list(r.tids),
             "child": r.child,
             "conns": r.conns,
+            "live_conns": r.live,
             "cpu_percent": _num(r.cpu_percent, 1),
             "accepts": r.accepts,
             "accepts_per_s": _num(r.accepts_per_s, 1),

@@ -55,6 +55,9 @@ WORKER_METRICS = (
     ("reuseport_ctl_worker_connections", "gauge",
      "Dispatcher groups: the port's connections this process holds now (its fd table).",
      "conns"),
+    ("reuseport_ctl_worker_live_connections", "gauge",
+     "TCP connections ESTABLISHED now whose listener is this member's socket, counted in "
+     "the kernel (inet_sock_set_state) from the moment the watch attached.", "live"),
     ("reuseport_ctl_worker_drops", "counter",
      "Dropped on this worker's socket since the watch began (sk_drops): TCP handshakes "
      "lost to a full accept queue, UDP datagrams lost to a full receive buffer.", "drops"),

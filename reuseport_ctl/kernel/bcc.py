@@ -95,9 +95,13 @@ def show_programs() -> None:
     SHOW = os.fdopen(os.dup(2), "w")
 
 
-def compile_program(text: str, cflags: list[str] | None = None):
-    """Compile bcc-dialect C; returns a bcc.BPF object (caller owns cleanup)."""
+def compile_program(text: str, cflags: list[str] | None = None, inline: tuple[str, ...] = ()):
+    """Compile bcc-dialect C; returns a bcc.BPF object (caller owns cleanup).
+    inline: headers of bpf/ pasted in place of their #include line, for
+    headers with maps or programs (bcc rewrites those in the main file only)."""
     bcc = bcc_module()
+    for name in inline:
+        text = text.replace(f'#include "{name}"', program_source(name))
     # -w: the stand-in headers warn about attributes clang ignores; -I: the
     # sources' own #include "common.h".
     flags = ["-w", f"-I{source_dir()}"] + list(cflags or [])

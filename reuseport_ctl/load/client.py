@@ -18,14 +18,14 @@ import socket
 import struct
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from ..errors import UserError
 from ..stats.fairness import summarize
 from . import http
 from .engine import ERROR_KINDS, Engine, Tally, Target
-from .latency import percentiles
+from .latency import latency_cdf, percentiles
 from .plan import lanes_per_process
 
 
@@ -39,10 +39,11 @@ class LoadResult:
     errors: dict[str, int]          # "refused", "reset", "timeout", "other" always present
     elapsed_s: float
     rate: float                     # ok per second
-    latency_ms: dict[str, float]    # "p50", "p90", "p99", "max"
+    latency_ms: dict[str, float]    # "p50", "p90", "p99", "p99.9", "max"
     per_worker: dict[str, int]      # worker named in the reply -> replies; {} if none
     requests: int = 0               # replies received (HTTP responses; UDP: datagrams)
     requests_rate: float = 0.0      # replies per second: with keep-alive, what wrk reports
+    latency_cdf: list = field(default_factory=list)   # [[percentile, ms], ...]: latency_cdf()
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -226,7 +227,8 @@ def _merge(proto: str, host: str, port: int, conns: Optional[int],
         per_worker.update(t.per_worker)
     active = [t for t in tallies if t.ended]
     elapsed = (max(t.ended for t in active) - min(t.started for t in active)) if active else 0.0
-    lat = percentiles(x for t in tallies for x in t.lat_ms)
+    samples = [x for t in tallies for x in t.lat_ms]
+    lat = percentiles(samples, (50, 90, 99, 99.9))
     replies = sum(len(t.lat_ms) for t in tallies)       # one latency sample a reply
     if conns is None:
         conns = ok + sum(errors.values())
@@ -238,4 +240,5 @@ def _merge(proto: str, host: str, port: int, conns: Optional[int],
         rate=round(ok / elapsed, 1) if elapsed > 0 else 0.0,
         latency_ms={k: round(v, 3) for k, v in lat.items()},
         per_worker={k: per_worker[k] for k in sorted(per_worker, key=worker_key)},
-        requests=replies, requests_rate=round(replies / elapsed, 1) if elapsed > 0 else 0.0)
+        requests=replies, requests_rate=round(replies / elapsed, 1) if elapsed > 0 else 0.0,
+        latency_cdf=[[q, round(v, 3)] for q, v in latency_cdf(samples)])

@@ -5,7 +5,8 @@ connection or datagram.
     cpu, mod               classic BPF, assembled in Python (no bcc needed)
     hash, threshold, consistent, round-robin, weighted:W1,W2,..,
     least-loaded, drain:K, eBPF (bcc): one SK_REUSEPORT program over a
-    queue, numa            REUSEPORT_SOCKARRAY keyed by worker slot
+    queue, numa,           REUSEPORT_SOCKARRAY keyed by worker slot
+    least-conns            (least-conns also counts live connections, bpf/conns.h)
 
 parse_policy() turns the user's spelling into a Policy; selector.attach_policy()
 loads and attaches it to a group and returns the Selector that owns every BPF
@@ -20,7 +21,7 @@ from ..errors import UserError
 
 CBPF = ("cpu", "mod")
 EBPF = ("hash", "threshold", "consistent", "round-robin", "weighted", "least-loaded", "drain",
-        "queue", "numa")
+        "queue", "numa", "least-conns")
 NAMES = ("kernel",) + CBPF + EBPF
 SPELLING = {"weighted": "weighted:W1,W2,..", "drain": "drain:K"}
 

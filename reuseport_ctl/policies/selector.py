@@ -24,7 +24,12 @@ MAX_SLOTS = 256
 LEAST_MAX_SLOTS = 64       # bpf/select.c: the verifier unrolls least-loaded's scan
 TABLE_SIZE = 1024
 POLICY_MACRO = {"hash": 1, "threshold": 2, "consistent": 3, "round-robin": 4,
-                "weighted": 4, "least-loaded": 5, "drain": 1, "queue": 6, "numa": 7}
+                "weighted": 4, "least-loaded": 5, "drain": 1, "queue": 6, "numa": 7,
+                "least-conns": 8}
+SCANS = ("least-loaded", "least-conns")     # policies whose program scans every slot
+# least-conns: its raw tracepoint programs (bpf/conns.h) -> where they attach
+CONNS_PROGRAMS = {"lc_ready": ("rp_lc_ready", "sk_data_ready"),
+                  "lc_state": ("rp_lc_state", "inet_sock_set_state")}
 NODE_DIR = 64              # numa: table[0..NODE_DIR) is the node directory
 
 
@@ -43,6 +48,7 @@ class Selector:
     prog_fd: int | None = None
     maps: dict[str, int] = field(default_factory=dict)
     member: socket.socket | None = None      # a group socket to detach through
+    links: dict[str, int] = field(default_factory=dict)   # least-conns: raw tracepoint links
     _bpf: object = None                       # the bcc.BPF that owns prog and maps
     _own_fds: list[int] = field(default_factory=list)
 
@@ -57,6 +63,9 @@ class Selector:
 
     def release(self) -> None:
         """Close our handles; an attached program stays with the group."""
+        for fd in self.links.values():       # detaches the tracepoints (unless pinned)
+            os.close(fd)
+        self.links.clear()
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -172,11 +181,14 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None) -> None:
     from ..kernel.bcc import compile_program
 
     policy, n = sel.policy, len(socks)
-    max_slots = LEAST_MAX_SLOTS if policy.name == "least-loaded" else MAX_SLOTS
+    max_slots = LEAST_MAX_SLOTS if policy.name in SCANS else MAX_SLOTS
     if n > max_slots:
         raise UserError(f"policy {policy.name} handles up to {max_slots} sockets; "
                         f"the group has {n}.")
     least = policy.name == "least-loaded"
+    if policy.name == "least-conns" and socks[0].type != socket.SOCK_STREAM:
+        raise UserError("least-conns counts TCP connections; a UDP group has none: use "
+                        "least-loaded or round-robin.")
     socks_fd = bpf.create_map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rp_socks")
     sel._own_fds.append(socks_fd)
     sel.maps["socks"] = socks_fd
@@ -194,13 +206,22 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None) -> None:
         load = "sk_ack_backlog" if socks[0].type == socket.SOCK_STREAM else "sk_backlog.rmem_alloc"
         cflags += offset_macros({"SELECTED_SK_OFF": ("sk_reuseport_kern", "selected_sk"),
                                  "LOAD_OFF": ("sock", load)})
+    inline: tuple[str, ...] = ()
+    if policy.name == "least-conns":
+        from ..kernel.btf import offset_macros
+        from ..probes.conns import cflags as conns_cflags
+        cflags += offset_macros({"SELECTED_SK_OFF": ("sk_reuseport_kern", "selected_sk"),
+                                 "QLEN_OFF": ("inet_connection_sock",
+                                              "icsk_accept_queue.qlen")})
+        cflags += conns_cflags(socks[0].getsockname()[1], "/proc/thread-self/ns/net")
+        inline = ("conns.h",)
     if policy.name == "queue":
         from ..kernel.btf import offset_macros
         cflags += offset_macros({"SKB_OFF": ("sk_reuseport_kern", "skb"),
                                  "QUEUE_MAPPING_OFF": ("sk_buff", "queue_mapping")})
     if policy.name == "numa":
         cflags.append(f"-DNODE_DIR={NODE_DIR}")
-    b = compile_program(program_source(), cflags)
+    b = compile_program(program_source(), cflags, inline=inline)
     sel._bpf = b
     try:
         fn = b.load_func(b"rp_select", bpf.PROG_TYPE_SK_REUSEPORT)
@@ -209,6 +230,15 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None) -> None:
     sel.prog_fd = fn.fd
     for name in ("selections", "table", "config"):
         sel.maps[name] = b[f"rp_{name}".encode()].map_fd
+    if policy.name == "least-conns":
+        sel.maps["live"] = b[b"rp_lc_live"].map_fd
+        for name, (fn_name, tp) in CONNS_PROGRAMS.items():     # data-ready side first
+            try:
+                prog = b.load_func(fn_name.encode(), bpf.PROG_TYPE_RAW_TRACEPOINT)
+                sel.links[name] = bpf.raw_tracepoint_open(tp, prog.fd)
+            except Exception as e:
+                raise UserError(f"the kernel refused least-conns' {tp} counter ({e}).") \
+                    from None
     table = numa_table(slot_nodes(n, cpus)) if policy.name == "numa" else slot_table(policy, n)
     for i, slot in enumerate(table):
         bpf.map_update(sel.maps["table"], bpf.u32(i), bpf.u32(slot))

@@ -27,6 +27,7 @@ from ..kernel import diag, features
 from .lookup import LookupProbe
 from .programs import PROTO_NUMBERS, netns_inum
 from .strategy import CHAINS, Strategy, choose
+from .conns import ConnsProbe
 from .wakeup import WakeupProbe
 
 OWN_NETNS = "/proc/thread-self/ns/net"
@@ -49,6 +50,8 @@ class ProbeTotals:
                                         # (both only with eagain=True)
     thread_wakeups: dict[tuple[int, int, int], int] = field(default_factory=dict)
                                         # (listener cookie, pid, tid) -> wakeups
+    live: Optional[dict[int, int]] = None   # listener cookie -> connections ESTABLISHED
+                                        # now (a level, not a total); None: not counted
 
     def minus(self, base: "ProbeTotals") -> "ProbeTotals":
         """These totals less an earlier read's (counts since that read)."""
@@ -68,7 +71,7 @@ class ProbeTotals:
                            sub(self.wakeups, base.wakeups),
                            sub(self.accept_eagain, base.accept_eagain),
                            sub(self.accepted, base.accepted),
-                           sub(self.thread_wakeups, base.thread_wakeups))
+                           sub(self.thread_wakeups, base.thread_wakeups), self.live)
 
 
 def default_strategies() -> dict[str, Strategy]:
@@ -107,6 +110,7 @@ class ProbeSession:
         self._own_netns = netns_inum(netns) == netns_inum(OWN_NETNS)
         chosen = dict(strategies) if strategies is not None else default_strategies()
         self._lookup = LookupProbe(port, proto, netns)
+        self._conns: Optional[ConnsProbe] = None
         self._wakeup = WakeupProbe(port, proto, netns)
         self._wakeup.set_pids(pids)
         self.strategies: dict[str, Strategy] = {}
@@ -121,6 +125,7 @@ class ProbeSession:
                 "data_ready", chosen.get("data_ready"),
                 lambda name: self._wakeup.attach(name, wk_name, eagain))
             self.strategies["wakeups"] = self._wakeups_strategy(wk)
+            self.strategies["live"] = self._attach_conns(chosen)
             self._base: ProbeTotals | None = None
             self.rebase()               # every probe is attached: the common start
         except BaseException:
@@ -173,6 +178,20 @@ class ProbeSession:
             f"{wp.wakeups_error}; {step.gives}"
         return Strategy(wp.wakeups, f"{reason}; {wp.scope}{eagain}", step.target)
 
+    def _attach_conns(self, chosen: dict) -> Strategy:
+        """Live connections per listener (TCP): raw tracepoints
+        inet_sock_set_state and sk_data_ready (bpf/conns.h)."""
+        if self.proto != "tcp":
+            return Strategy("none", "UDP has no connections")
+        if chosen.get("live") is not None and chosen["live"].name == "none":
+            return chosen["live"]
+        try:
+            self._conns = ConnsProbe(self.port, self.netns)
+        except Exception as e:                  # bcc raises plain Exception
+            return Strategy("none", f"the live-connection probe did not attach ({e})")
+        return Strategy("raw_tracepoint", "children ESTABLISHED now, per listener, since the "
+                        "probe attached", "raw tracepoints inet_sock_set_state + sk_data_ready")
+
     @property
     def counts_eagain(self) -> bool:
         """Whether accept/recvfrom EAGAINs are counted (read().accept_eagain)."""
@@ -211,13 +230,17 @@ class ProbeSession:
         wakeups: dict[int, int] = {}
         for (_, pid, _), n in thread_wakeups.items():
             wakeups[pid] = wakeups.get(pid, 0) + n
+        live = self._conns.read() if self._conns is not None else None
         return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain,
-                           accepted, thread_wakeups)
+                           accepted, thread_wakeups, live)
 
     def close(self) -> None:
         """Detach everything; idempotent."""
         self._lookup.close()
         self._wakeup.close()
+        if self._conns is not None:
+            self._conns.close()
+            self._conns = None
 
     def __enter__(self) -> "ProbeSession":
         return self

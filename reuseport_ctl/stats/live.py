@@ -55,6 +55,8 @@ class WorkerObs:
     drops: Optional[int] = None         # sk_drops of its socket(s), cumulative (None: unknown)
     state: str = ""                     # its process's state letter (/proc: T is stopped)
     outside: Optional[str] = None       # why its process is not the server's, or None
+    live: Optional[int] = None          # connections ESTABLISHED now on its socket(s),
+                                        # counted in the kernel (None: not counted)
 
     @property
     def key(self) -> tuple:
@@ -120,6 +122,7 @@ class WorkerRow:
     stuck: bool = False                 # work queues for it and it takes none
     stopped: bool = False               # its process is stopped (SIGSTOP, a debugger)
     outside: Optional[str] = None       # not in the server's process tree: why
+    live: Optional[int] = None          # connections ESTABLISHED now (kernel-counted)
 
 
 @dataclass(frozen=True)
@@ -318,7 +321,8 @@ def step(state: LiveState, obs: Observation) -> Frame:
             cpu_seconds=w.cpu_seconds, accepts=accepts, accepts_per_s=acc_rate, share=0.0,
             history=tuple(s.history), data_ready=ready, data_ready_per_s=ready_rate,
             wakeups=wakeups, wakeups_per_event=per_event(wakeups, ready),
-            spurious_wakeups=spurious, queue_len=w.queue_len, child=w.child, conns=w.conns))
+            spurious_wakeups=spurious, queue_len=w.queue_len, child=w.child, conns=w.conns,
+            live=w.live))
 
     health = {h.key: h for h in assess(state.health, samples)}
     keys = [w.key for w in sorted(obs.workers, key=lambda w: (w.child, w.slot, w.pid, w.inodes))]

@@ -1,5 +1,7 @@
 """The bench plot: per-worker shares per model, side by side, one panel per
-load point (rows: client concurrency, columns: work per request).
+load point (rows: client concurrency, columns: work per request), and under
+each, the request latency of the same models (p50, p99, p99.9, max; log
+scale, median over the repeats).
 
 Within a panel each model is a group of bars, the busiest worker first (the
 mean over repeats of the k-th largest share; the whisker spans the repeats'
@@ -21,9 +23,12 @@ def plot_bench(result, path: str) -> str:
     labels = list(dict.fromkeys(r.label for r in rows))
     cell = {(r.work_us, r.concurrency, r.label): r for r in rows}
     n = result.config["workers"]
-    fig, axes = plt.subplots(len(concs), len(works), squeeze=False, sharey=True, sharex=True,
+    fig, grid = plt.subplots(2 * len(concs), len(works), squeeze=False, sharex=True,
                              figsize=(max(7.5, 0.6 * len(labels) * len(works) + 1.5),
-                                      2.2 * len(concs) + 1.8))
+                                      4.0 * len(concs) + 1.8),
+                             gridspec_kw={"height_ratios": [3, 2] * len(concs)})
+    axes = grid[0::2]
+    lat_axes = grid[1::2]
     cmap = plt.get_cmap("viridis")
     width = 0.8 / n
     top = max((max(r.shares_hi) for r in rows if r.shares_hi), default=1.0)
@@ -50,17 +55,25 @@ def plot_bench(result, path: str) -> str:
             ax.axhline(1 / n, ls="--", lw=0.8, color="grey")
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, rotation=40, ha="right", fontsize=7)
-            ax.tick_params(axis="x", labelbottom=i == len(concs) - 1)
+            ax.tick_params(axis="x", labelbottom=False)
             ax.set_ylim(0, min(1.12, top + 0.12))
             ax.set_title(f"concurrency {conc}, work {work} µs", fontsize=9)
             if j == 0:
                 ax.set_ylabel("share of connections")
+            _latency_panel(lat_axes[i][j], [cell.get((work, conc, lb)) for lb in labels],
+                           first=(i == 0 and j == 0))
+            lat_axes[i][j].tick_params(axis="x", labelbottom=i == len(concs) - 1)
+            if j == 0:
+                lat_axes[i][j].set_ylabel("latency ms")
     env, cfg = result.env, result.config
     kind = "short connections" if cfg["requests_per_conn"] == 1 else \
         f"keep-alive ×{cfg['requests_per_conn']}"
     fig.suptitle(f"reuseport-ctl bench · kernel {env['kernel']} · {env['cpus']} CPUs\n"
                  f"per-worker share of connections, busiest first ({n} workers, {kind}, "
                  f"{cfg['repeat']} repeats); number: median max:min", fontsize=9)
+    lh, ln = lat_axes[0][0].get_legend_handles_labels()
+    if lh:
+        lat_axes[0][0].legend(lh, ln, fontsize=6, ncol=4, frameon=False, loc="upper left")
     handles, names = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, names, loc="lower center", ncol=min(n, 8), fontsize=7,
@@ -69,6 +82,24 @@ def plot_bench(result, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+LATENCY = (("p50_ms", "p50", "o"), ("p99_ms", "p99", "s"), ("p999_ms", "p99.9", "^"),
+           ("max_ms", "max", "x"))
+
+
+def _latency_panel(ax, rows, first: bool) -> None:
+    """p50/p99/p99.9/max per model (median over repeats), log scale."""
+    for k, (attr, name, marker) in enumerate(LATENCY):
+        xs, ys = [], []
+        for x, r in enumerate(rows):
+            v = getattr(r, attr).median if r is not None else None
+            if v:
+                xs.append(x - 0.24 + 0.16 * k)
+                ys.append(v)
+        ax.scatter(xs, ys, marker=marker, s=14, label=name if first else None)
+    ax.set_yscale("log")
+    ax.grid(axis="y", lw=0.3, alpha=0.6)
 
 
 def _ordinal(k: int) -> str:

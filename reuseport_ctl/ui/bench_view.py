@@ -12,7 +12,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..experiments.bench import IMBALANCED, BenchResult, Row, Spread, imbalances, worst
+from ..experiments.bench import (IMBALANCED, BenchResult, Row, Spread, imbalances, stall_table,
+                                 worst)
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -66,7 +67,9 @@ def render_bench(result: BenchResult) -> RenderableType:
         by_point.setdefault((r.work_us, r.concurrency), []).append(r)
     for (work, conc), rs in by_point.items():
         parts.append(_point_table(work, conc, rs))
-    parts.append(_findings(rows))
+    if cfg.get("stall"):
+        parts.append(_stall_table(result))
+    parts.append(_findings([r for r in rows if not r.stall]))
     parts.append(Text(f"wakeups: {result.probe}", style="dim"))
     if result.interrupted:
         parts.append(Text("interrupted: the table shows the points done so far", style="red"))
@@ -83,6 +86,8 @@ def _point_table(work: int, conc: int, rows: Sequence[Row]) -> Table:
     t.add_column("conns/s", justify="right")
     t.add_column("p50 ms", justify="right")
     t.add_column("p99 ms", justify="right")
+    t.add_column("p99.9 ms", justify="right")
+    t.add_column("max ms", justify="right")
     t.add_column("max:min", justify="right")
     t.add_column("Jain", justify="right")
     t.add_column("shares %", justify="right")
@@ -91,14 +96,38 @@ def _point_table(work: int, conc: int, rows: Sequence[Row]) -> Table:
     t.add_column("CPU % c/w/a/all", justify="right")
     t.add_column("saturated")
     for r in rows:
-        t.add_row(r.label, spread(r.conns_per_s, ".0f"), _num(r.p50_ms.median, ".2f"),
-                  _num(r.p99_ms.median, ".2f"),
+        t.add_row(r.label + (f" ⏸{r.stall}" if r.stall else ""), spread(r.conns_per_s, ".0f"), _num(r.p50_ms.median, ".2f"),
+                  _num(r.p99_ms.median, ".2f"), _num(r.p999_ms.median, ".2f"),
+                  _num(r.max_ms.median, ".1f"),
                   Text(spread(r.max_min, ".2f"), style=_ratio_style(r.max_min.median)),
                   _num(r.jain.median, ".3f"), shares_text(r),
                   spread(r.wakeups_per_conn, ".2f"), _num(r.spurious_per_conn.median, ".2f"),
                   _cpu(r.cpu), ", ".join(r.saturated) or "-")
         if r.errors:
             t.add_row(Text(f"  {r.errors} failed connections", style="red"))
+    return t
+
+
+def _stall_table(result: BenchResult) -> Table:
+    """Each setup without and with the stall, side by side."""
+    st = result.config["stall"]
+    slot, rest = st.split(":")
+    ms, every = rest.split("@")
+    t = Table(title=f"worker {slot} stopped {ms} ms in every {every} ms (SIGSTOP/SIGCONT) · "
+                    f"latency at the client, median of the repeats",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    for c in ("model", "c", "Jain", "p99 ms", "max ms", "Jain ⏸", "p99 ms ⏸", "p99.9 ms ⏸",
+              "max ms ⏸", "stalled worker's share"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for d in stall_table(result.rows):
+        a, b = d["calm"], d["stall"]
+        k = int(slot)
+        share = [c[k] / sum(c) if sum(c) else 0.0 for c in b.counts if k < len(c)]
+        t.add_row(d["label"], str(d["concurrency"]), _num(a.jain.median, ".3f"),
+                  _num(a.p99_ms.median, ".2f"), _num(a.max_ms.median, ".1f"),
+                  _num(b.jain.median, ".3f"), _num(b.p99_ms.median, ".2f"),
+                  _num(b.p999_ms.median, ".2f"), _num(b.max_ms.median, ".1f"),
+                  f"{100 * sorted(share)[len(share) // 2]:.1f} %" if share else "-")
     return t
 
 

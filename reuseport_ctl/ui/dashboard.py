@@ -115,11 +115,15 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     t.add_column("wakeups/ev", justify="right")
     t.add_column("spurious", justify="right")
     t.add_column("drops", justify="right")
+    has_live = any(r.live is not None for r in frame.rows)
+    if has_live:
+        t.add_column("live", justify="right")
     if frame.dispatcher:
         t.add_column("conns", justify="right")
     widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
     for r in frame.rows:
-        extra = [_f(r.conns, "{:,}")] if frame.dispatcher else []
+        extra = ([_f(r.live, "{:,}")] if has_live else []) + \
+            ([_f(r.conns, "{:,}")] if frame.dispatcher else [])
         t.add_row(
             "child" if r.child else str(r.slot), _who(r), _f(r.cpu_percent, "{:.0f}"),
             _bar(r.share, widest) if r.share is not None else "-",

@@ -151,7 +151,7 @@ class Watch:
             self._cookies.update(socket_cookies(self.source.port, self.source.proto))
         t = self.session.rebase() if first else self.session.read()
         wall = time.time()
-        if any(c not in self._cookies for c in t.data_ready):
+        if any(c not in self._cookies for c in [*t.data_ready, *(t.live or ())]):
             self._cookies.update(socket_cookies(self.source.port, self.source.proto))
 
         def inode(cookie: int) -> int:
@@ -164,8 +164,15 @@ class Watch:
             k = (inode(cookie), pid, tid)
             wakeups[k] = wakeups.get(k, 0) + n
         cpu = self._cpu.sample({w.pid for w in workers})
+        live: Optional[dict[int, int]] = None
+        if t.live is not None:                  # cookie -> live, as inode -> live
+            live = {}
+            for cookie, n in t.live.items():
+                live[inode(cookie)] = live.get(inode(cookie), 0) + n
         workers = [replace(w, cpu_percent=cpu[w.pid][0], cpu_seconds=cpu[w.pid][1],
-                           nthreads=cpu[w.pid][2])
+                           nthreads=cpu[w.pid][2],
+                           live=None if live is None or w.child
+                           else sum(live.get(i, 0) for i in w.inodes))
                    for w in workers]
         return Observation(ts=t.ts, wall=wall, workers=tuple(workers),
                            lookups=t.lookups, data_ready=ready, wakeups=wakeups,

@@ -213,10 +213,13 @@ class Supervisor:
                 next_tick = now + tick
             time.sleep(0.05)
 
-    def run_in_child(self, fn: Callable[[], Any]) -> Any:
+    def run_in_child(self, fn: Callable[[], Any], on_tick: Optional[Callable[[float], None]] = None,
+                     next_due: Optional[Callable[[float], float]] = None) -> Any:
         """fn() in a forked helper (the load client), supervising meanwhile so
         a dying worker is restarted while the load runs; fn's result comes back
-        pickled. None if stopped by a signal first."""
+        pickled. None if stopped by a signal first. on_tick(now) runs at least
+        every 50 ms, and at next_due(now) when that is sooner (a stall's
+        schedule)."""
         r, w = os.pipe()
         pid = children.fork()
         if pid == 0:
@@ -227,7 +230,13 @@ class Supervisor:
         data = bytearray()
         try:
             while not self.stopping:
-                if select.select([r], [], [], 0.05)[0]:
+                wait = 0.05
+                if on_tick is not None:
+                    now = time.monotonic()
+                    on_tick(now)
+                    if next_due is not None:
+                        wait = min(wait, max(0.0, next_due(now) - now))
+                if select.select([r], [], [], wait)[0]:
                     chunk = os.read(r, 1 << 16)
                     if not chunk:
                         break
