@@ -1,0 +1,21 @@
+"""Failed connections and lost datagrams per 10k (pure)."""
+from __future__ import annotations
+
+KINDS = ("refused", "reset", "timeout", "other")
+
+
+def per_10k(n: int, total: int) -> float:
+    """n out of total, per 10,000 (0 when there was nothing)."""
+    return round(10000 * n / total, 2) if total else 0.0
+
+
+def failures(totals: dict) -> dict:
+    """A load's totals (conns, ok and one count per error kind) as the
+    report's numbers: errors by kind, failed, and each per 10k connections
+    (or datagrams: for UDP a timeout is a datagram or its echo lost)."""
+    conns = totals.get("conns", 0)
+    errors = {k: totals.get(k, 0) for k in KINDS}
+    failed = sum(errors.values())
+    return {"conns": conns, "ok": totals.get("ok", 0), "errors": errors, "failed": failed,
+            **{f"{k}_per_10k": per_10k(v, conns) for k, v in errors.items()},
+            "failed_per_10k": per_10k(failed, conns)}
