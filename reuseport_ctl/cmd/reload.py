@@ -18,6 +18,9 @@ Examples:
   reuseport-ctl reload --modes inherit,rebind-off --loads short --reloads 5
   reuseport-ctl reload --queued 64 --loads udp --json
   reuseport-ctl reload --duration 10 --reloads 10 --plot reload.png
+  reuseport-ctl reload --port 8080 --exec 'nginx -s reload'        a real server
+  reuseport-ctl reload --port 8000 --exec 'kill -HUP $(cat gunicorn.pid)' \
+                       --migrate-req 1 --loads short,keepalive
 
 \b
 Modes (how the new server gets its sockets):
@@ -38,14 +41,24 @@ are counted by the client: resets, refusals, timeouts per 10k connections,
 UDP datagrams lost per 10k. The sysctl is restored afterwards, also on
 Ctrl-C, SIGTERM and SIGHUP (the steps done so far are printed). By default
 everything runs in a private network namespace.
+
+\b
+A real server (--exec CMD --port P): the load goes to the server on port P
+in this network namespace while CMD (run by /bin/sh) reloads it --reloads
+times; the client counts every failure, sock_diag shows whether the server
+kept its sockets or bound new ones (and the queues it closed). --migrate-req
+0|1 sets net.ipv4.tcp_migrate_req for the run (restored after): what a
+rebinding server (HAProxy -sf without expose-fd listeners, gunicorn
+--reuse-port) needs so its closing sockets' queues are not reset.
 """
 
 
 @click.command("reload", epilog=EPILOG)
 @click.option("--modes", default=",".join(ex.MODES), show_default=True,
               help="Handover modes, comma-separated.")
-@click.option("--loads", default=",".join(ex.LOADS), show_default=True,
-              help="Loads, comma-separated: short, keepalive, udp.")
+@click.option("--loads", default=None,
+              help="Loads, comma-separated: short, keepalive, udp "
+                   "[default: all; with --exec: short,keepalive].")
 @click.option("--workers", "-w", type=int, default=2, show_default=True,
               callback=in_range(1, ex.churn.MAX_SLOTS // 2),
               help="Sockets of the server (one worker process each).")
@@ -71,19 +84,39 @@ everything runs in a private network namespace.
               help="TCP: the client's timeout per connection, seconds.")
 @click.option("--udp-timeout", type=float, default=0.5, show_default=True,
               help="UDP: a datagram not echoed within this many seconds is lost.")
+@click.option("--exec", "command", default=None, metavar="CMD",
+              help="Measure a real server on --port instead: CMD reloads it.")
+@click.option("--migrate-req", type=click.IntRange(0, 1), default=None,
+              help="With --exec: net.ipv4.tcp_migrate_req for the run (restored after).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None,
               help="Write a PNG plot (failures per 10k per mode and load) here.")
 @click.option("--host-netns", is_flag=True,
               help="Run in the caller's network namespace instead of a private one.")
 def reload(modes, loads, workers, reloads, duration, queued, linger, keepalive_requests,
-           host, port, backlog, concurrency, timeout, udp_timeout, as_json, plot, host_netns):
+           host, port, backlog, concurrency, timeout, udp_timeout, command, migrate_req,
+           as_json, plot, host_netns):
     """Replace a server under steady load, N times in each way of handing its
     sockets over (inherit, pass, rebind with migration off/on/BPF, drain),
     and count what the clients lose: TCP resets, refusals and timeouts per
     10k connections, UDP datagrams lost per 10k, the handover time, and the
     old sockets' queues when they were let go."""
     check_output_path(plot)
+    if loads is None:
+        loads = "short,keepalive" if command is not None else ",".join(ex.LOADS)
+    if command is not None:
+        ext = ex.ExternalConfig(port=port, command=command, host=host, reloads=reloads,
+                                duration=duration, loads=ex.parse_list(loads, ex.LOADS, "load"),
+                                migrate_req=migrate_req, keepalive_requests=keepalive_requests,
+                                concurrency=concurrency, timeout=timeout)
+        ext.validate()
+        if migrate_req is not None and os.geteuid() != 0:
+            raise UserError("--migrate-req needs root (CAP_NET_ADMIN).")
+        return _report(_run(lambda **kw: ex.run_external(ext, **kw),
+                            ext.duration * len(ext.loads), ext.duration, as_json),
+                       as_json, plot)
+    if migrate_req is not None:
+        raise UserError("--migrate-req goes with --exec: the modes set the sysctl themselves.")
     cfg = ex.ReloadConfig(
         workers=workers, reloads=reloads, duration=duration,
         modes=ex.parse_list(modes, ex.MODES, "mode"),
@@ -101,7 +134,15 @@ def reload(modes, loads, workers, reloads, duration, queued, linger, keepalive_r
         from ..kernel.sockets import check_port_free
         for proto in {"udp" if ld == "udp" else "tcp" for ld in cfg.loads}:
             check_port_free(host, port, proto, reuseport=True, uid=os.geteuid())
-    rep = _run(cfg, "host" if host_netns else "private", as_json)
+    netns = "host" if host_netns else "private"
+    steps = ex.plan(cfg)
+    rep = _run(lambda **kw: ex.run_experiment(cfg, netns, **kw),
+               sum(cfg.duration if kind == "load" else 1 for kind, _, _ in steps),
+               cfg.duration, as_json)
+    _report(rep, as_json, plot)
+
+
+def _report(rep: dict, as_json: bool, plot) -> None:
     if plot and rep["runs"]:
         from ..ui.reload_plot import write_plot
         write_plot(rep, plot)
@@ -117,14 +158,13 @@ def reload(modes, loads, workers, reloads, duration, queued, linger, keepalive_r
         raise Stopped(rep["interrupted"])      # after printing the steps done
 
 
-def _run(cfg: ex.ReloadConfig, netns: str, quiet: bool) -> dict:
+def _run(experiment, total: float, duration: float, quiet: bool) -> dict:
+    """experiment(on_step=, tick=) under a progress bar on stderr (a terminal)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = console(stderr=True)
     if quiet or not err.is_terminal:
-        return ex.run_experiment(cfg, netns)
-    steps = ex.plan(cfg)
-    total = sum(cfg.duration if kind == "load" else 1 for kind, _, _ in steps)
+        return experiment()
     state = {"base": 0.0, "cur": None}
     # No refresh thread: workers are forked from this process.
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -135,7 +175,7 @@ def _run(cfg: ex.ReloadConfig, netns: str, quiet: bool) -> dict:
         def on_step(name: str) -> None:
             cur = state["cur"]
             if cur is not None:
-                state["base"] += cfg.duration if cur.startswith("load") else 1
+                state["base"] += duration if cur.startswith("load") else 1
             state["cur"] = name
             bar.update(task, description=name, completed=state["base"], load="")
             bar.refresh()
@@ -145,7 +185,7 @@ def _run(cfg: ex.ReloadConfig, netns: str, quiet: bool) -> dict:
                        load=f"{conns:,} done, {resets} reset")
             bar.refresh()
 
-        return ex.run_experiment(cfg, netns, on_step=on_step, tick=tick)
+        return experiment(on_step=on_step, tick=tick)
 
 
 COMMANDS = [reload]

@@ -324,3 +324,142 @@ def run_experiment(cfg: ReloadConfig, netns: str = "private",
             "sysctl": {"name": MIGRATE_REQ, "before": before, "after": after,
                        "restored": before == after},
             "interrupted": interrupted, "queued": queued, "runs": runs}
+
+
+# --- a real server, reloaded by its own command ---------------------------------------------
+
+@dataclass(frozen=True)
+class ExternalConfig:
+    port: int
+    command: str                        # run by /bin/sh -c at each reload
+    host: str = "127.0.0.1"
+    reloads: int = 3
+    duration: float = 6.0
+    loads: tuple[str, ...] = ("short",)
+    migrate_req: Optional[int] = None   # set net.ipv4.tcp_migrate_req for the run
+    keepalive_requests: int = 20
+    concurrency: int = 32
+    timeout: float = 1.0
+    command_timeout: float = 30.0
+
+    def validate(self) -> None:
+        ReloadConfig(reloads=self.reloads, duration=self.duration, loads=self.loads,
+                     keepalive_requests=self.keepalive_requests,
+                     concurrency=self.concurrency, timeout=self.timeout).validate()
+        if not 1 <= self.port <= 65535:
+            raise UserError(f"--exec needs the server's --port (1..65535), not {self.port}.")
+        if "udp" in self.loads:
+            raise UserError("--exec measures a TCP server: the loads are short and keepalive.")
+        if not self.command.strip():
+            raise UserError("--exec needs the command that reloads the server.")
+        if self.migrate_req not in (None, 0, 1):
+            raise UserError(f"--migrate-req is 0 or 1, not {self.migrate_req}.")
+
+    def times(self) -> list[float]:
+        return ReloadConfig(reloads=self.reloads, duration=self.duration).times()
+
+
+class _SocketWatch:
+    """The port's listening sockets, sampled (sock_diag): which closed (with
+    the accept queue last seen on each) and which were bound, so the report
+    says how the server handed over -- kept its sockets, or rebound."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.seen: dict[int, int] = {}      # inode -> last accept-queue length
+        self.first: set[int] = set()
+        self.closed: dict[int, int] = {}
+        self.sample()
+        self.first = set(self.seen)
+
+    def sample(self) -> None:
+        from ..kernel import diag
+        now = {s.inode: s.queue_len for s in diag.listeners(self.port, "tcp")}
+        for ino in set(self.seen) - set(now):
+            self.closed[ino] = self.seen.pop(ino)
+        self.seen.update(now)
+
+    def summary(self) -> dict:
+        bound = (set(self.seen) | set(self.closed)) - self.first
+        return {"at_start": len(self.first), "at_end": len(self.seen), "closed": len(self.closed),
+                "bound": len(bound),
+                "queued_at_close_seen": sum(self.closed.values())}
+
+
+def external_case(cfg: ExternalConfig, load: str,
+                  tick: Optional[Callable[[float, int, int], None]] = None) -> dict:
+    """Steady load on a running server while `cfg.command` reloads it
+    cfg.reloads times; the client's failures by kind, and the port's
+    sockets as sock_diag saw them (kept, or closed and bound anew)."""
+    import subprocess
+    from contextlib import nullcontext
+
+    from ..load.steady import SteadyLoad
+
+    setting = (sysctl.setting(MIGRATE_REQ, cfg.migrate_req) if cfg.migrate_req is not None
+               else nullcontext())
+    events: list[dict] = []
+    with setting:
+        watch = _SocketWatch(cfg.port)
+        if not watch.first:
+            raise UserError(f"nothing listens on tcp port {cfg.port} in this network namespace.")
+        ld = SteadyLoad(cfg.host, cfg.port, cfg.concurrency, cfg.timeout,
+                        requests=cfg.keepalive_requests if load == "keepalive" else 1)
+        try:
+            t0 = time.monotonic()
+            ld.start(t0)
+            times = cfg.times()
+            while True:
+                now = time.monotonic() - t0
+                if now >= cfg.duration:
+                    break
+                if times and times[0] <= now:
+                    times.pop(0)
+                    t = time.monotonic()
+                    p = subprocess.run(["/bin/sh", "-c", cfg.command], capture_output=True,
+                                       text=True, timeout=cfg.command_timeout)
+                    events.append({"t": round(t - t0, 4), "took_s": round(time.monotonic() - t, 4),
+                                   "rc": p.returncode, "stderr": p.stderr.strip()[-300:],
+                                   "queued": []})
+                watch.sample()
+                ld.sample()
+                if tick is not None:
+                    tick(now, *ld.progress())
+                time.sleep(0.01)
+            result = ld.stop()
+        finally:
+            ld.close()
+        watch.sample()
+    run = {"totals": result["totals"], "per_worker": result["per_worker"],
+           "timeline": result["timeline"], "events": events, "migrated": 0,
+           "migrate_failed": 0, "program": None, "program_stats": None}
+    row = summarize("rebind-off", load, run)
+    row.update({"mode": "exec", "command": cfg.command, "sysctl": cfg.migrate_req,
+                "sockets": watch.summary(), "command_failed": sum(1 for e in events if e["rc"])})
+    row.pop("queued_at_close"), row.pop("queued_max")
+    return row
+
+
+def run_external(cfg: ExternalConfig, on_step: Optional[Callable[[str], None]] = None,
+                 tick: Optional[Callable[[float, int, int], None]] = None) -> dict:
+    """Every load against the real server; the report --json prints."""
+    from ..signals import signum_of
+
+    cfg.validate()
+    before = sysctl.read(MIGRATE_REQ)
+    runs, interrupted = [], 0
+    try:
+        for load in cfg.loads:
+            if on_step:
+                on_step(f"load {load} exec")
+            runs.append(external_case(cfg, load, tick))
+    except KeyboardInterrupt as e:
+        interrupted = signum_of(e)
+    after = sysctl.read(MIGRATE_REQ)
+    conf = asdict(cfg)
+    conf["loads"], conf["times"] = list(cfg.loads), cfg.times()
+    return {"experiment": "reload", "version": 1, "kernel": platform.release(),
+            "cpus": os.cpu_count() or 1, "netns": "host", "config": conf,
+            "sysctl": {"name": MIGRATE_REQ, "before": before, "after": after,
+                       "restored": before == after},
+            "interrupted": interrupted, "queued": [], "runs": runs}
