@@ -107,7 +107,7 @@ def server(name: str, tmp: Path):
         harness.subprocess.run([harness.NGINX, "-p", t, "-c", str(conf), "-e",
                                 f"{t}/error.log"], check=True)
         daemons = Daemons(tmp / "nginx.pid")
-        _wait_port()
+        harness.wait_http(PORT, None)
         daemons.note()
         cmd = (f"cd {t}; old=$(cat nginx.pid); kill -USR2 $old; "
                f"for i in $(seq 100); do [ -s nginx.pid.oldbin ] && [ -s nginx.pid ] && break; "
@@ -134,7 +134,7 @@ def server(name: str, tmp: Path):
             return cmd, stop, daemons
         start = [HAPROXY, "-D", "-p", str(pidf), "-f", str(conf)]
         harness.subprocess.run(start, check=True)
-        _wait_port()
+        harness.wait_http(PORT, None)
         daemons.note()
         x = f" -x {t}/haproxy.sock" if expose else ""
         cmd = f"{HAPROXY} -D -p {pidf} -f {conf}{x} -sf $(cat {pidf})"
@@ -152,21 +152,6 @@ def server(name: str, tmp: Path):
     raise SystemExit(f"unknown server {name}")
 
 
-def _wait_port(timeout: float = 20.0) -> None:
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", PORT), timeout=1) as s:
-                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                if s.recv(64).startswith(b"HTTP/1.1 200"):
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the server did not answer")
-
-
 SERVERS = ("nginx-hup", "nginx-usr2", "haproxy-sf", "haproxy-sf-x", "haproxy-W", "gunicorn")
 
 
@@ -177,7 +162,13 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=5.0)
     ap.add_argument("--migrate-req", default="0,1")
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--plot", default=None, help="write a PNG here")
+    ap.add_argument("--plot-from", default=None, help="only plot this --json file")
     args = ap.parse_args()
+    if args.plot_from:
+        from reuseport_ctl.ui.reload_plot import write_servers_plot
+        write_servers_plot(json.loads(Path(args.plot_from).read_text()), args.plot)
+        return 0
     print(harness.private_netns("reload_servers.py"), file=sys.stderr)
     harness.exit_on_sigterm()
     rows = []
@@ -197,22 +188,27 @@ def main() -> int:
                     row = {"server": name, "migrate_req": mig, "load": r["load"],
                            "conns": r["conns"], "errors": r["errors"],
                            "failed_per_10k": r["failed_per_10k"],
+                           "failed_new": r["failed_new"], "failed_reused": r["failed_reused"],
+                           "failed_new_per_10k": r["failed_new_per_10k"],
                            "reset_per_10k": r["reset_per_10k"], "sockets": r["sockets"],
                            "command_failed": r["command_failed"],
                            "stderr": sorted({e["stderr"] for e in r["events"] if e["stderr"]})}
                     rows.append(row)
                     print(f"{name:13} mig={mig} {r['load']:9} {r['conns']:7,} conns  "
-                          f"failed/10k {r['failed_per_10k']:7.2f}  {r['errors']}  "
+                          f"failed/10k {r['failed_per_10k']:7.2f} (new conns "
+                          f"{r['failed_new_per_10k']:.2f})  {r['errors']}  "
                           f"sockets {r['sockets']}", flush=True)
                 if rep["interrupted"]:
                     return 128 + rep["interrupted"]
     finally:
         harness.stop_all(harness.NGINX)
+    rep = {"kernel": os.uname().release, "cpus": os.cpu_count(), "reloads": args.reloads,
+           "duration_s": args.duration, "rows": rows}
     if args.json:
-        Path(args.json).write_text(json.dumps({"kernel": os.uname().release,
-                                               "cpus": os.cpu_count(), "reloads": args.reloads,
-                                               "duration_s": args.duration, "rows": rows},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps(rep, indent=1))
+    if args.plot:
+        from reuseport_ctl.ui.reload_plot import write_servers_plot
+        write_servers_plot(rep, args.plot)
     return 0
 
 

@@ -20,7 +20,7 @@ from reuseport_ctl.errors import UserError
 from reuseport_ctl.experiments import churn, reload as rl
 from reuseport_ctl.kernel import sysctl
 from reuseport_ctl.stats.failures import failures, per_10k
-from test_churn import churn_objects, churn_pids, gone
+from test_churn import churn_objects, churn_pids, gone, sigterm_mid_run
 
 MIG = rl.MIGRATE_REQ
 K = 16
@@ -34,6 +34,9 @@ def test_per_10k_and_failures():
     assert f["errors"] == {"refused": 0, "reset": 6, "timeout": 4, "other": 0}
     assert f["failed"] == 10 and f["failed_per_10k"] == 5.0
     assert f["reset_per_10k"] == 3.0 and f["timeout_per_10k"] == 2.0
+    assert f["failed_reused"] == 0 and f["failed_new"] == 10
+    g = failures({"conns": 10000, "ok": 9990, "reset": 10, "reused": {"reset": 7}})
+    assert g["failed_reused"] == 7 and g["failed_new"] == 3 and g["failed_new_per_10k"] == 3.0
 
 
 def test_config_times_plan_and_modes():
@@ -187,33 +190,13 @@ def test_cli_json_plot_restores_and_cleans_up(netns, cli, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_prints_the_steps_done_restores_and_cleans_up(netns, cli):
-    import shutil
-    import sys
-    exe = shutil.which("reuseport-ctl", path=os.path.dirname(sys.executable)) or "reuseport-ctl"
+def test_sigterm_prints_the_steps_done_restores_and_cleans_up(netns):
     sysctl.write(MIG, 1)
     before_objs, before_pids = churn_objects(), churn_pids()
-    proc = subprocess.Popen([exe, "reload", "--host-netns", "--modes", "rebind-bpf",
-                             "--loads", "short", "--queued", "4", "--duration", "30", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:          # mid-run: program, sysctl 0, workers
-            if sysctl.read(MIG) == "0" and churn_objects()[0] - before_objs[0] \
-                    and len(churn_pids() - before_pids) >= 3:
-                break
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        else:
-            pytest.fail("reload never got going")
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    rc, out, err = sigterm_mid_run(["reload", "--host-netns", "--modes", "rebind-bpf", "--loads",
+                                    "short", "--queued", "4", "--duration", "30", "--json"],
+                                   before_objs, before_pids)
+    assert rc == 128 + signal.SIGTERM, err
     assert "Traceback" not in err, err
     rep = json.loads(out)
     assert rep["interrupted"] == signal.SIGTERM and rep["sysctl"]["restored"]

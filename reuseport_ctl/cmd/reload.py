@@ -9,7 +9,7 @@ import click
 
 from ..errors import UserError
 from ..signals import Stopped
-from ._common import check_output_path, console, in_range
+from ._common import check_output_path, console, in_range, with_step_progress
 from ..experiments import reload as ex
 
 EPILOG = """\b
@@ -159,33 +159,9 @@ def _report(rep: dict, as_json: bool, plot) -> None:
 
 
 def _run(experiment, total: float, duration: float, quiet: bool) -> dict:
-    """experiment(on_step=, tick=) under a progress bar on stderr (a terminal)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    err = console(stderr=True)
-    if quiet or not err.is_terminal:
-        return experiment()
-    state = {"base": 0.0, "cur": None}
-    # No refresh thread: workers are forked from this process.
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[load]}"), console=err, transient=True,
-                  auto_refresh=False) as bar:
-        task = bar.add_task("reload", total=total, load="")
-
-        def on_step(name: str) -> None:
-            cur = state["cur"]
-            if cur is not None:
-                state["base"] += duration if cur.startswith("load") else 1
-            state["cur"] = name
-            bar.update(task, description=name, completed=state["base"], load="")
-            bar.refresh()
-
-        def tick(elapsed: float, conns: int, resets: int) -> None:
-            bar.update(task, completed=state["base"] + elapsed,
-                       load=f"{conns:,} done, {resets} reset")
-            bar.refresh()
-
-        return experiment(on_step=on_step, tick=tick)
+    return with_step_progress(experiment, total,
+                              lambda step: duration if step.startswith("load") else 1,
+                              "reload", quiet)
 
 
 COMMANDS = [reload]

@@ -264,6 +264,8 @@ def summarize(mode: str, load: str, run: dict) -> dict:
             "sysctl": 1 if SETUP[mode] == "on" else 0, "program": run["program"],
             "reloads": len(events), "conns": f["conns"], "ok": f["ok"], "errors": f["errors"],
             "failed": f["failed"], "failed_per_10k": f["failed_per_10k"],
+            "failed_new": f["failed_new"], "failed_reused": f["failed_reused"],
+            "failed_new_per_10k": f["failed_new_per_10k"],
             "reset_per_10k": f["reset_per_10k"], "refused_per_10k": f["refused_per_10k"],
             "timeout_per_10k": f["timeout_per_10k"],
             "lost": lost, "lost_per_10k": per_10k(lost, f["conns"]) if udp else None,

@@ -122,11 +122,14 @@ class SteadyLoad:
             raise RuntimeError("a churn load process died; its error is above")
         totals: Counter = Counter({k: 0 for k in ("conns", "ok") + _KINDS})
         per_worker: Counter = Counter()
+        reused: Counter = Counter()
         for t in tallies:
             totals["conns"] += t.done
             totals["ok"] += t.ok
             totals.update(t.errors)
             per_worker.update(t.per_worker)
+            reused.update(getattr(t, "reused", {}))
+        totals["reused"] = dict(reused)     # errors on an already-answered keep-alive connection
         return {"totals": dict(totals), "timeline": self.timeline,
                 "per_worker": {k: per_worker[k] for k in sorted(per_worker, key=_natural)}}
 

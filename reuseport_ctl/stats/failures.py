@@ -16,6 +16,13 @@ def failures(totals: dict) -> dict:
     conns = totals.get("conns", 0)
     errors = {k: totals.get(k, 0) for k in KINDS}
     failed = sum(errors.values())
+    # keep-alive: failures on a connection that had been answered before --
+    # the server closed it (idle) as the next request went out; an HTTP
+    # client retries such an idempotent request. The rest failed as new
+    # connections: the ones a listener's handover decides.
+    reused = sum((totals.get("reused") or {}).values())
     return {"conns": conns, "ok": totals.get("ok", 0), "errors": errors, "failed": failed,
             **{f"{k}_per_10k": per_10k(v, conns) for k, v in errors.items()},
-            "failed_per_10k": per_10k(failed, conns)}
+            "failed_per_10k": per_10k(failed, conns),
+            "failed_reused": reused, "failed_new": failed - reused,
+            "failed_new_per_10k": per_10k(failed - reused, conns)}

@@ -78,20 +78,23 @@ def external_table(rep: dict) -> Table:
     mig = "unchanged" if c["migrate_req"] is None else str(c["migrate_req"])
     t = Table(title=f"port {c['port']} reloaded {c['reloads']} times in {c['duration']:g} s by: "
                     f"{c['command']}  (tcp_migrate_req {mig})",
-              caption="sockets: the port's listeners as sock_diag saw them -- kept (0 closed, "
-                      "0 bound) or rebound; queue seen: the accept queues last sampled on the "
+              caption="of them reused: failures on a keep-alive connection already answered "
+                      "(the server closed it idle as the next request went out; HTTP clients "
+                      "retry those); closed/bound: the port's listeners as sock_diag saw them "
+                      "-- kept (0 closed, 0 bound) or rebound; queue seen: the accept queues last sampled on the "
                       "sockets that closed (a lower bound of what they orphaned)",
               title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False, collapse_padding=True)
     t.add_column("load", no_wrap=True)
     for name in ("conns", "reset/10k", "refused/10k", "timeout/10k", "failed/10k",
-                 "closed", "bound", "queue seen", "command ms"):
+                 "of them reused", "closed", "bound", "queue seen", "command ms"):
         t.add_column(name, justify="right", no_wrap=True)
     for r in rep["runs"]:
         so, h = r["sockets"], r["handover_ms"]
         t.add_row(r["load"], f"{r['conns']:,}", _n(r["reset_per_10k"]),
                   _n(r["refused_per_10k"]), _n(r["timeout_per_10k"]),
-                  _n(r["failed_per_10k"]), str(so["closed"]), str(so["bound"]),
+                  _n(r["failed_per_10k"]), _n(r["failed_reused"], bad=False),
+                  str(so["closed"]), str(so["bound"]),
                   _n(so["queued_at_close_seen"]),
                   f"{h['mean']:.0f}" if h["mean"] is not None else "-")
     return t
