@@ -18,9 +18,8 @@ Examples:
   reuseport-ctl reload --modes inherit,rebind-off --loads short --reloads 5
   reuseport-ctl reload --queued 64 --loads udp --json
   reuseport-ctl reload --duration 10 --reloads 10 --plot reload.png
-  reuseport-ctl reload --port 8080 --exec 'nginx -s reload'        a real server
-  reuseport-ctl reload --port 8000 --exec 'kill -HUP $(cat gunicorn.pid)' \
-                       --migrate-req 1 --loads short,keepalive
+  reuseport-ctl reload --port 8080 --exec 'nginx -s reload'      a real server
+  reuseport-ctl reload -p 8000 --exec 'kill -HUP $(cat g.pid)' --migrate-req 1
 
 \b
 Modes (how the new server gets its sockets):

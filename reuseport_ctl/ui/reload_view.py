@@ -81,8 +81,9 @@ def external_table(rep: dict) -> Table:
               caption="of them reused: failures on a keep-alive connection already answered "
                       "(the server closed it idle as the next request went out; HTTP clients "
                       "retry those); closed/bound: the port's listeners as sock_diag saw them "
-                      "-- kept (0 closed, 0 bound) or rebound; queue seen: the accept queues last sampled on the "
-                      "sockets that closed (a lower bound of what they orphaned)",
+                      "-- kept (0 closed, 0 bound) or rebound; queue seen: the accept queues last sampled "
+                      "(every ~10 ms) on the sockets that closed; the server may still have "
+                      "accepted them before the close",
               title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
               pad_edge=False, collapse_padding=True)
     t.add_column("load", no_wrap=True)
