@@ -107,11 +107,12 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, on_term)
 
 
-def wait_http(port: int, proc: subprocess.Popen, timeout: float = 20.0) -> None:
-    """Until 127.0.0.1:port answers a GET with 200 (or proc dies)."""
+def wait_http(port: int, proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    """Until 127.0.0.1:port answers a GET with 200 (or proc dies; None: a
+    server that daemonized)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server on port {port} exited with {proc.returncode}")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1) as s:

@@ -204,20 +204,17 @@ def test_cli_json_schema_plot_restore_and_cleanup(netns, cli, tmp_path):
     assert not gone(churn_pids() - before_pids)
 
 
-@pytest.mark.timeout(60)
-def test_sigterm_mid_run_restores_and_cleans_up(netns):
+def sigterm_mid_run(args: list[str], before_objs, before_pids) -> tuple[int, str, str]:
+    """Start reuseport-ctl ARGS, wait until it is mid-run (the mode has set
+    the sysctl to 0, loaded its program, started at least 3 workers), send
+    SIGTERM; (exit status, stdout, stderr)."""
     import shutil
     import sys
     exe = shutil.which("reuseport-ctl", path=os.path.dirname(sys.executable)) or "reuseport-ctl"
-    sysctl.write(MIG, 1)
-    before_objs = churn_objects()
-    before_pids = churn_pids()
-    proc = subprocess.Popen([exe, "churn", "--host-netns", "--modes", "bpf", "--queued", "0",
-                             "--duration", "30", "--json"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
         deadline = time.monotonic() + 20
-        # Mid-run: the mode has set the sysctl, loaded its program, started workers.
         while time.monotonic() < deadline:
             if sysctl.read(MIG) == "0" and churn_objects()[0] - before_objs[0] \
                     and len(churn_pids() - before_pids) >= 3:
@@ -225,7 +222,7 @@ def test_sigterm_mid_run_restores_and_cleans_up(netns):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         else:
-            pytest.fail("churn never got going")
+            pytest.fail(f"{args[0]} never got going")
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=20)
@@ -233,7 +230,17 @@ def test_sigterm_mid_run_restores_and_cleans_up(netns):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode != 0
+    return proc.returncode, out, err
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_mid_run_restores_and_cleans_up(netns):
+    sysctl.write(MIG, 1)
+    before_objs = churn_objects()
+    before_pids = churn_pids()
+    rc, out, err = sigterm_mid_run(["churn", "--host-netns", "--modes", "bpf", "--queued", "0",
+                                    "--duration", "30", "--json"], before_objs, before_pids)
+    assert rc != 0
     assert "Traceback" not in err, err
     assert sysctl.read(MIG) == "1"
     assert churn_objects_settle(before_objs) == before_objs

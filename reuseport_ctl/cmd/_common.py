@@ -96,3 +96,35 @@ def seconds(lo: float = 0.0, hi: float = 86400.0 * 365):
                             f"{hi:g}, not {value}.")
         return value
     return check
+
+
+def with_step_progress(experiment, total: float, cost, what: str, quiet: bool):
+    """Run experiment(on_step=, tick=) under a progress bar on stderr (a
+    terminal, not quiet): on_step(name) starts a step, cost(name) is what it
+    adds to the bar when done (its seconds of load, or 1), tick(elapsed,
+    conns, resets) moves the bar within a step. Refreshed by hand, no
+    thread: the experiments fork workers from this process."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    err = console(stderr=True)
+    if quiet or not err.is_terminal:
+        return experiment()
+    state = {"base": 0.0, "cur": None}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[load]}"), console=err, transient=True,
+                  auto_refresh=False) as bar:
+        task = bar.add_task(what, total=total, load="")
+
+        def on_step(name: str) -> None:
+            if state["cur"] is not None:            # the step before is done
+                state["base"] += cost(state["cur"])
+            state["cur"] = name
+            bar.update(task, description=name, completed=state["base"], load="")
+            bar.refresh()
+
+        def tick(elapsed: float, conns: int, resets: int) -> None:
+            bar.update(task, completed=state["base"] + elapsed,
+                       load=f"{conns:,} conns, {resets} reset")
+            bar.refresh()
+
+        return experiment(on_step=on_step, tick=tick)

@@ -7,7 +7,7 @@ import os
 import click
 
 from ..errors import UserError
-from ._common import check_output_path
+from ._common import check_output_path, with_step_progress
 from ..experiments import churn as ex
 
 EPILOG = """\b
@@ -103,34 +103,10 @@ def churn(workers, duration, add_every, remove_every, sequence, linger, modes, q
 
 
 def _run(cfg: ex.ChurnConfig, netns: str, quiet: bool) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    console = Console(stderr=True)
-    if quiet or not console.is_terminal:
-        return ex.run_experiment(cfg, netns)
     steps = (len(cfg.queued_modes) if cfg.queued else 0) + len(cfg.modes) * cfg.duration
-    state = {"base": 0.0, "cur": None}
-    # No refresh thread: we fork workers from this process.
-    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[load]}"), console=console, transient=True,
-                  auto_refresh=False) as bar:
-        task = bar.add_task("churn", total=steps, load="")
-
-        def on_step(name: str) -> None:
-            cur = state["cur"]
-            if cur is not None:             # the step before is done
-                state["base"] += cfg.duration if cur.startswith("churn") else 1
-            state["cur"] = name
-            bar.update(task, description=name, completed=state["base"], load="")
-            bar.refresh()
-
-        def tick(elapsed: float, conns: int, resets: int) -> None:
-            bar.update(task, completed=state["base"] + elapsed,
-                       load=f"{conns:,} conns, {resets} reset")
-            bar.refresh()
-
-        return ex.run_experiment(cfg, netns, on_step=on_step, tick=tick)
+    return with_step_progress(lambda **kw: ex.run_experiment(cfg, netns, **kw), steps,
+                              lambda step: cfg.duration if step.startswith("churn") else 1,
+                              "churn", quiet)
 
 
 COMMANDS = [churn]

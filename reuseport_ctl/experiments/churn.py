@@ -59,8 +59,9 @@ from ..kernel import children
 from ..kernel import sockets as ksock
 from ..kernel import sysctl
 from ..load.steady import SteadyLoad
+from ..stats.failures import failures
 from ..policies.migrate import MAX_SLOTS, MigrateProgram
-from ..workers.churn import run_churn_worker
+from ..workers.churn import run_churn_worker, run_passed_worker
 from ..workers.supervisor import client_host
 
 MIGRATE_REQ = "net.ipv4.tcp_migrate_req"
@@ -205,8 +206,9 @@ class Group:
     """
 
     def __init__(self, host: str, port: int, backlog: int,
-                 program: Optional[MigrateProgram] = None, max_slots: int = MAX_SLOTS):
-        self.host, self.port, self.backlog = host, port, backlog
+                 program: Optional[MigrateProgram] = None, max_slots: int = MAX_SLOTS,
+                 proto: str = "tcp"):
+        self.host, self.port, self.backlog, self.proto = host, port, backlog, proto
         self.program, self.max_slots = program, max_slots
         self.members: dict[int, _Member] = {}
         self._leaving: list[tuple[int, socket.socket]] = []    # (pid, ctl) finishing up
@@ -230,7 +232,7 @@ class Group:
         if not free:
             raise UserError(f"the group is full ({self.max_slots} workers).")
         slot = free[0]
-        lst = ksock.open_listener(self.host, self.port, "tcp", reuseport=True,
+        lst = ksock.open_listener(self.host, self.port, self.proto, reuseport=True,
                                   backlog=self.backlog,
                                   group=tuple(m.listener for m in self.members.values()))
         try:
@@ -240,34 +242,95 @@ class Group:
                 if not self.members:
                     self.program.attach(lst)
                 self.program.put(slot, lst)
-            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid, ctl = self._spawn(slot, lst, hold)
         except BaseException:
             lst.close()
             raise
-        pid = children.fork()
-        if pid == 0:
-            children.run_child(lambda: run_churn_worker(slot, lst, theirs, hold, self._me),
-                               f"churn worker {slot}")
-        theirs.close()
-        m = _Member(slot, lst, pid, mine, time.monotonic())
-        self.members[slot] = m
-        if _recv_byte(mine, READY_TIMEOUT_S) != b"R":
-            raise UserError(f"churn worker {slot} did not start within {READY_TIMEOUT_S:.0f} s.")
+        self.members[slot] = _Member(slot, lst, pid, ctl, time.monotonic())
         if self.program is not None:
             self.program.enable(slot)
         return slot
+
+    def _spawn(self, slot: int, lst: socket.socket, hold: bool,
+               passed: Optional[socket.socket] = None) -> tuple[int, socket.socket]:
+        """Fork the worker of `slot` and wait until it runs: on `lst`, which
+        it inherits, or (passed) on the socket sent to it over SCM_RIGHTS,
+        which it keeps at lst's fd number (so the next pass finds it).
+        Returns (pid, its control socket)."""
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pid = children.fork()
+        if pid == 0:
+            if passed is None:
+                body = lambda: run_churn_worker(slot, lst, theirs, hold, self._me)  # noqa: E731
+            else:
+                body = lambda: run_passed_worker(slot, theirs, hold, self._me,  # noqa: E731
+                                                 lst.fileno())
+            children.run_child(body, f"churn worker {slot}")
+        theirs.close()
+        try:
+            if passed is not None:
+                ksock.pass_socket(mine, passed)
+            if _recv_byte(mine, READY_TIMEOUT_S) != b"R":
+                raise UserError(f"churn worker {slot} did not start within "
+                                f"{READY_TIMEOUT_S:.0f} s.")
+        except BaseException:
+            children.stop([pid], grace=1.0)
+            mine.close()
+            raise
+        return pid, mine
+
+    def handover(self, slot: int, how: str) -> tuple[Optional[int], float]:
+        """A new process takes over the worker of `slot` on the SAME listener,
+        then the old one leaves (its copy closes; the socket, its queue and
+        its place in the group stay):
+
+            inherit  the new process is forked holding it (nginx's master
+                     forking workers, systemd socket activation, fork/exec)
+            pass     the new process starts without it and receives it: taken
+                     from the old process with pidfd_getfd(2) and sent over
+                     SCM_RIGHTS (tableflip, HAProxy's expose-fd listeners)
+
+        Returns (the listener's accept queue when the old worker let go of
+        it, which the new one serves -- None for UDP: its datagrams cannot be
+        counted without reading them --; seconds the handover took)."""
+        if how not in ("inherit", "pass"):
+            raise UserError(f"unknown handover {how!r}: inherit or pass.")
+        old = self.members[slot]
+        t0 = time.monotonic()
+        if how == "pass":
+            from ..kernel.owners import take_socket
+            fd = old.listener.fileno()
+            taken = take_socket(old.pid, fd, os.fstat(fd).st_ino)
+            try:
+                pid, ctl = self._spawn(slot, old.listener, False, passed=taken)
+            finally:
+                taken.close()
+        else:
+            pid, ctl = self._spawn(slot, old.listener, False)
+        self.members[slot] = _Member(slot, old.listener, pid, ctl, old.joined)
+        try:
+            old.ctl.send(b"l")
+            _recv_byte(old.ctl, READY_TIMEOUT_S)     # "L": its copy is closed
+        except OSError:
+            pass
+        queued = ksock.accept_queue_len(old.listener) if self.proto == "tcp" else None
+        self._leaving.append((old.pid, old.ctl))
+        self.reap()
+        return queued, time.monotonic() - t0
 
     def accept(self, slot: int) -> None:
         """Let a held worker start accepting."""
         self.members[slot].ctl.send(b"a")
 
     def queue_len(self, slot: int) -> int:
-        return ksock.accept_queue_len(self.members[slot].listener)
+        """TCP: the accept queue; UDP: bytes of the next datagram (0: empty)."""
+        return ksock.queued(self.members[slot].listener)
 
     def leave(self, slot: int, linger: float = 0.0) -> int:
         """The worker stops accepting; `linger` seconds later its listener
         closes, orphaning whatever the kernel queued for it (or migrating it).
-        Returns the accept-queue length at the close."""
+        Returns the accept-queue length at the close (UDP: the datagrams
+        still queued, read off and counted: the close would free them unread)."""
         m = self.members.pop(slot)
         try:
             m.ctl.send(b"l")
@@ -276,7 +339,10 @@ class Group:
             pass
         if linger > 0:
             time.sleep(linger)
-        queued = ksock.accept_queue_len(m.listener)
+        if self.proto == "udp":
+            queued = ksock.discard_queued(m.listener)
+        else:
+            queued = ksock.accept_queue_len(m.listener)
         m.listener.close()          # the last reference: inet_csk_listen_stop() runs now
         if self.program is not None:
             self.program.disable(slot)
@@ -392,10 +458,13 @@ REQUEST = b"GET / HTTP/1.1\r\nHost: churn\r\nConnection: close\r\n\r\n"
 
 
 def queued_case(mode: str, k: int, host: str = "127.0.0.1", port: int = 0,
-                backlog: int = 1024, timeout: float = 2.0) -> dict:
+                backlog: int = 1024, timeout: float = 2.0,
+                swap: Optional[Callable[[Group, int], tuple[int, int]]] = None) -> dict:
     """K clients wait in the accept queue of a listener whose worker does not
     accept; a second worker joins; the first listener closes (mode drain:
-    is drained first). Then each client is either served or reset."""
+    is drained first). Then each client is either served or reset.
+    swap(group, first) -> (second slot, queue at close) replaces the
+    join-and-close step (`reload`'s handovers)."""
     with mode_setup(mode) as prog:
         with Group(host, port, backlog, prog) as g:
             clients: list[socket.socket] = []
@@ -411,11 +480,14 @@ def queued_case(mode: str, k: int, host: str = "127.0.0.1", port: int = 0,
                 while g.queue_len(first) < k and time.monotonic() < deadline:
                     time.sleep(0.002)
                 queued = g.queue_len(first)
-                second = g.add()
-                if mode == "drain":
-                    at_close, _ = g.drain(first)
+                if swap is not None:
+                    second, at_close = swap(g, first)
                 else:
-                    at_close = g.leave(first, 0.0)
+                    second = g.add()
+                    if mode == "drain":
+                        at_close, _ = g.drain(first)
+                    else:
+                        at_close = g.leave(first, 0.0)
                 outcomes, served_by = _read_answers(clients, timeout)
                 counters = _delta(before, migrate_counters())
             finally:
@@ -484,57 +556,76 @@ def churn_case(mode: str, cfg: ChurnConfig,
                tick: Optional[Callable[[float, int, int], None]] = None) -> dict:
     """Under steady load, apply cfg.schedule() to a group of cfg.workers;
     count every failed connection by kind. tick(elapsed, conns, resets)."""
+    actions = [(e.t, lambda g, t0, e=e: _apply(g, e, mode, cfg, t0)) for e in cfg.schedule()]
+    run = under_load(mode, actions, host=cfg.host, port=cfg.port, backlog=cfg.backlog,
+                     workers=cfg.workers, duration=cfg.duration,
+                     concurrency=cfg.concurrency, timeout=cfg.timeout, tick=tick)
+    events_done, f = run["events"], failures(run["totals"])
+    return {"mode": mode, "sysctl": 1 if mode == "on" else 0,
+            "program": run["program"], "removal": "drain" if mode == "drain" else "abrupt",
+            "duration_s": cfg.duration, "conns": f["conns"], "ok": f["ok"],
+            "errors": f["errors"], "failed": f["failed"],
+            "resets_per_10k": f["reset_per_10k"], "failed_per_10k": f["failed_per_10k"],
+            "leaves": sum(1 for e in events_done if e["action"] == "remove" and not e["skipped"]),
+            "joins": sum(1 for e in events_done if e["action"] == "add" and not e["skipped"]),
+            "queued_at_close": sum(e.get("queued", 0) or 0 for e in events_done),
+            "migrated": run["migrated"], "migrate_failed": run["migrate_failed"],
+            "program_stats": run["program_stats"],
+            "final_workers": run["final_workers"],
+            "per_worker": run["per_worker"], "events": events_done,
+            "timeline": run["timeline"]}
+
+
+Action = Callable[[Group, float], dict]
+
+
+def under_load(mode: str, actions: list[tuple[float, Action]], *, host: str, port: int,
+               backlog: int, workers: int, duration: float, concurrency: int,
+               timeout: float, proto: str = "tcp", requests: int = 1,
+               tick: Optional[Callable[[float, int, int], None]] = None) -> dict:
+    """A group of `workers` under steady load (TCP connections of `requests`
+    requests each, or UDP datagrams) for `duration` seconds, in the setting
+    of `mode` (mode_setup); each action(group, t0) runs at its time and
+    returns its record. Returns the load's totals, per_worker and timeline,
+    the records ("events"), the kernel's migration counters, the program's
+    stats and the slots live at the end."""
     events_done: list[dict] = []
     with mode_setup(mode) as prog:
-        with Group(cfg.host, cfg.port, cfg.backlog, prog) as g:
-            for _ in range(cfg.workers):
+        with Group(host, port, backlog, prog, proto=proto) as g:
+            for _ in range(workers):
                 g.add()
             before = migrate_counters()
-            load = SteadyLoad(client_host(cfg.host), g.port, cfg.concurrency, cfg.timeout)
+            load = SteadyLoad(client_host(host), g.port, concurrency, timeout,
+                              proto=proto, requests=requests)
             try:
                 t0 = time.monotonic()
                 load.start(t0)
-                schedule = cfg.schedule()
+                schedule = sorted(actions, key=lambda a: a[0])
                 i = 0
                 while True:
                     now = time.monotonic() - t0
-                    if now >= cfg.duration:
+                    if now >= duration:
                         break
-                    while i < len(schedule) and schedule[i].t <= now:
-                        events_done.append(_apply(g, schedule[i], mode, cfg, t0))
+                    while i < len(schedule) and schedule[i][0] <= now:
+                        events_done.append(schedule[i][1](g, t0))
                         i += 1
                     g.reap()
                     load.sample()
                     if tick is not None:
                         tick(now, *load.progress())
-                    nxt = schedule[i].t if i < len(schedule) else cfg.duration
+                    nxt = schedule[i][0] if i < len(schedule) else duration
                     time.sleep(max(0.0, min(0.05, nxt - (time.monotonic() - t0))))
                 if tick is not None:
-                    tick(cfg.duration, *load.progress())
+                    tick(duration, *load.progress())
                 result = load.stop()
             finally:
                 load.close()
             counters = _delta(before, migrate_counters())
-            pstats = prog.stats() if prog is not None else None
-            final_workers = g.live()
-    totals = result["totals"]
-    conns = totals.get("conns", 0)
-    errors = {k: totals.get(k, 0) for k in ("refused", "reset", "timeout", "other")}
-    failed = sum(errors.values())
-    per10k = (lambda n: round(10000 * n / conns, 2) if conns else 0.0)
-    return {"mode": mode, "sysctl": 1 if mode == "on" else 0,
-            "program": prog.kind if prog is not None else None,
-            "removal": "drain" if mode == "drain" else "abrupt",
-            "duration_s": cfg.duration, "conns": conns, "ok": totals.get("ok", 0),
-            "errors": errors, "failed": failed,
-            "resets_per_10k": per10k(errors["reset"]), "failed_per_10k": per10k(failed),
-            "leaves": sum(1 for e in events_done if e["action"] == "remove" and not e["skipped"]),
-            "joins": sum(1 for e in events_done if e["action"] == "add" and not e["skipped"]),
-            "queued_at_close": sum(e.get("queued", 0) or 0 for e in events_done),
-            **counters, "program_stats": pstats,
-            "final_workers": final_workers,
-            "per_worker": result["per_worker"], "events": events_done,
-            "timeline": result["timeline"]}
+            return {"totals": result["totals"], "per_worker": result["per_worker"],
+                    "timeline": result["timeline"], "events": events_done, **counters,
+                    "program": prog.kind if prog is not None else None,
+                    "program_stats": prog.stats() if prog is not None else None,
+                    "final_workers": g.live()}
 
 
 def _apply(g: Group, e: Event, mode: str, cfg: ChurnConfig, t0: float) -> dict:

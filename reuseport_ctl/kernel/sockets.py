@@ -188,3 +188,52 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     a.setblocking(False)
     return a, b
+
+
+# --- handing a socket over ----------------------------------------------------
+
+def pass_socket(chan: socket.socket, sock: socket.socket) -> None:
+    """Send `sock` over a unix socket (SCM_RIGHTS): the receiver gets the
+    same kernel socket -- its queue, its place in the reuseport group."""
+    socket.send_fds(chan, [b"P"], [sock.fileno()])
+
+
+def receive_socket(chan: socket.socket, at_fd: Optional[int] = None) -> socket.socket:
+    """The socket pass_socket() sent (blocking); at_fd: moved to that fd
+    number (where the sender's process has it, so it can be found again)."""
+    msg, fds, _, _ = socket.recv_fds(chan, 1, 1)
+    if msg != b"P" or len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EPROTO, "expected one passed socket")
+    fd = fds[0]
+    if at_fd is not None and at_fd != fd:
+        os.dup2(fd, at_fd)
+        os.close(fd)
+        fd = at_fd
+    return socket.socket(fileno=fd)
+
+
+def queued(sock: socket.socket) -> int:
+    """What waits on a member: a TCP listener's accept-queue length; for a
+    UDP socket, the bytes of the next datagram (FIONREAD: 0 when empty)."""
+    if sock.type == socket.SOCK_STREAM:
+        return accept_queue_len(sock)
+    import fcntl
+    import termios
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
+def discard_queued(sock: socket.socket, limit: int = 1 << 20) -> int:
+    """Read off and count the datagrams still queued on a UDP socket about to
+    close: what the kernel would free unread with it (lost to the client)."""
+    n = 0
+    while n < limit:
+        try:
+            sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_TRUNC)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:
+            break
+        n += 1
+    return n

@@ -60,6 +60,9 @@ class Tally:
     """What one process sends back to the parent."""
     ok: int = 0
     errors: Counter = field(default_factory=Counter)
+    # of those errors, the ones on a keep-alive connection that had already
+    # been answered: the server closed it as the next request went out
+    reused: Counter = field(default_factory=Counter)
     per_worker: Counter = field(default_factory=Counter)
     lat_ms: array = field(default_factory=lambda: array("f"))
     started: float = 0.0              # time.monotonic(): comparable across processes
@@ -101,6 +104,11 @@ class _Flow:
 
     def on_timeout(self) -> str:
         return "timeout"
+
+    @property
+    def reused(self) -> bool:
+        """A connection that already carried an answered request."""
+        return False
 
     def close(self) -> None:
         if self.sock is not None:
@@ -210,6 +218,10 @@ class TcpFlow(_Flow):
     def on_timeout(self) -> str:
         return "ok" if self.draining else "timeout"
 
+    @property
+    def reused(self) -> bool:
+        return self.left < self.eng.target.requests_per_conn
+
     def close(self) -> None:
         if self.sock is not None and self.eng.target.source_ports:
             # A pinned 4-tuple is used again right away: reset it instead of
@@ -309,6 +321,8 @@ class Engine:
         del self.flows[flow.fd]
         flow.close()
         self._count(outcome)
+        if outcome != "ok" and flow.reused:
+            self.tally.reused[outcome] += 1
         self._start(flow.lane)
 
     def _count(self, outcome: str) -> None:

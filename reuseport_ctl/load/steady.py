@@ -1,6 +1,8 @@
 """Steady load without an end: the built-in client kept running while
-`reuseport-ctl churn` changes the group under it, counting every failed
-connection by kind."""
+`reuseport-ctl churn` changes the group under it (or `reload` replaces the
+server), counting every failed connection by kind: TCP connections of one
+request (short) or several (keep-alive), or UDP datagrams and their echo
+(a lost one ends in a timeout)."""
 from __future__ import annotations
 
 import mmap
@@ -26,13 +28,14 @@ class SteadyLoad:
     timeline) and sends its whole tally back at the end."""
 
     def __init__(self, host: str, port: int, concurrency: int, timeout: float,
-                 processes: int = 2):
+                 processes: int = 2, proto: str = "tcp", requests: int = 1):
         from . import http as lhttp
         from .engine import Target
 
-        family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
+        family, _, _, _, addr = socket.getaddrinfo(host, port, type=kind)[0]
         hh = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.target = Target("tcp", family, addr, float(timeout), 1,
+        self.target = Target(proto, family, addr, float(timeout), requests,
                              lhttp.request("/", hh, last=False), lhttp.request("/", hh, last=True))
         self.processes = max(1, min(processes, concurrency))
         self.concurrency = concurrency
@@ -119,11 +122,14 @@ class SteadyLoad:
             raise RuntimeError("a churn load process died; its error is above")
         totals: Counter = Counter({k: 0 for k in ("conns", "ok") + _KINDS})
         per_worker: Counter = Counter()
+        reused: Counter = Counter()
         for t in tallies:
             totals["conns"] += t.done
             totals["ok"] += t.ok
             totals.update(t.errors)
             per_worker.update(t.per_worker)
+            reused.update(getattr(t, "reused", {}))
+        totals["reused"] = dict(reused)     # errors on an already-answered keep-alive connection
         return {"totals": dict(totals), "timeline": self.timeline,
                 "per_worker": {k: per_worker[k] for k in sorted(per_worker, key=_natural)}}
 

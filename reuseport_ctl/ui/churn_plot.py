@@ -8,20 +8,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from .plotting import pyplot, save
 
 COLORS = {"off": "#c0392b", "on": "#2980b9", "bpf": "#27ae60", "bpf-refuse": "#8e44ad",
           "drain": "#f39c12"}
 
 
 def write_plot(rep: dict, path: str | Path) -> Path:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib (pip install matplotlib).") from None
-    path = Path(path)
+    plt = pyplot()
     fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 4.2))
     churn = rep["churn"]
     modes = [r["mode"] for r in churn]
@@ -54,10 +48,4 @@ def write_plot(rep: dict, path: str | Path) -> Path:
     fig.suptitle(f"reuseport-ctl churn · kernel {rep['kernel']} · {rep['cpus']} CPUs"
                  + (f"\nexact case: {qtxt}" if qtxt else ""), fontsize=9)
     fig.tight_layout()
-    try:
-        fig.savefig(path, format="png", dpi=100)
-    except OSError as e:
-        raise UserError(f"cannot write the plot to {path}: {e.strerror}.") from None
-    finally:
-        plt.close(fig)
-    return path
+    return save(fig, path)

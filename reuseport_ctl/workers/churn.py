@@ -5,6 +5,11 @@ It epolls its listener, its connections and a control socket. Commands, one
 byte each: a = start accepting (a worker may start held), l = leave: stop
 accepting, close its copy of the listener, answer L, then finish the open
 connections and exit. It answers R once it is in its loop.
+
+The listener may be a UDP socket (`reuseport-ctl reload`): the worker then
+echoes each datagram after a line `worker: <slot>`; "accepting" means reading.
+A worker of a `pass` handover (run_passed_worker) starts without a listener
+and receives it over the control socket (SCM_RIGHTS).
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import socket
 import time
 
 from ..kernel import process
+from ..kernel import sockets as ksock
 from . import http
 
 LEAVE_FINISH_S = 2.0    # a leaving worker finishes its open connections within this
@@ -27,6 +33,7 @@ def run_churn_worker(slot: int, listener: socket.socket, ctl: socket.socket, hol
     process.close_fds_except({0, 1, 2, listener.fileno(), ctl.fileno()})
     process.set_name(f"rpctl-churn{slot}")
     ok, close_resp, bad = http.responses(slot, os.getpid())
+    udp = listener.type == socket.SOCK_DGRAM
     ep = select.epoll()
     lfd, cfd = listener.fileno(), ctl.fileno()
     ctl.setblocking(False)
@@ -56,6 +63,9 @@ def run_churn_worker(slot: int, listener: socket.socket, ctl: socket.socket, hol
             if fd == lfd:
                 if not accepting:           # closed by an 'l' earlier in this batch
                     continue
+                if udp:
+                    _echo(listener, slot)
+                    continue
                 for _ in range(64):         # what is queued, up to a batch
                     try:
                         c, _ = listener.accept()
@@ -83,6 +93,30 @@ def run_churn_worker(slot: int, listener: socket.socket, ctl: socket.socket, hol
                         ctl.send(b"L")
             elif fd in conns:
                 _serve(conns, fd, drop, ok, close_resp, bad)
+
+
+def run_passed_worker(slot: int, ctl: socket.socket, hold: bool, parent: int,
+                      fd: int) -> None:
+    """A worker that gets its listener from the process before it: it drops
+    every socket it inherited, then receives the listener over `ctl`
+    (SCM_RIGHTS), puts it at fd number `fd` and runs as run_churn_worker."""
+    process.close_fds_except({0, 1, 2, ctl.fileno()})
+    listener = ksock.receive_socket(ctl, at_fd=fd)
+    run_churn_worker(slot, listener, ctl, hold, parent)
+
+
+def _echo(sock: socket.socket, slot: int) -> None:
+    for _ in range(64):                     # what is queued, up to a batch
+        try:
+            data, peer = sock.recvfrom(2048, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        try:
+            sock.sendto(http.udp_reply(slot, data), peer)
+        except OSError:
+            pass
 
 
 def _serve(conns, fd, drop, ok: bytes, close_resp: bytes, bad: bytes) -> None:
