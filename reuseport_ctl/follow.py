@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .groups import find_group
-from .kernel import diag, owners
+from .kernel import diag, owners, process
 from .pins import Meta, current_pin, divergence, open_pinned, read_meta, update_meta
 from .policies import parse_policy
 
@@ -68,6 +68,18 @@ class Event:
                 "pid": self.pid, "inode": self.inode, "text": self.text}
 
 
+def _server_session(group) -> int:
+    """The session most of the policy's members run in (0: none in it, as
+    after a whole restart: then every new socket is the server's)."""
+    count: dict[int, int] = {}
+    for m in (group.members if group else ()):
+        if m.in_policy:
+            sid = process.session(m.pid)
+            count[sid] = count.get(sid, 0) + 1
+    count.pop(0, None)
+    return max(count, key=lambda k: (count[k], -k)) if count else 0
+
+
 @dataclass
 class Follower:
     port: int
@@ -77,6 +89,7 @@ class Follower:
     pid: int = field(default_factory=os.getpid)
     _fds: dict[str, int] = field(default_factory=dict)
     _said: set[str] = field(default_factory=set)
+    _refused: set[int] = field(default_factory=set)   # inodes of outsiders' sockets
 
     @classmethod
     def for_port(cls, port: int, proto: str) -> "Follower":
@@ -124,7 +137,7 @@ class Follower:
         records = {s["slot"]: s for s in meta.slots}
         left = [k for k, c in enumerate(cookies)
                 if (c is None or c not in live_cookies) and k not in vacant]
-        new = [s for s in live if s.cookie not in set(cookies)]
+        new = [s for s in live if s.cookie not in set(cookies) and s.inode not in self._refused]
         if not left and not new:
             return events
         now = time.time()
@@ -146,8 +159,20 @@ class Follower:
                 group = None
             cap = LEAST_MAX_SLOTS if meta.policy in ("least-loaded", "least-conns") \
                 else MAX_SLOTS
+            server = _server_session(group)
             for m in (group.members if group else ()):
                 if m.inode not in {s.inode for s in new}:
+                    continue
+                if server and process.session(m.pid) not in (server, 0):
+                    # `nginx -t` or another program binding the port: never
+                    # steer the server's traffic to it (said once per socket)
+                    if m.inode not in self._refused:
+                        self._refused.add(m.inode)
+                        events.append(Event(now, "diverged", None, m.pid, m.inode,
+                                            f"pid {m.pid}'s socket (inode {m.inode}) stays out "
+                                            f"of the policy: pid {m.pid} is not the server's "
+                                            f"(session {process.session(m.pid)}, the server's "
+                                            f"is {server})"))
                     continue
                 slot = min(vacant) if vacant else n
                 if slot >= cap:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -372,15 +373,20 @@ def _follower_pid(meta: Meta | None) -> int | None:
     return f["pid"] if process.alive(f["pid"], f["start"]) else None
 
 
+FOLLOW_DONE = signal.SIGUSR1      # to a follower: your policy is detached or replaced
+
+
 def stop_follower(meta: Meta | None) -> int | None:
-    """SIGTERM the `attach --follow` recorded in meta and wait for it to
-    exit; its pid, or None if none was running here. (A follower in another
-    pid namespace cannot be signalled from here: it sees within a tick that
-    the record is no longer its own, and exits.)"""
+    """Tell the `attach --follow` recorded in meta that its policy is being
+    detached or replaced (SIGUSR1: it ends with status 0, unlike a stop from
+    outside) and wait for it to exit; its pid, or None if none was running
+    here. (A follower in another pid namespace cannot be signalled from
+    here: it sees within a tick that the record is no longer its own, and
+    exits.)"""
     pid = _follower_pid(meta)
     if pid is None:
         return None
-    process.terminate(pid, meta.follower["start"])
+    process.terminate(pid, meta.follower["start"], sig=FOLLOW_DONE)
     return pid
 
 
@@ -643,7 +649,7 @@ def divergence(gone: list[int], new: int, fallbacks: int | None, proto: str = "t
     if gone:
         names = _and([str(k) for k in gone])
         parts.append(f"slot {names}'s socket is gone" if len(gone) == 1
-                     else f"slots {names}' sockets are gone")
+                     else f"the sockets of slots {names} are gone")
     if new:
         parts.append(f"{new} new socket{'s' if new > 1 else ''} not in the policy")
     line = "; ".join(parts)
@@ -719,9 +725,19 @@ def _state(pin: Pin, listening) -> PolicyState:
     gone = [k for k in empty if k not in meta.vacant]
     skipped = [k for k in empty if k in meta.vacant]
     new = sorted(i for i in live if i not in slots)
+    line = divergence(gone, len(new), fallbacks, meta.proto)
+    if not live:
+        line = (f"nothing listens on {meta.addr} any more: the policy steers nothing "
+                f"(`{hint('detach', meta.port, meta.proto)}` removes it)")
+    elif not slots and new:
+        # The program hangs on the reuseport group, which died with its last
+        # old socket: the new sockets form a group without it.
+        line = (f"every socket on {meta.addr} is new (the server restarted): the pinned "
+                f"program is not attached to them, so the kernel's hash decides; attach "
+                f"again, or keep the policy in force with --follow")
     return PolicyState(port=meta.port, proto=meta.proto, policy=meta.policy, kind=meta.kind,
-                       in_force=not gone and not new,
-                       divergence=divergence(gone, len(new), fallbacks, meta.proto),
+                       in_force=not gone and not new and bool(live),
+                       divergence=line,
                        slots=slots, gone=gone, skipped=skipped, new=new, fallbacks=fallbacks,
                        follower=_follower_pid(meta), pinned=str(path))
 
@@ -793,33 +809,37 @@ def status(port: int, proto: str = "tcp") -> Status:
             os.close(fd)
     listening = diag.listeners(port, proto)
     st = _state(pin, listening)
-    slots = [SlotStatus(slot=s["slot"], pid=s["pid"], inode=s["inode"], addr=s["addr"],
-                        selections=counts[s["slot"]] if counts else None,
-                        alive=st.slots.get(s["inode"]) == s["slot"],
-                        skipped=s["slot"] in st.skipped)
-             for s in meta.slots]
+    # Who serves each socket now (a /proc walk): the record has the pids of
+    # attach time, and a server's workers come and go (nginx -s reload keeps
+    # the sockets and replaces every worker).
+    try:
+        group = find_group(port, proto, host=meta.host, slots=meta.table) if listening else None
+    except UserError:
+        group = None
+    now = {m.inode: m for m in group.members} if group else {}
+
+    def who(inode: int, pid: int) -> tuple[int, list[int]]:
+        m = now.get(inode)
+        return (m.pid, list(m.threads)) if m else (pid, [])
+
+    slots = []
+    for s in meta.slots:
+        pid, tids = who(s["inode"], s["pid"])
+        slots.append(SlotStatus(slot=s["slot"], pid=pid, inode=s["inode"], addr=s["addr"],
+                                selections=counts[s["slot"]] if counts else None,
+                                alive=st.slots.get(s["inode"]) == s["slot"],
+                                skipped=s["slot"] in st.skipped, tids=tids))
     if st.new:
-        # Who holds the sockets the policy does not have (a /proc walk),
-        # numbered as groups.find_group numbers them for every verb.
-        try:
-            group = find_group(port, proto, host=meta.host, slots=meta.table)
-            extra = {m.inode: m for m in group.members if not m.in_policy}
-        except UserError:
-            extra = {}
         nxt = len(meta.slots)
+        extra = {i: m for i, m in now.items() if not m.in_policy}
         for inode in sorted(st.new, key=lambda i: (i not in extra,
                                                    extra[i].slot if i in extra else i)):
             m = extra.get(inode)
             slots.append(SlotStatus(slot=m.slot if m else nxt, pid=m.pid if m else 0,
                                     inode=inode, addr=meta.addr,
                                     selections=0 if counts else None, alive=True,
-                                    in_policy=False))
+                                    in_policy=False, tids=list(m.threads) if m else []))
             nxt = max(nxt, slots[-1].slot) + 1
-    waiting = {p: owners.waiting_threads(p) for p in {s.pid for s in slots if s.pid and s.alive}}
-    for s in slots:
-        w = waiting.get(s.pid, {})
-        if len(w) > 1:                          # only a threaded server's are worth naming
-            s.tids = sorted(t for t, inodes in w.items() if s.inode in inodes)
     return Status(port=port, proto=proto, policy=meta.policy, kind=meta.kind,
                   created=meta.created, pinned=str(path), slots=slots, netns=pin.netns,
                   in_force=st.in_force, divergence=st.divergence, fallbacks=st.fallbacks,

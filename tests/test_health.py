@@ -62,16 +62,17 @@ def test_a_member_that_left_is_forgotten():
     assert set(h.seen) == {0}
 
 
-def test_outsiders_are_members_of_another_process_tree():
-    # nginx: master 10 holds every socket, workers 11..13 serve one each;
-    # `nginx -t` (pid 50, parent a shell that holds nothing) joins the group
-    chains = {11: (10,), 12: (10,), 13: (10,), 50: ()}
-    out = outsiders(chains, [11, 12, 13, 50])
-    assert set(out) == {50} and "pid 10" in out[50]
-    assert outsiders(chains, [11, 12, 13]) == {}
+def test_outsiders_are_members_of_another_session():
+    # nginx: master 10 and workers 11..13 in session 10; `nginx -t` (pid 50)
+    # from a shell, session 40; gunicorn's workers share their master's
+    # session though the master holds none of their sockets
+    tree = {11: 10, 12: 10, 13: 10, 50: 40}
+    out = outsiders(tree, [11, 12, 13, 50])
+    assert set(out) == {50} and "session 40" in out[50] and "is 10" in out[50]
+    assert outsiders(tree, [11, 12, 13]) == {}
     # two unrelated single-process servers: --pid says which is the server
-    assert set(outsiders({}, [7, 9], prefer=9)) == {7}
-    assert set(outsiders({}, [7, 9])) == {9}             # a tie: the older (lower) pid
+    assert set(outsiders({7: 7, 9: 9}, [7, 9], prefer=9)) == {7}
+    assert set(outsiders({7: 7, 9: 9}, [7, 9])) == {9}   # a tie: the older (lower) session
 
 
 def test_process_state_and_ancestors_from_proc():
@@ -90,8 +91,7 @@ def test_process_state_and_ancestors_from_proc():
         while process.state(child.pid) != "T" and time.monotonic() < deadline:
             time.sleep(0.01)
         assert process.state(child.pid) == "T"
-        assert process.ancestors(child.pid, {os.getpid()}) == (os.getpid(),)
-        assert process.ancestors(child.pid, set()) == ()
+        assert process.session(child.pid) == os.getsid(0) == process.session(os.getpid())
     finally:
         child.kill()
         child.wait()
@@ -106,3 +106,15 @@ def test_capabilities_count_sys_admin_for_bpf_perfmon_and_net_admin():
     assert caps.missing(need, bit("CAP_BPF")) == ["CAP_PERFMON", "CAP_NET_ADMIN"]
     assert caps.missing(("CAP_SYS_PTRACE",), bit("CAP_SYS_ADMIN")) == ["CAP_SYS_PTRACE"]
     assert caps.missing(need, bit(*need)) == []
+
+
+def test_an_outsider_that_never_accepts_is_named_as_both():
+    h = HealthState()
+    o = lambda q, a, d: MemberSample(key=3, label="slot 3 (pid 9)", proto="tcp",  # noqa: E731
+                                     queue_len=q, drops=d, arrivals=a,
+                                     outside="a process outside the server (session 9)")
+    (v,) = assess(h, [o(0, 0, 0)])
+    assert "outside the server" in v.warning and "a share" in v.warning
+    assess(h, [o(10, 10, 0)])
+    (v,) = assess(h, [o(17, 7, 41)])
+    assert v.stuck and "outside the server" in v.warning and "it never accepts" in v.warning

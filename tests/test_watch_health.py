@@ -120,7 +120,7 @@ def test_a_process_outside_the_server_joining_the_group_is_named(netns, tmp_path
                 rows = seen[-1]["workers"]
                 out = [r for r in rows if r["outside"]]
                 assert [r["pid"] for r in out] == [joiner]
-                assert "outside the server's process tree" in out[0]["outside"]
+                assert "outside the server (session" in out[0]["outside"]
                 assert any(f"pid {joiner}" in x and "outside" in x
                            for x in seen[-1]["warnings"])
                 assert len(rows) == 3 and sum(1 for r in rows if not r["outside"]) == 2

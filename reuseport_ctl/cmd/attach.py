@@ -96,7 +96,7 @@ def attach(port, pid, host, proto, policy, follow, as_json):
             stop.signal = signal.Signals(signum).name
             stop.signum = signum
             stop.set()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, pins.FOLLOW_DONE):
             signal.signal(sig, on_signal)
     a = pins.attach(port, policy, proto=proto, pid=pid, host=host, follow=follow)
     d = a.as_dict()
@@ -125,14 +125,17 @@ def _follow(port: int, proto: str, stop: threading.Event, as_json: bool) -> None
                    f"and leave the policy pinned.")
         sys.stdout.flush()
     why = f.run(stop, say)
-    if stop.is_set():
+    done = getattr(stop, "signum", 0) == pins.FOLLOW_DONE
+    if done:                            # detach, or an attach over it, stopped us
+        why = "the policy was detached or replaced; nothing left to follow"
+    elif stop.is_set():
         why = f"{getattr(stop, 'signal', 'signal')}: {why}"
     if as_json:
         click.echo(json.dumps({"event": "stopped", "ts": round(time.time(), 3),
                                "text": why}))
     else:
         click.echo(f"follow ended: {why}.")
-    if stop.is_set():
+    if stop.is_set() and not done:
         raise Stopped(stop.signum)          # the policy stays pinned; exit 128 + N
 
 

@@ -85,23 +85,14 @@ def state(pid: int) -> str:
     return raw[raw.rfind(")") + 2:][:1]      # comm may hold spaces and parentheses
 
 
-def ancestors(pid: int, among: set[int]) -> tuple[int, ...]:
-    """pid's ancestors that are in `among`, nearest first (its parent, the
-    parent's parent, ...), up to the first ancestor outside `among`."""
-    out: list[int] = []
-    seen = {pid}
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                raw = f.read()
-            pid = int(raw[raw.rfind(")") + 2:].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-        if pid not in among or pid in seen:
-            break
-        out.append(pid)
-        seen.add(pid)
-    return tuple(out)
+def session(pid: int) -> int:
+    """The session id of pid (/proc/<pid>/stat field 6); 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            raw = f.read()
+        return int(raw[raw.rfind(")") + 2:].split()[3])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 # --- another process, named so that a reused pid is not mistaken for it -----------
 
@@ -123,8 +114,8 @@ def alive(pid: int, start: int) -> bool:
     return pid > 0 and start_time(pid) == start
 
 
-def terminate(pid: int, start: int, timeout: float = 5.0) -> bool:
-    """SIGTERM the process (pid, start) and wait for it to exit; SIGKILL it
+def terminate(pid: int, start: int, timeout: float = 5.0, sig: int = signal.SIGTERM) -> bool:
+    """Signal the process (pid, start) (SIGTERM) and wait for it to exit; SIGKILL it
     after `timeout`. The start time is checked after the pidfd is opened,
     so the signal cannot reach a process that reused the pid.
     False if it was not running."""
@@ -136,7 +127,7 @@ def terminate(pid: int, start: int, timeout: float = 5.0) -> bool:
     try:
         if start_time(pid) != start:
             return False
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        signal.pidfd_send_signal(pidfd, sig)
         # a pidfd becomes readable when its process exits (zombie or reaped)
         if not select.select([pidfd], [], [], timeout)[0]:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)

@@ -102,48 +102,55 @@ def assess(state: HealthState, samples: Sequence[MemberSample]) -> list[MemberHe
 
 def _warning(s: MemberSample, stuck: bool, stopped: bool, drops: Optional[int],
              fresh: int) -> Optional[str]:
-    """The one line for a member, or None; drops alone warn only while they
-    grow (fresh: since the previous sample), the total stays in the row."""
+    """The one line for a member, or None. An outsider that is also stuck
+    is said to be both (the outsider is the cause); drops alone warn only
+    while they grow (fresh: since the previous sample), the total stays in
+    the row."""
     what = "connections" if s.proto == "tcp" else "datagrams"
     waiting = (f"{s.queue_len:,} {what} waiting" if s.proto == "tcp"
                else f"{s.queue_len:,} bytes waiting")
     lost = f", {drops:,} dropped" if drops else ""
-    if stopped:
-        return (f"{s.label} is stopped (SIGSTOP or a debugger): the kernel still sends it "
-                f"{what}; {waiting}{lost}.")
-    if stuck:
-        return f"{s.label} takes no {what} while they queue ({waiting}{lost}): stuck or overloaded."
+    parts = []
     if s.outside:
-        return f"{s.label} is {s.outside}: it takes a share of the group's {what}."
-    if fresh > 0:
-        return (f"{s.label} is dropping {what}: {fresh:,} since the last update ({drops:,} "
-                f"since the watch began); its queue overflows.")
-    return None
+        parts.append(f"is {s.outside}")
+    if stopped:
+        parts.append(f"is stopped (SIGSTOP or a debugger): the kernel still sends it {what}; "
+                     f"{waiting}{lost}")
+    elif stuck:
+        parts.append(f"takes no {what} while they queue ({waiting}{lost}): "
+                     + ("it never accepts" if s.outside else "stuck or overloaded"))
+    elif fresh > 0:
+        parts.append(f"is dropping {what}: {fresh:,} since the last update ({drops:,} since "
+                     f"the watch began); its queue overflows")
+    if not parts:
+        return None
+    if s.outside and len(parts) == 1:
+        parts[0] += f": the kernel sends it a share of the group's {what}"
+    return f"{s.label} " + ", and ".join(parts) + "."
 
 
-def outsiders(chains: dict[int, Sequence[int]], members: Sequence[int],
+def outsiders(tree_of: dict[int, int], members: Sequence[int],
               prefer: Optional[int] = None) -> dict[int, str]:
     """The serving pids that are not part of the server, each with why.
 
-    chains: pid -> its ancestors that hold a socket of the group, nearest
-    first (nginx worker -> (master,); a process whose parent holds none -> ()).
+    tree_of: pid -> the session it runs in (a server's master and workers
+    share one: a daemon's setsid, a service's under systemd, a shell's job);
     members: the serving pid of each member (repeats allowed). The server is
-    the tree (by its top process) that serves the most members, or the tree
-    of `prefer` (--pid) when given; ties go to the lowest top pid (the older
-    process, as a rule). Anything in another tree -- `nginx -t` joining the
-    group, an unrelated server of the same uid -- is an outsider."""
-    def top(p: int) -> int:
-        chain = chains.get(p, ())
-        return chain[-1] if chain else p
-
+    the session serving the most members, or that of `prefer` (--pid) when
+    given; ties go to the lowest session id (the older one, as a rule).
+    Anything in another session -- `nginx -t` run from a shell while nginx
+    serves, an unrelated server of the same uid -- is an outsider. (Not the
+    holders' tree: gunicorn's master holds none of its workers' sockets.)"""
     count: dict[int, int] = {}
     for p in members:
-        count[top(p)] = count.get(top(p), 0) + 1
+        count[tree_of.get(p, p)] = count.get(tree_of.get(p, p), 0) + 1
     if len(count) < 2:
         return {}
-    if prefer is not None and top(prefer) in count:
-        server = top(prefer)
+    if prefer is not None and tree_of.get(prefer, prefer) in count:
+        server = tree_of.get(prefer, prefer)
     else:
         server = min(count, key=lambda t: (-count[t], t))
-    return {p: f"a process outside the server's process tree (the server is pid {server})"
-            for p in set(members) if top(p) != server}
+    lead = min(p for p in members if tree_of.get(p, p) == server)
+    return {p: f"a process outside the server (session {tree_of.get(p, p)}; the server's "
+               f"is {server}, e.g. pid {lead})"
+            for p in set(members) if tree_of.get(p, p) != server}

@@ -350,8 +350,10 @@ def step(state: LiveState, obs: Observation) -> Frame:
         data_ready=total_ready, data_ready_per_s=rate(total_ready, prev_ready, dt),
         wakeups=total_wakeups, wakeups_per_event=per_event(total_wakeups, total_ready),
         accepts=accepts_total, accepts_per_s=sum(rates) if rates else None,
-        jain=jain(counts) if counted else None,
-        max_min_ratio=max_min_ratio(counts) if counted else None, joined=tuple(joined),
+        # nothing taken yet: no fairness to speak of (an idle or dead server
+        # is not "perfectly fair")
+        jain=jain(counts) if counted and sum(counts) else None,
+        max_min_ratio=max_min_ratio(counts) if counted and sum(counts) else None, joined=tuple(joined),
         left=left, dispatcher=obs.dispatcher, drops=sum(dropped) if dropped else None,
         warnings=warnings, policy_note=obs.policy_note)
     state.prev = obs

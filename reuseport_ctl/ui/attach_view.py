@@ -29,6 +29,8 @@ def _slots_table(title: str, slots: list[dict], counts: bool = False) -> Table:
         flag = "" if s.get("in_policy", True) else "*"
         if s.get("skipped"):
             flag = " (skipped)"
+        elif not s.get("alive", True):
+            flag = " (closed)"          # also where no strike-through shows (a pipe)
         who = str(s["pid"] or "?")
         if s.get("tids"):                        # a threaded server: which threads serve it
             who += f" [{','.join(map(str, s['tids']))}]"
@@ -126,7 +128,7 @@ def render_status(d: dict) -> Group:
     else:
         parts.append(Text("a cBPF program keeps no counts", style="dim"))
     if not all(s["alive"] for s in d["slots"]):
-        parts.append(Text("struck-out slots are closed sockets", style="dim"))
+        parts.append(Text("(closed): the slot's socket is closed", style="dim"))
     if not all(s.get("in_policy", True) for s in d["slots"]):
         parts.append(Text("* a socket on the port the policy does not have", style="dim"))
     hints = d.get("hints") or {}
@@ -136,9 +138,12 @@ def render_status(d: dict) -> Group:
     if d.get("note"):
         parts.append(Text(d["note"], style="yellow"))
     parts.append(_pinned_in(d))
-    if not d.get("in_force", True) and not d.get("follower"):
+    if not d.get("in_force", True) and not d.get("follower") and \
+            any(s["alive"] for s in d["slots"]):         # (nothing listens: nothing to follow)
         parts += _hints(hints, {"follow": "put new sockets in the policy and keep it "
                                           "in force with"})
+    if not any(s["alive"] for s in d["slots"]):
+        parts += _hints(hints, {"detach": "remove the pins with"})
     return Group(*parts)
 
 

@@ -60,6 +60,14 @@ def size(frame: Frame, g: GroupInfo) -> str:
     return out
 
 
+def _slot(r) -> Text:
+    """The slot, marked (!) when the line above the table names the member."""
+    if r.child:
+        return Text("child")
+    sick = r.stuck or r.stopped or r.outside
+    return Text(f"{r.slot}!" if sick else str(r.slot), style="bold red" if sick else "")
+
+
 def _who(r) -> str:
     """pid, and the serving threads of a threaded server: '123 [123,124]'."""
     if not r.tids:
@@ -125,7 +133,7 @@ def table(frame: Frame, g: GroupInfo) -> Table:
         extra = ([_f(r.live, "{:,}")] if has_live else []) + \
             ([_f(r.conns, "{:,}")] if frame.dispatcher else [])
         t.add_row(
-            "child" if r.child else str(r.slot), _who(r), _f(r.cpu_percent, "{:.0f}"),
+            _slot(r), _who(r), _f(r.cpu_percent, "{:.0f}"),
             _bar(r.share, widest) if r.share is not None else "-",
             _f(r.accepts_per_s), Text(sparkline(r.history, SPARK_WIDTH), style="cyan"),
             Text(str(r.queue_len), style="bold red" if r.queue_len and tcp else ""),

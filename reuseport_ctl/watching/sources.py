@@ -62,11 +62,11 @@ class CpuSampler:
 def member_rows(group: ReuseportGroup, prefer: Optional[int] = None) -> list[WorkerObs]:
     """A reuseport group: one row per member socket, in slot order, with
     what member health needs: its drops, its process's state, and whether
-    that process belongs to the server (stats/health.outsiders)."""
-    holders = {p for m in group.members for p in (m.holders or (m.pid,))}
-    chains = {m.pid: process.ancestors(m.pid, holders) for m in group.members}
-    outside = outsiders(chains, [m.pid for m in group.members], prefer)
-    states = {p: process.state(p) for p in chains}
+    that process belongs to the server's session (stats/health.outsiders)."""
+    pids = {m.pid for m in group.members}
+    sessions = {p: process.session(p) or p for p in pids | ({prefer} if prefer else set())}
+    outside = outsiders(sessions, [m.pid for m in group.members], prefer)
+    states = {p: process.state(p) for p in pids}
     return [WorkerObs(pid=m.pid, slot=m.slot, inodes=(m.inode,), queue_len=m.queue_len,
                       tids=m.threads, drops=m.drops, state=states[m.pid],
                       outside=outside.get(m.pid))
