@@ -80,7 +80,9 @@ def _with_names(d: dict) -> dict:
 @click.option("--pid", type=int, help="A process of the server (when several groups match).")
 @click.option("--host", help="The group's local address (when several groups match).")
 @proto_opt
-@click.option("--policy", required=True, help="One of: " + policy_names() + ".")
+@click.option("--policy", required=True,
+              help="One of: " + policy_names(steering_only=True) + " (detach goes back to "
+                   "the kernel's own hash).")
 @click.option("--follow", is_flag=True,
               help="Stay in the foreground and keep the policy in force as sockets join "
                    "and leave the group (restarted workers); SIGINT/SIGTERM/SIGHUP stop "

@@ -26,9 +26,10 @@ NAMES = ("kernel",) + CBPF + EBPF
 SPELLING = {"weighted": "weighted:W1,W2,..", "drain": "drain:K"}
 
 
-def help_text() -> str:
-    """The policy names as a user types them, for --help."""
-    return ", ".join(SPELLING.get(n, n) for n in NAMES)
+def help_text(steering_only: bool = False) -> str:
+    """The policy names as a user types them, for --help (steering_only:
+    without "kernel", which attach refuses: detach goes back to it)."""
+    return ", ".join(SPELLING.get(n, n) for n in NAMES if not (steering_only and n == "kernel"))
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,10 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
         f" · lookups {_f(frame.lookups)} ({_f(frame.lookups_per_s)}/s)",
         f" · wakeups/event {_f(frame.wakeups_per_event, '{:.2f}')}",
         f" · {frame.elapsed:.0f} s")
+    if g.policy.startswith("drain:"):
+        t.append(f"\nslot{'s' if ',' in g.policy else ''} {g.policy[6:]} drained by the policy: "
+                 f"they take no new {g.count_of}, by design (fairness counts them)",
+                 style="dim")
     if frame.dispatcher:
         t.append(f"\n{DISPATCHER}", style="yellow")
     elif not g.reuseport:

@@ -23,7 +23,8 @@ def render_load(result) -> Group:
     for kind, n in d["errors"].items():
         summary.add_row(kind, Text(f"{n:,}", style="red" if n else "dim"))
     lat = d["latency_ms"]
-    summary.add_row("latency ms", "  ".join(f"{k} {v:.3f}" for k, v in lat.items()))
+    summary.add_row("latency ms", "  ".join(f"{k} {v:.3f}" if d["ok"] else f"{k} -"
+                                            for k, v in lat.items()))
     parts = [summary]
     if d["per_worker"]:
         parts.append(_workers(d))
