@@ -485,7 +485,10 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
         old_socks = _empty_sockarray(old_path, old)
         try:
             try:
-                sel = attach_policy(policy, socks)   # the kernel swaps programs atomically
+                # numa: each slot's node from its worker's affinity (not
+                # from where this tool's own CPUs are)
+                nodes = _member_nodes(group) if policy.name == "numa" else None
+                sel = attach_policy(policy, socks, nodes=nodes)   # swapped atomically
             except BaseException:
                 _refill_sockarray(old_socks, old, socks)
                 raise
@@ -518,6 +521,12 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
                       replaced=old.policy if old else None, note="; ".join(notes),
                       netns=here[0], follow=follow, stopped_follower=stopped,
                       state=policy_state(port, proto), pinned_host=str(fs.host_path(path)))
+
+
+def _member_nodes(group: ReuseportGroup) -> list[int]:
+    from .kernel.nic import cpu_nodes
+    node = cpu_nodes()
+    return [process.node_of(m.pid, node) for m in group.members]
 
 
 def _empty_sockarray(path: Path | None, old: Meta | None) -> int | None:

@@ -102,6 +102,25 @@ def test_numa_table_lists_each_nodes_slots():
     assert len(t) == NODE_DIR + 8
 
 
+def test_numa_slots_come_from_the_workers_affinity_two_fake_nodes():
+    """attach numa on another server: a slot's node is where its worker may
+    run (its affinity), not where this tool's i-th CPU is. Two fake nodes:
+    CPUs 0-1 on node 0, 2-3 on node 1."""
+    from reuseport_ctl.kernel.process import node_of, single_node
+    cpu_node = {0: 0, 1: 0, 2: 1, 3: 1}
+    assert single_node({2, 3}, cpu_node) == 1 and single_node({0}, cpu_node) == 0
+    assert single_node({1, 2}, cpu_node) == -1          # spans both: no node of its own
+    assert node_of(os.getpid(), {c: 0 for c in os.sched_getaffinity(0)}) == 0
+    # workers of slots 0..3 bound to nodes 1, 0, any, 1
+    t = numa_table([1, 0, -1, 1])
+
+    def slots(node):
+        count, first = t[node] >> 16, t[node] & 0xffff
+        return t[first:first + count]
+    assert slots(0) == [1] and slots(1) == [0, 3]
+    assert slots(7) == [0, 1, 2, 3]                  # unbound slot 2: only in "every"
+
+
 def test_cpus_auto():
     assert parse_cpus("auto", usable=[0, 1], workers=2) == (0, 1)
     with pytest.raises(UserError, match="CPU 2 is not usable"):

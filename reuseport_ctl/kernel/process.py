@@ -138,3 +138,20 @@ def terminate(pid: int, start: int, timeout: float = 5.0, sig: int = signal.SIGT
     finally:
         os.close(pidfd)
 
+
+
+def node_of(pid: int, cpu_node: dict[int, int]) -> int:
+    """The NUMA node process pid may run on, from its CPU affinity
+    (sched_getaffinity) and cpu -> node; -1 if its CPUs span several nodes
+    (or it is gone)."""
+    try:
+        cpus = os.sched_getaffinity(pid)
+    except OSError:
+        return -1
+    return single_node(cpus, cpu_node)
+
+
+def single_node(cpus, cpu_node: dict[int, int]) -> int:
+    """The one node all of `cpus` are on, else -1."""
+    nodes = {cpu_node.get(c, 0) for c in cpus}
+    return nodes.pop() if len(nodes) == 1 else -1

@@ -31,6 +31,7 @@ SCANS = ("least-loaded", "least-conns")     # policies whose program scans every
 CONNS_PROGRAMS = {"lc_ready": ("rp_lc_ready", "sk_data_ready"),
                   "lc_state": ("rp_lc_state", "inet_sock_set_state")}
 NODE_DIR = 64              # numa: table[0..NODE_DIR) is the node directory
+assert NODE_DIR + 2 * MAX_SLOTS <= TABLE_SIZE   # numa's table fits for every group
 
 
 @lru_cache(maxsize=1)
@@ -55,11 +56,6 @@ class Selector:
     def selections(self) -> list[int] | None:
         fd = self.maps.get("selections")
         return None if fd is None else read_selections(fd, self.n)
-
-    def fallbacks(self) -> int | None:
-        """Selections the program attempted on an empty slot (kernel hash used)."""
-        fd = self.maps.get("config")
-        return None if fd is None else read_fallbacks(fd)
 
     def release(self) -> None:
         """Close our handles; an attached program stays with the group."""
@@ -140,9 +136,11 @@ def read_selections(map_fd: int, n: int) -> list[int]:
 
 
 def attach_policy(policy: Policy, socks: list[socket.socket],
-                  cpus: tuple[int, ...] | None = None) -> Selector:
-    """cpus: where the workers run (slot i on cpus[i % len]; default: usable
-    CPU i % count): numa uses it to place each slot on its node."""
+                  cpus: tuple[int, ...] | None = None,
+                  nodes: list[int] | None = None) -> Selector:
+    """Where the workers run, for numa: nodes, each slot's NUMA node (-1: not
+    bound to one), as read from another server's workers; else cpus, our own
+    workers' pinning (slot i on cpus[i % len]; default: usable CPU i % count)."""
     n = len(socks)
     if n == 0:
         raise UserError("the group has no sockets to steer.")
@@ -155,7 +153,7 @@ def attach_policy(policy: Policy, socks: list[socket.socket],
         _attach_cbpf(policy, socks[0], n)
         return sel
     try:
-        _attach_ebpf(sel, socks, cpus)
+        _attach_ebpf(sel, socks, cpus, nodes)
     except BaseException:
         sel.release()
         raise
@@ -177,7 +175,7 @@ def _attach_cbpf(policy: Policy, sock: socket.socket, n: int) -> None:
                         f"({e.strerror}).") from None
 
 
-def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None) -> None:
+def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None, nodes=None) -> None:
     from ..kernel.bcc import compile_program
 
     policy, n = sel.policy, len(socks)
@@ -239,7 +237,10 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None) -> None:
             except Exception as e:
                 raise UserError(f"the kernel refused least-conns' {tp} counter ({e}).") \
                     from None
-    table = numa_table(slot_nodes(n, cpus)) if policy.name == "numa" else slot_table(policy, n)
+    if policy.name == "numa":
+        table = numa_table(nodes if nodes is not None else slot_nodes(n, cpus))
+    else:
+        table = slot_table(policy, n)
     for i, slot in enumerate(table):
         bpf.map_update(sel.maps["table"], bpf.u32(i), bpf.u32(slot))
     bpf.map_update(sel.maps["config"], bpf.u32(0), bpf.u64(len(table)))
@@ -262,7 +263,10 @@ def slot_nodes(n: int, cpus: tuple[int, ...] | None = None) -> list[int]:
 def numa_table(nodes: list[int]) -> list[int]:
     """numa's `table`: a directory of NODE_DIR entries, count << 16 | first,
     then each node's slots from `first` on. A node without a slot of its own
-    lists every slot (its traffic is spread over the whole group)."""
+    lists every slot (its traffic is spread over the whole group); a slot
+    whose worker is not bound to one node (-1) is in that list only.
+    Its size, NODE_DIR + 2 * slots, fits TABLE_SIZE for every group the
+    selector takes (MAX_SLOTS), checked once below."""
     if max(nodes) >= NODE_DIR:
         raise UserError(f"policy numa handles NUMA nodes 0..{NODE_DIR - 1}, "
                         f"not node {max(nodes)}.")
@@ -276,6 +280,4 @@ def numa_table(nodes: list[int]) -> list[int]:
             table += mine
         else:
             table[node] = len(every) << 16 | NODE_DIR
-    if len(table) > TABLE_SIZE:
-        raise UserError(f"policy numa handles up to {(TABLE_SIZE - NODE_DIR) // 2} sockets.")
     return table
