@@ -34,7 +34,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .groups import ReuseportGroup, find_group
-from .kernel import bpf, bpffs, diag, lockfile, netns, owners, process
+from .kernel import bpf, bpffs, diag, lockfile, netns, owners, process, reuseport
 
 BPFFS = bpffs.DEFAULT
 ROOT = BPFFS / "reuseport-ctl"       # as the host sees it
@@ -568,7 +568,7 @@ def _restore(old: Meta | None, path: Path | None, old_socks: int | None, socks) 
     except OSError:
         return
     try:
-        owners.attach_reuseport_ebpf(socks[0], fd)
+        reuseport.attach_ebpf(socks[0], fd)
     except OSError:
         pass
     finally:
@@ -624,7 +624,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
                         note="; ".join(notes), stopped_follower=stopped, stale=stale)
     group = find_group(port, proto, pid=pid, host=host)
     with group.taken() as socks:
-        removed = owners.detach_reuseport_prog(socks[0])
+        removed = reuseport.detach_if_any(socks[0])
     # Take the sockets out of the socket array now: the kernel frees an
     # unpinned map later, and until then no other array could hold them.
     fd = _empty_sockarray(path, meta)

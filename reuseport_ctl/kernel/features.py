@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from . import bpf, btf, tracefs
+from . import bpf, btf, reuseport, tracefs
 
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
 MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
@@ -146,11 +146,9 @@ def probe_so_reuseport() -> Facility:
 
 def probe_cbpf() -> Facility:
     # classic BPF "ret #0": always the group's first socket
-    ret0 = ctypes.create_string_buffer(struct.pack("=HBBI", 0x06, 0, 0, 0))
-    fprog = struct.pack("=HxxxxxxQ", 1, ctypes.addressof(ret0))
     with ExitStack() as st:
         s = _listener(st)
-        s.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_CBPF, fprog)
+        reuseport.attach_cbpf(s, struct.pack("=HBBI", 0x06, 0, 0, 0))
         return _fac(CBPF, True, "cBPF program attached to a listener")
 
 
@@ -160,7 +158,7 @@ def probe_ebpf() -> Facility:
         prog = _fd(st, bpf.prog_load(bpf.PROG_TYPE_SOCKET_FILTER, bpf.ret_imm(0),
                                      name="rpd_ebpf"))
         s = _listener(st)
-        s.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, prog)
+        reuseport.attach_ebpf(s, prog)
         return _fac(EBPF, True, "socket-filter program attached to a listener")
 
 
@@ -169,7 +167,7 @@ def probe_sk_reuseport() -> Facility:
         prog = _fd(st, bpf.prog_load(bpf.PROG_TYPE_SK_REUSEPORT, bpf.ret_imm(bpf.SK_PASS),
                                      bpf.ATTACH_SK_REUSEPORT_SELECT, name="rpd_select"))
         s = _listener(st)
-        s.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, prog)
+        reuseport.attach_ebpf(s, prog)
         return _fac(SK_REUSEPORT, True, "program loaded and attached to a listener")
 
 

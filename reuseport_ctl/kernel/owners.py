@@ -239,23 +239,6 @@ def uses_reuseport(sock: socket.socket) -> bool:
     return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
 
-def detach_reuseport_prog(sock: socket.socket) -> bool:
-    """SO_DETACH_REUSEPORT_BPF: give the group back to the kernel's own hash.
-    False if the group had no program."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, bpf.SO_DETACH_REUSEPORT_BPF, 0)
-    except OSError as e:
-        if e.errno == errno.ENOENT:
-            return False
-        raise
-    return True
-
-
-def attach_reuseport_ebpf(sock: socket.socket, prog_fd: int) -> None:
-    """SO_ATTACH_REUSEPORT_EBPF: (re)attach a loaded program to sock's group."""
-    sock.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, prog_fd)
-
-
 # --- capabilities ---------------------------------------------------------------
 
 def missing_caps(caps: int | None = None) -> list[str]:

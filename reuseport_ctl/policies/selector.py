@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..kernel import bpf
-from ..kernel.owners import detach_reuseport_prog as detach
+from ..kernel import reuseport
 from . import Policy, cbpf
 from .tables import slot_table
 
@@ -74,7 +74,7 @@ class Selector:
     def close(self) -> None:
         """Detach from the group (the kernel's hash decides again), release."""
         if self.member is not None and self.policy.kind != "none":
-            detach(self.member)
+            reuseport.detach_if_any(self.member)
         self.member = None
         # A socket sits in one REUSEPORT_SOCKARRAY at a time, and the kernel
         # frees a dropped array only later: empty it now so the group can be
@@ -147,7 +147,7 @@ def attach_policy(policy: Policy, socks: list[socket.socket],
     policy.check_group_size(n)
     sel = Selector(policy, n, member=socks[0])
     if policy.kind == "none":
-        detach(socks[0])            # the kernel's own hash: no program at all
+        reuseport.detach_if_any(socks[0])  # the kernel's own hash: no program at all
         return sel
     if policy.kind == "cbpf":
         _attach_cbpf(policy, socks[0], n)
@@ -165,11 +165,8 @@ def _attach_cbpf(policy: Policy, sock: socket.socket, n: int) -> None:
         prog = cbpf.cpu_program(n)
     else:
         prog = cbpf.mod_program(n)
-    import ctypes
-    buf = ctypes.create_string_buffer(prog, len(prog))
-    fprog = struct.pack("=HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
     try:
-        sock.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_CBPF, fprog)
+        reuseport.attach_cbpf(sock, prog)
     except OSError as e:
         raise UserError(f"the kernel refused the cBPF {policy.name} program "
                         f"({e.strerror}).") from None
@@ -245,7 +242,7 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None, nodes=Non
         bpf.map_update(sel.maps["table"], bpf.u32(i), bpf.u32(slot))
     bpf.map_update(sel.maps["config"], bpf.u32(0), bpf.u64(len(table)))
     try:
-        socks[0].setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, fn.fd)
+        reuseport.attach_ebpf(socks[0], fn.fd)
     except OSError as e:
         raise UserError(f"cannot attach the {policy.name} program to the group "
                         f"({e.strerror}).") from None

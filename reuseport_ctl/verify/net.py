@@ -3,17 +3,16 @@ connection or a UDP datagram) and see which member receives it, as the
 kernel's selftests do. Plain sockets; a Pool closes whatever a check made."""
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import select
 import socket
-import struct
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from ..kernel import bpf
+# the steering setsockopts live in kernel/reuseport.py; the checks take them from here
+from ..kernel.reuseport import attach_cbpf, attach_ebpf, detach  # noqa: F401
 
 TCP, UDP = "tcp", "udp"
 REFUSED = "refused"
@@ -180,18 +179,6 @@ def sports(n: int, base: int = 20000) -> list[int]:
 
 # --- steering programs ---------------------------------------------------------
 
-def attach_cbpf(sock: socket.socket, prog: bytes) -> None:
-    buf = ctypes.create_string_buffer(prog, len(prog))
-    fprog = struct.pack("=HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
-    sock.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_CBPF, fprog)
-
-
-def attach_ebpf(sock: socket.socket, prog_fd: int) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, bpf.SO_ATTACH_REUSEPORT_EBPF, prog_fd)
-
-
-def detach(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, bpf.SO_DETACH_REUSEPORT_BPF, 0)
 
 
 @contextmanager
