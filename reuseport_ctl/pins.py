@@ -352,17 +352,22 @@ def _stale_note(cleaned: list[Pin]) -> str:
             f"{'their network namespaces are' if n > 1 else 'its network namespace is'} gone")
 
 
-def pinned_slots(port: int, proto: str = "tcp") -> dict[int, int] | None:
-    """inode -> slot of the policy pinned for port in this network namespace
-    (None: none is): pass it to groups.find_group(slots=...) so every verb
-    numbers the members as the policy does."""
+def _pin_here(port: int, proto: str) -> "Pin | None":
+    """The pin of port in this network namespace; None when there is none
+    (or when this process cannot read the pins)."""
     try:
         pin = current_pin(proto, port)
     except (UserError, OSError):
         return None
-    if pin is None or pin.state != "here":
-        return None
-    return pin.meta.table
+    return pin if pin is not None and pin.state == "here" else None
+
+
+def pinned_slots(port: int, proto: str = "tcp") -> dict[int, int] | None:
+    """inode -> slot of the policy pinned for port in this network namespace
+    (None: none is): pass it to groups.find_group(slots=...) so every verb
+    numbers the members as the policy does."""
+    pin = _pin_here(port, proto)
+    return pin.meta.table if pin is not None else None
 
 
 def _follower_pid(meta: Meta | None) -> int | None:
@@ -698,13 +703,8 @@ class PolicyState:
 def policy_state(port: int, proto: str = "tcp") -> PolicyState | None:
     """The state of the policy pinned for port in this network namespace,
     None when none is (or when this process cannot read the pins)."""
-    try:
-        pin = current_pin(proto, port)
-    except (UserError, OSError):
-        return None
-    if pin is None or pin.state != "here":
-        return None
-    return _state(pin, diag.listeners(port, proto))
+    pin = _pin_here(port, proto)
+    return _state(pin, diag.listeners(port, proto)) if pin is not None else None
 
 
 def _state(pin: Pin, listening) -> PolicyState:

@@ -35,14 +35,17 @@ http {{
 """
 
 
-def _answers(port: int) -> bool:
+def answers(port: int, keepalive: bool = False) -> bool:
+    """An HTTP server on 127.0.0.1:port says 200 (the tests' servers)."""
     import socket
+    close = b"" if keepalive else b"Connection: close\r\n"
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return c.recv(64).startswith(b"HTTP/1.1 200")
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n" + close + b"\r\n")
+            return c.recv(256).startswith(b"HTTP/1.1 200")
     except OSError:
         return False
+
 
 
 @contextmanager
@@ -66,7 +69,7 @@ def nginx(port: int, tmp: Path, workers: int = 2, reuseport: bool = True,
         while True:
             kids = sorted(c.pid for c in psutil.Process(p.pid).children()) \
                 if p.poll() is None else []
-            if len(kids) == workers and _answers(port) and _all_epolling(port, kids):
+            if len(kids) == workers and answers(port) and _all_epolling(port, kids):
                 break
             if p.poll() is not None or time.monotonic() > deadline:
                 log = (tmp / "error.log").read_text() if (tmp / "error.log").exists() else ""

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from nginx import answers as _answers      # one HTTP probe for every server
 
 HAPROXY = "/usr/sbin/haproxy"
 NODE = "/usr/bin/node"
@@ -35,13 +36,6 @@ frontend fe
 """
 
 
-def _answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            return c.recv(64).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 def _stop(p: subprocess.Popen, sig=signal.SIGTERM) -> None:
@@ -248,12 +242,7 @@ def dispatcher(port: int, children: int, kind: str, tmp: Path) -> Iterator[subpr
 
 
 def _answers_keepalive(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            return c.recv(256).startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
+    return _answers(port, keepalive=True)
 
 
 def hold_connections(port: int, n: int) -> tuple[list[socket.socket], dict[int, int]]:
