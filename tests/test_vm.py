@@ -248,6 +248,65 @@ def test_cli_no_command(cli):
     assert p.returncode != 0 and "no command given" in p.stderr
 
 
+# --- the NIC (vm --nic-queues) on the host side -----------------------------------------
+
+def test_nic_qemu_args_ask_for_rss_and_enough_vectors():
+    from reuseport_ctl.vm import nethost
+    args = nethost.qemu_args(4)
+    dev = args[args.index("-device") + 1]
+    assert dev.startswith("virtio-net-pci,") and "mq=on" in dev and "rss=on" in dev
+    assert "hash=on" in dev and "vectors=10" in dev and nethost.GUEST_MAC in dev
+    net = args[args.index("-netdev") + 1]
+    assert "queues=4" in net and "ifname=rctl0" in net and "vhost=off" in net
+
+
+def test_guest_script_addresses_the_nic_by_its_mac():
+    lines = runner.guest_nic_lines("52:54:00:72:63:02", "192.0.2.2", 24, "192.0.2.1", 7070)
+    s = runner.guest_script(["true"], {}, "/", None, lines)
+    assert "52:54:00:72:63:02" in s and "ip addr add 192.0.2.2/24" in s
+    assert "REUSEPORT_CTL_VM_PEER=192.0.2.1" in s and "REUSEPORT_CTL_VM_AGENT=192.0.2.1:7070" in s
+    assert s.index("REUSEPORT_CTL_VM_NIC=") < s.index("\ntrue\n")
+
+
+def test_vng_command_passes_numa_nodes():
+    k = kernels.Kernel("6.12", "debian", Path("/boot/vmlinuz-x"), "x", None, None)
+    cmd = runner.vng_command("vng", k, accel.Accel("tcg", "t"), cpus=4, memory="2G",
+                             exec_line="true", numa=["1G,cpus=0-1", "1G,cpus=2-3"])
+    assert cmd.count("--numa") == 2 and "1G,cpus=2-3" in cmd
+
+
+def _netns_procs(ino: str) -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.readlink(f"/proc/{d}/ns/net") == ino:
+                out.append(d)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                    reason="needs root and /dev/net/tun")
+def test_nethost_tap_lives_in_a_private_namespace_and_dies_with_it():
+    p, ns = runner.start_nethost(4)
+    ino = os.readlink(ns)
+    try:
+        assert ino != os.readlink("/proc/self/ns/net")
+        out = subprocess.run(["nsenter", f"--net={ns}", "ip", "-d", "addr", "show", "rctl0"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "multi_queue" in out and "192.0.2.1/24" in out
+        assert subprocess.run(["ip", "link", "show", "rctl0"],
+                              capture_output=True).returncode != 0      # not on the host
+    finally:
+        runner.stop_nethost(p)
+    for _ in range(50):
+        if not _netns_procs(ino):
+            break
+        time.sleep(0.1)
+    assert not _netns_procs(ino), "a process is left in the NIC's namespace"
+
+
 # --- real boots (2 in all) -----------------------------------------------------------
 
 def test_doctor_in_the_vm_has_kprobes():
