@@ -278,6 +278,21 @@ def test_vng_command_passes_numa_nodes():
     assert cmd.count("--numa") == 2 and "1G,cpus=2-3" in cmd
 
 
+def test_queue_proof_verdict_catches_a_wrong_worker():
+    from reuseport_ctl.experiments.queue_proof import Conn, Phase, judge
+    cal = [Phase(f"calibrate queue {q}", "w", [Conn(q, 100 + q, q, "p")], {q: 5}, 1)
+           for q in range(2)]
+    good = Phase("spread", "t", [Conn(0, 100, 0, "a"), Conn(1, 101, 1, "b")], {0: 3, 1: 3}, 2)
+    napi = {100: 0, 101: 1}
+    r = judge(cal + [good], napi, 2, "eth9", "virtio_net")
+    assert r["exact"] and r["spread"]["queue_by_worker"] == [[1, 0], [0, 1]]
+    bad = Phase("spread", "t", [Conn(1, 100, 0, "a"), Conn(1, 101, 1, "b")], {0: 3, 1: 3}, 2)
+    r = judge(cal + [bad], napi, 2, "eth9", "virtio_net")
+    assert not r["exact"] and r["spread"]["exact"] == 1
+    leak = [Phase("calibrate queue 0", "w", [Conn(0, 100, 0, "p")], {0: 5, 1: 2}, 1), cal[1]]
+    assert any("other queues" in p for p in judge(leak + [good], napi, 2, "e", None)["problems"])
+
+
 def _netns_procs(ino: str) -> list[str]:
     out = []
     for d in os.listdir("/proc"):
