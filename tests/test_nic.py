@@ -411,3 +411,43 @@ def test_cpu_policy_with_more_workers_than_cpus(netns, cli):
     assert p.returncode != 0
     assert f"worker{'s' if True else ''} {n}, {n + 1}" in p.stderr
     assert p.stderr.strip().count("\n") == 0
+
+
+# --- --rss-weights / --cpus (the RSS table itself is tested in a VM: test_vm.py) --------
+
+def test_weights_table_is_ethtools():
+    from reuseport_ctl.kernel.nic import weights_table
+    assert weights_table(8, [1, 0, 0, 0]) == [0] * 8
+    assert weights_table(8, [0, 1, 0, 0]) == [1] * 8
+    assert weights_table(8, [1, 1, 1, 1]) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert weights_table(7, [1, 2]) == [0, 0, 1, 1, 1, 1, 1]      # ethtool's rounding
+
+
+def test_rss_weights_plan_a_table_change():
+    from reuseport_ctl.nic.model import Nic, Rss, RxQueue
+    from reuseport_ctl.nic.verdict import rss_change
+    n = Nic("eth9", 9, "device", "virtio_net", None, None, "UP", 4, 4, 4, 4, None,
+            Rss(indirection=[0, 1, 2, 3] * 2), [RxQueue(q, []) for q in range(4)], [], [])
+    c = rss_change(n, [1, 0, 0, 0])
+    assert c.path == "ethtool:eth9:indir" and c.old == "0,1,2,3,0,1,2,3"
+    assert c.new == "0,0,0,0,0,0,0,0" and c.command == "ethtool -X eth9 weight 1 0 0 0"
+    assert rss_change(n, [1, 1, 1, 1]).new == "0,0,1,1,2,2,3,3"
+    n.rss.indirection = [0] * 8
+    assert rss_change(n, [1, 0, 0, 0]) is None
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--rss-weights", "1,x"], "is not a list of queue weights"),
+    (["--rss-weights", "0,0"], "is not a list of queue weights"),
+    (["--cpus", "9999"], "which is not online"),
+    (["--cpus", "a"], "is not a CPU list"),
+])
+def test_nic_plan_options_bad_input(cli, args, needle):
+    p = cli("nic", "lo", *args)
+    assert p.returncode == 1 and needle in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_rss_weights_on_a_device_without_a_table(cli):
+    p = cli("nic", "lo", "--rss-weights", "1")
+    assert p.returncode == 1 and "needs an RSS indirection table" in p.stderr

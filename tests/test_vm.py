@@ -36,13 +36,16 @@ def vm_or_skip(kernel: str = VM_KERNEL) -> None:
 
 
 def run_vm(*command: str, kernel: str = VM_KERNEL, timeout: int = 420):
+    """command: scripts/vm options (--cpus ...) then "--" and the guest
+    command, or the guest command alone."""
     """scripts/vm as a user runs it, then a check that nothing of that run
     (vng, QEMU, virtiofsd: all inherit a tag in their environment) is left."""
     tag = uuid.uuid4().hex
     env = dict(os.environ, REUSEPORT_CTL_VM_TEST_TAG=tag)
     for attempt in (1, 2):
+        argv = list(command) if "--" in command else ["--", *command]
         p = subprocess.run([str(SCRIPT), "--kernel", kernel, "--timeout", str(timeout - 20),
-                            "--", *command], capture_output=True, text=True, timeout=timeout,
+                            *argv], capture_output=True, text=True, timeout=timeout,
                            cwd=ROOT, env=env)
         # Under TCG the guest kernel has been seen to panic during boot (in
         # sched_clock_idle_wakeup_event), before our command runs: one retry
@@ -248,6 +251,80 @@ def test_cli_no_command(cli):
     assert p.returncode != 0 and "no command given" in p.stderr
 
 
+# --- the NIC (vm --nic-queues) on the host side -----------------------------------------
+
+def test_nic_qemu_args_ask_for_rss_and_enough_vectors():
+    from reuseport_ctl.vm import nethost
+    args = nethost.qemu_args(4)
+    dev = args[args.index("-device") + 1]
+    assert dev.startswith("virtio-net-pci,") and "mq=on" in dev and "rss=on" in dev
+    assert "hash=on" in dev and "vectors=10" in dev and nethost.GUEST_MAC in dev
+    net = args[args.index("-netdev") + 1]
+    assert "queues=4" in net and "ifname=rctl0" in net and "vhost=off" in net
+
+
+def test_guest_script_addresses_the_nic_by_its_mac():
+    lines = runner.guest_nic_lines("52:54:00:72:63:02", "192.0.2.2", 24, "192.0.2.1", 7070)
+    s = runner.guest_script(["true"], {}, "/", None, lines)
+    assert "52:54:00:72:63:02" in s and "ip addr add 192.0.2.2/24" in s
+    assert "REUSEPORT_CTL_VM_PEER=192.0.2.1" in s and "REUSEPORT_CTL_VM_AGENT=192.0.2.1:7070" in s
+    assert s.index("REUSEPORT_CTL_VM_NIC=") < s.index("\ntrue\n")
+
+
+def test_vng_command_passes_numa_nodes():
+    k = kernels.Kernel("6.12", "debian", Path("/boot/vmlinuz-x"), "x", None, None)
+    cmd = runner.vng_command("vng", k, accel.Accel("tcg", "t"), cpus=4, memory="2G",
+                             exec_line="true", numa=["1G,cpus=0-1", "1G,cpus=2-3"])
+    assert cmd.count("--numa") == 2 and "1G,cpus=2-3" in cmd
+
+
+def test_queue_proof_verdict_catches_a_wrong_worker():
+    from reuseport_ctl.experiments.queue_proof import Conn, Phase, judge
+    cal = [Phase(f"calibrate queue {q}", "w", [Conn(q, 100 + q, q, "p")], {q: 5}, 1)
+           for q in range(2)]
+    good = Phase("spread", "t", [Conn(0, 100, 0, "a"), Conn(1, 101, 1, "b")], {0: 3, 1: 3}, 2)
+    napi = {100: 0, 101: 1}
+    r = judge(cal + [good], napi, 2, "eth9", "virtio_net")
+    assert r["exact"] and r["spread"]["queue_by_worker"] == [[1, 0], [0, 1]]
+    bad = Phase("spread", "t", [Conn(1, 100, 0, "a"), Conn(1, 101, 1, "b")], {0: 3, 1: 3}, 2)
+    r = judge(cal + [bad], napi, 2, "eth9", "virtio_net")
+    assert not r["exact"] and r["spread"]["exact"] == 1
+    leak = [Phase("calibrate queue 0", "w", [Conn(0, 100, 0, "p")], {0: 5, 1: 2}, 1), cal[1]]
+    assert any("other queues" in p for p in judge(leak + [good], napi, 2, "e", None)["problems"])
+
+
+def _netns_procs(ino: str) -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and os.readlink(f"/proc/{d}/ns/net") == ino:
+                out.append(d)
+        except OSError:
+            continue
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+                    reason="needs root and /dev/net/tun")
+def test_nethost_tap_lives_in_a_private_namespace_and_dies_with_it():
+    p, ns = runner.start_nethost(4)
+    ino = os.readlink(ns)
+    try:
+        assert ino != os.readlink("/proc/self/ns/net")
+        out = subprocess.run(["nsenter", f"--net={ns}", "ip", "-d", "addr", "show", "rctl0"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "multi_queue" in out and "192.0.2.1/24" in out
+        assert subprocess.run(["ip", "link", "show", "rctl0"],
+                              capture_output=True).returncode != 0      # not on the host
+    finally:
+        runner.stop_nethost(p)
+    for _ in range(50):
+        if not _netns_procs(ino):
+            break
+        time.sleep(0.1)
+    assert not _netns_procs(ino), "a process is left in the NIC's namespace"
+
+
 # --- real boots (2 in all) -----------------------------------------------------------
 
 def test_doctor_in_the_vm_has_kprobes():
@@ -276,6 +353,88 @@ def test_probes_kprobe_test_passes_in_the_vm():
     # passed, not skipped for want of kprobes (the fallback test may skip: it
     # only runs where kprobes are missing)
     assert "no kprobes" not in out and "CONFIG_KPROBES" not in out, out[-3000:]
+
+
+def _ethtool_l(text: str) -> dict[str, int]:
+    """`ethtool -l`'s "Current hardware settings" as numbers (n/a -> 0)."""
+    cur = text.split("Current hardware settings:")[1]
+    out = {}
+    for line in cur.splitlines():
+        k, _, v = line.partition(":")
+        if v.strip():
+            out[k.strip().lower()] = int(v) if v.strip().isdigit() else 0
+    return out
+
+
+def _ethtool_x(text: str) -> tuple[list[int], str]:
+    """`ethtool -x`: the indirection table and the key (hex, no colons)."""
+    import re
+    table, key, lines = [], "", text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.fullmatch(r"\s+\d+:((?:\s+\d+)+)\s*", line)    # "    8:   0  1  2 ..."
+        if m:
+            table += [int(x) for x in m.group(1).split()]
+        if line.startswith("RSS hash key:"):
+            key = lines[i + 1].strip().replace(":", "")
+    return table, key
+
+
+def test_ethtool_output_parsers():
+    l = ("Channel parameters for eth0:\nPre-set maximums:\nRX:\t\tn/a\nCombined:\t4\n"
+         "Current hardware settings:\nRX:\t\tn/a\nTX:\t\tn/a\nOther:\t\tn/a\nCombined:\t4\n")
+    assert _ethtool_l(l) == {"rx": 0, "tx": 0, "other": 0, "combined": 4}
+    x = ("RX flow hash indirection table for eth0 with 4 RX ring(s):\n"
+         "    0:      0     1     2     3     0     1     2     3\n"
+         "    8:      0     1     2     3     0     1     2     3\n"
+         "RSS hash key:\n12:1c:46\nRSS hash function:\n    toeplitz: on\n")
+    assert _ethtool_x(x) == ([0, 1, 2, 3] * 4, "121c46")
+
+
+def test_nic_queues_in_the_vm_match_ethtool_and_the_queue_policy_is_exact():
+    """One boot (4 vCPUs, a 4-queue virtio-net NIC with RSS, TCG): `nic
+    --json` equals `ethtool -l/-x`; the queue policy sends every connection
+    from the host side to the worker of the queue it arrived on (per the
+    driver's counters and SO_INCOMING_NAPI_ID); `nic --apply`/`--restore`
+    of the indirection table and IRQ affinity leaves both byte for byte as
+    before. Nothing (QEMU, virtiofsd, the tap's namespace) is left."""
+    vm_or_skip()
+    if not os.path.exists("/dev/net/tun"):
+        pytest.skip("no /dev/net/tun for the VM's NIC")
+    started = time.monotonic()
+    p = run_vm("--cpus", "4", "--memory", "1G", "--nic-queues", "4", "--",
+               sys.executable, "tests/vm_nic_guest.py", timeout=300)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert "NIC: virtio-net-pci, 4 queues" in p.stderr
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["nic_rc"] == 0, r["nic_err"]
+    n = r["nic"]["interfaces"][0]
+    assert n["driver"] == "virtio_net" and n["name"] == r["iface"]
+    # queues: nic --json == ethtool -l
+    chan = _ethtool_l(r["ethtool_l"])
+    assert chan["combined"] == 4
+    assert n["channels"]["combined"] == chan["combined"] == n["real_rx_queues"] == len(n["rx"])
+    # RSS: nic --json == ethtool -x (table, key; toeplitz)
+    table, key = _ethtool_x(r["ethtool_x"])
+    assert len(table) == 128 and set(table) == {0, 1, 2, 3}
+    assert n["rss"]["indirection"] == table and n["rss"]["key"] == key
+    assert n["rss"]["hfunc"] == "toeplitz" and "toeplitz: on" in r["ethtool_x"]
+    assert [q["irq"] is not None for q in n["rx"]] == [True] * 4
+    # the queue policy: exact, every queue used, every connection accounted for
+    pr = r["proof"]
+    assert pr is not None and r["proof_rc"] == 0, (r["proof_err"], pr and pr["problems"])
+    assert pr["exact"] and pr["spread"]["exact"] == pr["spread"]["conns"] == 16
+    assert len(set(pr["napi_of_queue"].values())) == 4
+    for q, row in enumerate(pr["spread"]["queue_by_worker"]):
+        assert sum(row) == row[q]                     # queue q -> worker q only
+    # --apply / --restore round trip
+    a = r["apply"]
+    assert a["rc"] == 0 and a["restore_rc"] == 0, a
+    assert _ethtool_x(a["during"][0])[0] == [0] * 128             # weight 1 0 0 0
+    assert a["during"][1] != a["before"][1]                       # IRQs moved
+    assert a["after"] == a["before"]                              # byte for byte
+    took = time.monotonic() - started
+    print(f"NIC VM test: {took:.1f} s in all; guest: nic {r['t_nic']:.1f} s, proof "
+          f"{r['t_proof'] - r['t_nic']:.1f} s, apply/restore {r['t_all'] - r['t_proof']:.1f} s")
 
 
 # --- Vagrantfile ---------------------------------------------------------------------

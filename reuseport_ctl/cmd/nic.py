@@ -25,10 +25,15 @@ Examples:
   reuseport-ctl nic eth0 --apply           write the proposed IRQ affinity and RPS/XPS
                                            masks (asks first; --yes does not)
   reuseport-ctl nic eth0 --restore         put back what --apply changed
+  reuseport-ctl nic eth0 --apply --cpus 3,2,1,0 --rss-weights 1,0,0,0 --yes
+                                           IRQ of queue q on the q-th CPU listed, and
+                                           the RSS table all on queue 0 (ethtool -X
+                                           eth0 weight 1 0 0 0); --restore undoes both
 
 \b
 It changes nothing by itself. --apply saves the values it replaces in
-/var/cache/reuseport-ctl/nic-IFACE.json, which --restore writes back.
+/var/cache/reuseport-ctl/nic-IFACE.json (masks, IRQ affinity and the RSS
+indirection table), which --restore writes back.
 """
 
 
@@ -42,7 +47,13 @@ It changes nothing by itself. --apply saves the values it replaces in
               help="Write the proposed IRQ affinity and RPS/XPS masks of IFACE (root).")
 @click.option("--restore", is_flag=True, help="Undo what --apply changed on IFACE (root).")
 @click.option("--yes", "-y", is_flag=True, help="With --apply: do not ask first.")
-def nic(iface, port, proto, as_json, apply_, restore, yes):
+@click.option("--cpus", "cpus", default=None, metavar="LIST",
+              help="Spread the queues over these CPUs, in this order (queue q's IRQ on "
+                   "the (q mod n)-th); default: the workers' CPUs, else every CPU.")
+@click.option("--rss-weights", default=None, metavar="W0,W1,...",
+              help="Also set the RSS indirection table to these queue weights, as "
+                   "`ethtool -X IFACE weight W0 W1 ...`.")
+def nic(iface, port, proto, as_json, apply_, restore, yes, cpus, rss_weights):
     """Show an interface's queues, their IRQs and CPU affinity, RSS, RPS/XPS
     masks and the CPU -> NUMA node map, with a verdict: which CPUs receive
     traffic, whether the workers line up, and the commands to change it."""
@@ -57,6 +68,8 @@ def nic(iface, port, proto, as_json, apply_, restore, yes):
     if (apply_ or restore) and os.geteuid() != 0:
         raise UserError(f"--{'apply' if apply_ else 'restore'} writes IRQ affinity and RPS/XPS "
                         f"masks, which only root may do: run it as root.")
+    targets = _cpus(cpus) if cpus else None
+    weights = _weights(rss_weights) if rss_weights else None
     knic.private_sysfs()
     if restore:
         return _restore(iface, as_json)
@@ -65,7 +78,19 @@ def nic(iface, port, proto, as_json, apply_, restore, yes):
     names = [iface] if iface else _default_ifaces(addr)
     topo = knic.topology()
     nics = [knic.read_nic(n) for n in names]
-    verdicts = [judge(n, topo, workers) for n in nics]
+    if targets:
+        bad = [c for c in targets if c not in topo.cpus]
+        if bad:
+            raise UserError(f"--cpus names CPU {','.join(map(str, bad))}, which is not online "
+                            f"(online: {knic.format_cpulist(topo.cpus)}).")
+    for n in nics:
+        if weights and not n.rss.indirection:
+            raise UserError(f"--rss-weights needs an RSS indirection table, and {n.name} has "
+                            f"none ({n.rss.missing or 'the driver reports none'}).")
+        if weights and len(weights) > len(n.rx):
+            raise UserError(f"--rss-weights gives {len(weights)} weights and {n.name} has "
+                            f"{len(n.rx)} receive queues.")
+    verdicts = [judge(n, topo, workers, targets, weights) for n in nics]
     if apply_:
         return _apply(nics[0], verdicts[0], yes, as_json)
 
@@ -78,6 +103,28 @@ def nic(iface, port, proto, as_json, apply_, restore, yes):
         if not console.is_terminal:
             console.width = 110
         console.print(render_nic(report))
+
+
+def _cpus(text: str) -> list[int]:
+    from .. import cpulist
+    try:
+        out = list(dict.fromkeys(cpulist.parse(text)))
+    except ValueError:
+        out = []
+    if not out or any(c < 0 for c in out):
+        raise UserError(f"--cpus {text!r} is not a CPU list (3,2,1,0 or 0-3).")
+    return out
+
+
+def _weights(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(w < 0 for w in out) or sum(out) == 0:
+        raise UserError(f"--rss-weights {text!r} is not a list of queue weights "
+                        f"(non-negative, not all 0: 1,0,0,0).")
+    return out
 
 
 def _workers(port: int, proto: str):

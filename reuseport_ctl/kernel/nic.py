@@ -253,7 +253,7 @@ def _rxh(bits: int) -> list[str]:
 # --- the SIOCETHTOOL ioctl ------------------------------------------------------
 
 SIOCETHTOOL = 0x8946
-ETHTOOL_GDRVINFO, ETHTOOL_GRXFH, ETHTOOL_GRSSH = 0x03, 0x29, 0x46
+ETHTOOL_GDRVINFO, ETHTOOL_GRXFH, ETHTOOL_GRSSH, ETHTOOL_SRSSH = 0x03, 0x29, 0x46, 0x47
 
 
 def _ethtool_ioctl(ifname: str, buf: ctypes.Array) -> None:
@@ -296,6 +296,35 @@ def _rss_ioctl(ifname: str) -> Optional[dict]:
     return {"ETHTOOL_A_RSS_HFUNC": hfunc,
             "ETHTOOL_A_RSS_INDIR": list(struct.unpack(f"={indir_size}I", body[:4 * indir_size])),
             "ETHTOOL_A_RSS_HKEY": body[4 * indir_size:4 * indir_size + key_size]}
+
+
+def set_indirection(ifname: str, table: list[int]) -> None:
+    """Write the RSS indirection table (ETHTOOL_SRSSH, what `ethtool -X`
+    does), keeping the key and hash function. OSError if the driver refuses."""
+    head = struct.Struct("=IIIIBB2xI")
+    buf = ctypes.create_string_buffer(
+        head.pack(ETHTOOL_SRSSH, 0, len(table), 0, 0, 0, 0)
+        + struct.pack(f"={len(table)}I", *table))
+    _ethtool_ioctl(ifname, buf)
+
+
+def indirection(ifname: str) -> Optional[list[int]]:
+    """The RSS indirection table as the driver reports it (ETHTOOL_GRSSH)."""
+    a = _rss_ioctl(ifname)
+    return list(a["ETHTOOL_A_RSS_INDIR"]) if a and a["ETHTOOL_A_RSS_INDIR"] else None
+
+
+def weights_table(size: int, weights: list[int]) -> list[int]:
+    """The table `ethtool -X IF weight W0 W1 ...` writes (ethtool's own loop:
+    entry i goes to queue j while i < size * (W0 + ... + Wj) / sum)."""
+    total = sum(weights)
+    out, j, partial = [], -1, 0
+    for i in range(size):
+        while i >= size * partial // total:
+            j += 1
+            partial += weights[j]
+        out.append(j)
+    return out
 
 
 def _rxfh_ioctl(ifname: str) -> dict[str, list[str]]:
@@ -343,6 +372,102 @@ def queue_packets(ifname: str) -> dict[tuple[str, int], int]:
                 out.setdefault((direction, q), value)
                 break
     return out
+
+
+# --- netdev netlink: the driver's per-queue counters (qstats, Linux 6.9+) ---------
+
+NETDEV_CMD_QUEUE_GET, NETDEV_CMD_QSTATS_GET = 10, 12
+NETDEV_QSTATS_SCOPE_QUEUE = 1
+
+
+def _netdev_classes():
+    from pyroute2.netlink import genlmsg
+
+    class qstats_msg(genlmsg):
+        # NLA_UINT counters (4 or 8 bytes): kept raw, read as little endian
+        nla_map = ((0, "NETDEV_A_QSTATS_UNSPEC", "none"),
+                   (1, "NETDEV_A_QSTATS_IFINDEX", "uint32"),
+                   (2, "NETDEV_A_QSTATS_QUEUE_TYPE", "uint32"),
+                   (3, "NETDEV_A_QSTATS_QUEUE_ID", "uint32"),
+                   (4, "NETDEV_A_QSTATS_SCOPE", "cdata"),
+                   (8, "NETDEV_A_QSTATS_RX_PACKETS", "cdata"),
+                   (9, "NETDEV_A_QSTATS_RX_BYTES", "cdata"),
+                   (10, "NETDEV_A_QSTATS_TX_PACKETS", "cdata"),
+                   (11, "NETDEV_A_QSTATS_TX_BYTES", "cdata"))
+
+    class queue_msg(genlmsg):
+        nla_map = ((0, "NETDEV_A_QUEUE_UNSPEC", "none"),
+                   (1, "NETDEV_A_QUEUE_ID", "uint32"),
+                   (2, "NETDEV_A_QUEUE_IFINDEX", "uint32"),
+                   (3, "NETDEV_A_QUEUE_TYPE", "uint32"),
+                   (4, "NETDEV_A_QUEUE_NAPI_ID", "uint32"))
+
+    return qstats_msg, queue_msg
+
+
+def _netdev_dump(cmd: int, attrs: list) -> list[dict]:
+    from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+    from pyroute2.netlink.exceptions import NetlinkError
+    from pyroute2.netlink.generic import GenericNetlinkSocket
+
+    qstats_msg, queue_msg = _netdev_classes()
+    cls = qstats_msg if cmd == NETDEV_CMD_QSTATS_GET else queue_msg
+    sock = GenericNetlinkSocket()
+    try:
+        try:
+            sock.bind("netdev", cls)
+        except NetlinkError as e:
+            raise OSError(errno.EOPNOTSUPP, "no netdev netlink family") from e
+        msg = cls()
+        msg["cmd"] = cmd
+        msg["version"] = 1
+        msg["attrs"] = attrs
+        try:
+            reply = list(sock.nlm_request(msg, msg_type=sock.prid,
+                                          msg_flags=NLM_F_REQUEST | NLM_F_DUMP))
+        except NetlinkError as e:
+            raise OSError(e.code, os.strerror(e.code)) from None
+    finally:
+        sock.close()
+    return [{name: value for name, value, *_ in r["attrs"]} for r in reply]
+
+
+def _uint(v) -> int:
+    return int.from_bytes(v, "little") if isinstance(v, (bytes, bytearray)) else int(v)
+
+
+def qstats(ifindex: int) -> dict[tuple[str, int], int]:
+    """(direction, queue) -> packets, from the driver's per-queue counters in
+    netdev netlink (NETDEV_CMD_QSTATS_GET, scope queue; Linux 6.9+): where
+    virtio_net keeps its per-queue packet counts since 6.10 (no longer in
+    ethtool -S). {} where the kernel or driver has none."""
+    try:
+        rows = _netdev_dump(NETDEV_CMD_QSTATS_GET,
+                            [("NETDEV_A_QSTATS_IFINDEX", ifindex),
+                             ("NETDEV_A_QSTATS_SCOPE", struct.pack("=I", NETDEV_QSTATS_SCOPE_QUEUE))])
+    except OSError:
+        return {}
+    out = {}
+    for r in rows:
+        if r.get("NETDEV_A_QSTATS_IFINDEX") != ifindex:
+            continue
+        kind = "rx" if r.get("NETDEV_A_QSTATS_QUEUE_TYPE") == 0 else "tx"
+        v = r.get(f"NETDEV_A_QSTATS_{kind.upper()}_PACKETS")
+        if v is not None:
+            out[(kind, r["NETDEV_A_QSTATS_QUEUE_ID"])] = _uint(v)
+    return out
+
+
+def queue_napi_ids(ifindex: int) -> dict[int, int]:
+    """rx queue -> NAPI id, where the driver publishes it (NETDEV_CMD_QUEUE_GET;
+    virtio_net only from 6.15). {} otherwise."""
+    try:
+        rows = _netdev_dump(NETDEV_CMD_QUEUE_GET, [("NETDEV_A_QUEUE_IFINDEX", ifindex)])
+    except OSError:
+        return {}
+    return {r["NETDEV_A_QUEUE_ID"]: r["NETDEV_A_QUEUE_NAPI_ID"] for r in rows
+            if r.get("NETDEV_A_QUEUE_TYPE") == 0 and r.get("NETDEV_A_QUEUE_NAPI_ID")
+            and r.get("NETDEV_A_QUEUE_IFINDEX", ifindex) == ifindex}
 
 
 # --- IRQs -------------------------------------------------------------------------
@@ -448,6 +573,8 @@ def read_nic(ifname: str) -> Nic:
     irqs.sort(key=lambda i: (i.role == "other", i.queue if i.queue is not None else 1 << 30,
                              i.number))
     stats = queue_packets(ifname)
+    for k, v in qstats(link["index"]).items():       # virtio_net 6.10+: only there
+        stats.setdefault(k, v)
 
     def by_queue(direction: str, q: int) -> Optional[int]:
         for want in (direction, "combined"):
@@ -479,7 +606,8 @@ def read_nic(ifname: str) -> Nic:
                      "no IRQs found for the device in /proc/interrupts.")
     r = rss(ifname)
     if rx and all(q.packets is None for q in rx):
-        notes.append("no per-queue packet counters in the driver's ethtool statistics.")
+        notes.append("no per-queue packet counters in the driver's ethtool statistics "
+                     "or netdev qstats.")
     return Nic(name=ifname, ifindex=link["index"], kind=kind, driver=driver, bus_info=bus,
                speed_mbps=speed(ifname),
                operstate=link.get_attr("IFLA_OPERSTATE") or "UNKNOWN",
@@ -492,11 +620,33 @@ def read_nic(ifname: str) -> Nic:
 # --- writing masks (--apply / --restore) -------------------------------------------
 
 
+# A change to the RSS indirection table is kept, like a mask, as a path and a
+# value: "ethtool:IFACE:indir" and the table as comma-separated queues.
+INDIR_PATH = "ethtool:{}:indir"
+
+
+def _indir_iface(path: str) -> Optional[str]:
+    if path.startswith("ethtool:") and path.endswith(":indir"):
+        return path[len("ethtool:"):-len(":indir")]
+    return None
+
+
 def read_value(path: str) -> str:
+    iface = _indir_iface(path)
+    if iface is not None:
+        table = indirection(iface)
+        if table is None:
+            raise OSError(errno.EOPNOTSUPP, "the driver reports no RSS indirection table")
+        return ",".join(map(str, table))
     return Path(path).read_text().strip()
 
 
 def write_value(path: str, value: str) -> None:
-    """Write a mask; OSError with the kernel's reason if it refuses."""
+    """Write a mask (or the RSS indirection table); OSError with the kernel's
+    reason if it refuses."""
+    iface = _indir_iface(path)
+    if iface is not None:
+        set_indirection(iface, [int(x) for x in value.split(",")])
+        return
     with open(path, "w") as f:
         f.write(value + "\n")

@@ -237,3 +237,15 @@ def discard_queued(sock: socket.socket, limit: int = 1 << 20) -> int:
             break
         n += 1
     return n
+
+
+SO_INCOMING_CPU = 49
+SO_INCOMING_NAPI_ID = 56
+
+
+def incoming(sock: socket.socket) -> tuple[int, int]:
+    """(NAPI id, CPU) the socket's last packet came in on: SO_INCOMING_NAPI_ID
+    (0 where the device has no NAPI, e.g. loopback) and SO_INCOMING_CPU. An
+    accepted TCP socket records them from the handshake's last ACK."""
+    return (sock.getsockopt(socket.SOL_SOCKET, SO_INCOMING_NAPI_ID),
+            sock.getsockopt(socket.SOL_SOCKET, SO_INCOMING_CPU))

@@ -41,10 +41,11 @@ class Change:
     old: str                        # the value as read (written back by --restore)
     new: str
     what: str                       # in words: "IRQ 38 (virtio2-input.0): CPU 0-1 -> 0"
+    cmd: Optional[str] = None       # the shell command, when it is not an echo into a file
 
     @property
     def command(self) -> str:
-        return f"echo {self.new} > {shlex.quote(self.path)}"
+        return self.cmd or f"echo {self.new} > {shlex.quote(self.path)}"
 
 
 @dataclass
@@ -134,7 +135,28 @@ def plan(nic: Nic, targets: list[int]) -> list[Change]:
     return changes
 
 
-def judge(nic: Nic, topo: Topology, workers: Optional[list[Worker]] = None) -> Verdict:
+def rss_change(nic: Nic, weights: list[int]) -> Optional[Change]:
+    """The indirection table `ethtool -X IF weight W0 W1 ...` would write,
+    as a change (None when the table is already that)."""
+    from ..kernel.nic import INDIR_PATH, weights_table
+    old = nic.rss.indirection
+    if not old:
+        return None
+    new = weights_table(len(old), weights)
+    if new == old:
+        return None
+    shares = ", ".join(f"queue {q} {new.count(q)}/{len(new)}" for q in sorted(set(new)))
+    return Change(INDIR_PATH.format(nic.name), ",".join(map(str, old)), ",".join(map(str, new)),
+                  f"RSS indirection table of {nic.name}: {shares}",
+                  cmd=f"ethtool -X {nic.name} weight {' '.join(map(str, weights))}")
+
+
+def judge(nic: Nic, topo: Topology, workers: Optional[list[Worker]] = None,
+          targets: Optional[list[int]] = None,
+          rss_weights: Optional[list[int]] = None) -> Verdict:
+    """targets: the CPUs to spread the queues over (default: the workers',
+    else every online CPU); rss_weights: also set the RSS indirection table
+    to these queue weights (as `ethtool -X IF weight ...`)."""
     queues = receive_cpus(nic)
     findings: list[str] = []
     virtual = all(q.receives_on is None for q in queues)
@@ -204,8 +226,12 @@ def judge(nic: Nic, topo: Topology, workers: Optional[list[Worker]] = None) -> V
                             f"traffic is received on the sending CPU (or its RPS CPUs), so "
                             f"with policy cpu a sender on CPU c reaches the worker on CPU c.")
 
-    targets = targets_for(topo, workers)
+    targets = targets or targets_for(topo, workers)
     changes = plan(nic, targets)
+    if rss_weights:
+        c = rss_change(nic, rss_weights)
+        if c is not None:
+            changes.append(c)
     if changes:
         aligned = False
     run = None

@@ -7,9 +7,15 @@ console for all its ports). So this wrapper swaps vng's
 `-chardev file,id=console,path=/dev/null` for a file of ours
 ($REUSEPORT_CTL_VM_CONSOLE), then execs the real QEMU with the same pid (so it
 stays in the runner's process group). Every other argument is passed as is.
+
+With `vm --nic-queues N` it also enters the NIC's private network namespace
+($REUSEPORT_CTL_VM_NETNS, a /proc/PID/ns/net of the runner's nethost) and
+appends the NIC's arguments ($REUSEPORT_CTL_VM_QEMU_ARGS, a JSON list), so
+QEMU attaches the tap's queues there and the host's network is untouched.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -36,6 +42,14 @@ def main() -> None:
     if not real:
         sys.exit(f"{NAME}: the real QEMU is not on PATH (apt-get install qemu-system-x86)")
     args = rewrite(sys.argv[1:], os.environ.get("REUSEPORT_CTL_VM_CONSOLE"))
+    args += json.loads(os.environ.get("REUSEPORT_CTL_VM_QEMU_ARGS") or "[]")
+    netns = os.environ.get("REUSEPORT_CTL_VM_NETNS")
+    if netns:
+        from ..kernel.tap import enter_net
+        try:
+            enter_net(netns)
+        except OSError as e:
+            sys.exit(f"{NAME}: cannot enter the NIC's network namespace ({e.strerror})")
     os.execv(real, [real, *args])
 
 

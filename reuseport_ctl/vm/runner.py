@@ -132,10 +132,33 @@ def guest_env(base: dict | None = None) -> dict:
     return env
 
 
-def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None) -> str:
+def guest_nic_lines(mac: str, addr: str, prefix: int, peer: str, agent_port: int) -> list[str]:
+    """Shell lines that find the NIC by its MAC, address it (IPv6 off: no
+    solicitations on its queues), and export where the host side is."""
+    return [
+        "REUSEPORT_CTL_VM_NIC=",
+        "for d in /sys/class/net/*; do",
+        f"  [ \"$(cat $d/address 2>/dev/null)\" = {mac} ] && REUSEPORT_CTL_VM_NIC=${{d##*/}}",
+        "done",
+        "if [ -z \"$REUSEPORT_CTL_VM_NIC\" ]; then",
+        f"  echo 'reuseport-ctl vm: the guest has no NIC with MAC {mac}' >&2",
+        "else",
+        "  echo 1 > /proc/sys/net/ipv6/conf/$REUSEPORT_CTL_VM_NIC/disable_ipv6 2>/dev/null",
+        f"  ip addr add {addr}/{prefix} dev $REUSEPORT_CTL_VM_NIC",
+        "  ip link set $REUSEPORT_CTL_VM_NIC up",
+        "fi",
+        "export REUSEPORT_CTL_VM_NIC",
+        f"export REUSEPORT_CTL_VM_ADDR={addr} REUSEPORT_CTL_VM_PEER={peer} "
+        f"REUSEPORT_CTL_VM_AGENT={peer}:{agent_port}",
+    ]
+
+
+def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None,
+                 nic: list[str] | None = None) -> str:
     """The shell script the guest runs: mounts bpffs/tracefs if absent, sets
-    the environment, runs the command, and marks start and exit on the
-    console (so the host can tell "did not boot" from "command failed")."""
+    the environment (and the NIC, with `nic` lines), runs the command, and
+    marks start and exit on the console (so the host can tell "did not boot"
+    from "command failed")."""
     if len(command) == 1:
         cmd = command[0]                         # one string: a shell command line
     else:
@@ -153,6 +176,7 @@ def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None) 
         "grep -q ' /sys/kernel/tracing tracefs ' /proc/mounts || "
         "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null",
         "mkdir -p /var/cache/reuseport-ctl 2>/dev/null",
+        *(nic or []),
         f"cd {shlex.quote(cwd)} 2>/dev/null || cd /",
         cmd,
         "rc=$?",
@@ -165,13 +189,15 @@ def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None) 
 # --- the host side -------------------------------------------------------------------
 
 def vng_command(vng: str, k: kernels.Kernel, acc: _accel.Accel, *, cpus: int, memory: str,
-                exec_line: str) -> list[str]:
+                exec_line: str, numa: list[str] | None = None) -> list[str]:
     cmd = [vng, "--run", str(k.image), "--user", "root", "--name", "reuseport-ctl-vm",
            "--cpus", str(cpus), "--memory", memory,
            # kernel messages up to info level on the console we keep (the
            # wrapper sends ttyS0 to a file): boot log, panics, our marks
            "--append", f"loglevel=7 module_blacklist={','.join(SKIP_MODULES)}",
            "--exec", exec_line]
+    for n in numa or []:
+        cmd += ["--numa", n]
     if acc.name == "tcg":
         cmd += ["--disable-kvm", "--qemu-opts=-accel tcg,thread=multi"]
     return cmd
@@ -277,11 +303,15 @@ def _relay(src, dest, keep: list | None, mute: threading.Event) -> threading.Thr
 def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str = "2G",
         timeout: float = 300, accel: str = "auto", cwd: str | None = None,
         env: dict | None = None, stdout=None, stderr=None, log=sys.stderr,
-        install: bool = True, capture: bool = False) -> RunResult:
+        install: bool = True, capture: bool = False, nic_queues: int = 0,
+        numa: list[str] | None = None) -> RunResult:
     """Boot `kernel`, run `command` (a list of words, or one shell command
     line) as root in the guest, and return its exit status. Guest stdout and
     stderr go to `stdout`/`stderr` (default: ours; a file object, or False to
-    drop them) as they come; with capture=True they are also returned."""
+    drop them) as they come; with capture=True they are also returned.
+    nic_queues=N gives the guest an N-queue virtio-net NIC with RSS over a tap
+    in a private host network namespace (see nethost.py); numa: vng --numa
+    specs, passed on."""
     if not command:
         raise VMError("no command given: put it after --, e.g. scripts/vm -- reuseport-ctl doctor.")
     miss = missing_tools()
@@ -298,7 +328,7 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
         watchdog = KVM_BOOT_S if acc.name == "kvm" and accel == "auto" else None
         return _boot(command, k, acc, cpus=cpus, memory=memory, timeout=timeout, cwd=cwd,
                      env=env, stdout=stdout, stderr=stderr, log=log, capture=capture,
-                     silent_after=watchdog)
+                     silent_after=watchdog, nic_queues=nic_queues, numa=numa)
     except _Silent:
         why = f"a {k.describe()} guest printed nothing under kvm in {KVM_BOOT_S:g} s"
         _accel.remember(ok=False, reason=why)
@@ -306,15 +336,64 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
         left = timeout - (time.monotonic() - started)
         return _boot(command, k, _accel.Accel("tcg", f"KVM unusable: {why}"), cpus=cpus,
                      memory=memory, timeout=max(round(left), 1), cwd=cwd, env=env, stdout=stdout,
-                     stderr=stderr, log=log, capture=capture, silent_after=None)
+                     stderr=stderr, log=log, capture=capture, silent_after=None,
+                     nic_queues=nic_queues, numa=numa)
 
 
 class _Silent(Exception):
     """The guest printed nothing on its console in time (see run())."""
 
 
+NETHOST_READY_S = 30.0
+
+
+def start_nethost(queues: int) -> tuple[subprocess.Popen, str]:
+    """The process owning the NIC's private network namespace and tap (see
+    nethost.py); (process, its /proc/PID/ns/net) once the tap is up."""
+    import select
+    pkg_parent = str(Path(__file__).resolve().parents[2])
+    env = dict(os.environ)
+    env["PYTHONPATH"] = pkg_parent + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    p = subprocess.Popen([sys.executable, "-m", "reuseport_ctl.vm.nethost", "--queues",
+                          str(queues)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         env=env, cwd="/", start_new_session=True)
+    line = b""
+    if select.select([p.stdout], [], [], NETHOST_READY_S)[0]:
+        line = p.stdout.readline()
+    words = line.decode(errors="replace").strip().split(" ", 1)
+    if words[0] != "ready":
+        stop_nethost(p)
+        why = words[1] if len(words) > 1 else f"no answer in {NETHOST_READY_S:g} s"
+        raise VMError(f"cannot set up the VM's NIC: {why}")
+    return p, words[1]
+
+
+def stop_nethost(p: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            p.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    # its load client's children (if a request was running) are in its group
+    deadline = time.monotonic() + 5
+    while group_members(p.pid) and time.monotonic() < deadline:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    if p.stdout:
+        p.stdout.close()
+
+
 def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, log,
-          capture, silent_after: float | None) -> RunResult:
+          capture, silent_after: float | None, nic_queues: int = 0,
+          numa: list[str] | None = None) -> RunResult:
     stdout = sys.stdout if stdout is None else (None if stdout is False else stdout)
     stderr = sys.stderr if stderr is None else (None if stderr is False else stderr)
     kept_out: list | None = [] if capture else None
@@ -326,6 +405,7 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
 
     work = Path(tempfile.mkdtemp(prefix="reuseport-ctl-vm-", dir="/tmp"))
     proc = None
+    nethost = None
     old = {}
     started = time.monotonic()
     boot_s = None
@@ -347,16 +427,30 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
         (work / "bin").mkdir()
         _wrappers(work / "bin")
         script = work / "guest.sh"
-        script.write_text(guest_script(command, guest_env(env), cwd, k.headers))
+        nic_lines = None
+        if nic_queues:
+            from . import nethost as _nh
+            nic_lines = guest_nic_lines(_nh.GUEST_MAC, _nh.GUEST, 24, _nh.PEER, _nh.AGENT_PORT)
+        script.write_text(guest_script(command, guest_env(env), cwd, k.headers, nic_lines))
         console = work / "console.log"
         console.touch()
-        vcmd = vng_command(vng, k, acc, cpus=cpus, memory=memory, exec_line=f"sh {script}")
+        vcmd = vng_command(vng, k, acc, cpus=cpus, memory=memory, exec_line=f"sh {script}",
+                           numa=numa)
         venv = dict(os.environ, TMPDIR=str(work), REUSEPORT_CTL_VM_CONSOLE=str(console),
                     REUSEPORT_CTL_VM_BIN=str(work / "bin"),
                     REUSEPORT_CTL_VM_QEMU=_accel.qemu_binary(),
                     PATH=f"{work / 'bin'}:{os.path.dirname(vng)}:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        nic_note = ""
+        if nic_queues:
+            import json as _json
+            nethost, netns_path = start_nethost(nic_queues)
+            venv["REUSEPORT_CTL_VM_NETNS"] = netns_path
+            venv["REUSEPORT_CTL_VM_QEMU_ARGS"] = _json.dumps(_nh.qemu_args(nic_queues))
+            nic_note = (f"; NIC: virtio-net-pci, {nic_queues} queues, RSS, over tap "
+                        f"{_nh.TAP} ({_nh.PEER}) in a private network namespace, guest "
+                        f"{_nh.GUEST}")
         print(f"reuseport-ctl vm: booting {k.describe()} under {acc.name.upper()} "
-              f"({acc.reason}); {cpus} CPUs, {memory}, time-out {timeout:g} s",
+              f"({acc.reason}); {cpus} CPUs, {memory}, time-out {timeout:g} s{nic_note}",
               file=log, flush=True)
         proc = subprocess.Popen(vcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=venv, cwd="/",
@@ -390,6 +484,8 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
             if proc.poll() is None:
                 mute.set()
             kill_group(proc)
+        if nethost is not None:
+            stop_nethost(nethost)
         for t in relays:
             t.join(5)
         lines = _console_lines(work / "console.log")
