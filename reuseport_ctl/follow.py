@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .groups import find_group
-from .kernel import diag, owners, process
+from .kernel import diag, owners, process, reuseport
 from .pins import Meta, current_pin, divergence, open_pinned, read_meta, update_meta
 from .policies import parse_policy
 
@@ -216,7 +216,7 @@ class Follower:
             return
         fd = open_pinned(self.path, "prog")
         try:
-            owners.attach_reuseport_ebpf(sock, fd)
+            reuseport.attach_ebpf(sock, fd)
         finally:
             os.close(fd)
 

@@ -89,9 +89,9 @@ class MigrateProgram:
         return "select_or_migrate" if self.migrate else "select"
 
     def attach(self, sock: socket.socket) -> None:
-        from ..kernel.owners import attach_reuseport_ebpf
+        from ..kernel.reuseport import attach_ebpf
         try:
-            attach_reuseport_ebpf(sock, self.prog_fd)
+            attach_ebpf(sock, self.prog_fd)
         except OSError as e:
             raise UserError(f"cannot attach the select-or-migrate program to the group "
                             f"({e.strerror}).") from None
@@ -136,11 +136,11 @@ class MigrateProgram:
     def close(self, member: Optional[socket.socket] = None) -> None:
         """Detach (through a live member, if any is left), empty the socket
         array so its sockets are free again, release every fd. Idempotent."""
-        from ..kernel.owners import detach_reuseport_prog
+        from ..kernel.reuseport import detach_if_any
         for s in (member, self._member):
             if s is not None and s.fileno() >= 0:
                 try:
-                    detach_reuseport_prog(s)
+                    detach_if_any(s)
                     break
                 except OSError:
                     continue
