@@ -51,7 +51,21 @@ def main(ebpf):
         show_programs()
 
 
+class _AsciiInt(click.types.IntParamType):
+    """int() also reads "١٢" (Arabic-Indic digits) and "1_0": a port, a count
+    or a backlog is written in ASCII digits, so say so rather than guess."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not (value.strip().lstrip("+-").isascii()
+                                           and "_" not in value):
+            self.fail(f"{value!r} is not a number written in ASCII digits.", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _register():
+    # every `type=int` option of every verb (click looks INT up when a
+    # command is declared, so before the verbs are imported)
+    click.types.INT = _AsciiInt()
     import importlib
     import pkgutil
 

@@ -49,6 +49,8 @@ REFUSED = [
     (["bench", "--plot", "/tmp"], 1, "ending in .png"),
     (["remap", "--remove", "99", "--sizes", "2-3"], 1, "slots 0-2"),
     (["vm", "--memory", "abc", "--", "true"], 2, "not a size"),
+    (["status", "--port", "\u0668\u0660\u0668\u0660"], 2, "ASCII digits"),   # Arabic-Indic 8080
+    (["load", "--port", "80", "--conns", "1_000"], 2, "ASCII digits"),
     (["load", "--host", "999.1.1.1", "--port", "80"], 1, "not an IP address"),
     (["run", "--backlog", "99999999999"], 1, "--backlog must be at most 2147483647"),
     (["run", "--duration", "inf"], 1, "positive number of seconds, not inf"),
