@@ -143,19 +143,8 @@ def _workers(port: int, proto: str):
 
 
 def _default_ifaces(addr: str | None) -> list[str]:
-    """The interfaces carrying traffic to addr (its owner; loopback for
-    127/8 and ::1; every non-loopback one for a wildcard), or all
-    non-loopback interfaces."""
-    from pyroute2 import IPRoute
-    with IPRoute() as ipr:
-        links = {l["index"]: (l.get_attr("IFLA_IFNAME"), bool(l["flags"] & 0x8))
-                 for l in ipr.get_links()}
-        if addr and addr not in ("0.0.0.0", "::"):
-            for a in ipr.get_addr():
-                if a.get_attr("IFA_ADDRESS") == addr or a.get_attr("IFA_LOCAL") == addr:
-                    return [links[a["index"]][0]]
-    names = [n for n, lo in links.values() if not lo]
-    return names or [n for n, _ in links.values()]
+    from ..kernel.nic import ifaces_for
+    return ifaces_for(addr)
 
 
 def _state_path(iface: str) -> Path:

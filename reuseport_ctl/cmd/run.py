@@ -8,6 +8,7 @@ import time
 import click
 
 from ..errors import UserError
+from ..kernel.diag import endpoint
 from ..kernel.process import usable_cpus
 from ..policies import help_text as policy_names
 from ..policies import parse_policy
@@ -90,7 +91,7 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
                     watch_own(sup, duration)
                 else:
                     click.echo(f"reuseport-ctl: {cfg.workers} workers ready on "
-                               f"{_addr(host, sup.port)} ({proto}, {model}, policy "
+                               f"{endpoint(host, sup.port)} ({proto}, {model}, policy "
                                f"{cfg.policy}); Ctrl-C stops.", err=True)
                     _serve(sup, duration, live=not as_json)
         except UserError as e:        # e.g. a worker that dies each time: still the summary
@@ -132,9 +133,6 @@ def _serve(sup: Supervisor, duration, live: bool) -> None:
         sup.serve(duration, on_tick=lambda s: view.update(
             live_line(s.report(), time.monotonic() - t0), refresh=True))
 
-
-def _addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 COMMANDS = [run]

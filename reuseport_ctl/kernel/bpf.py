@@ -15,8 +15,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
 NR_BPF = 321          # x86_64
-NR_PIDFD_GETFD = 438
-NR_PIDFD_OPEN = 434
 
 # enum bpf_cmd
 MAP_CREATE, MAP_LOOKUP_ELEM, MAP_UPDATE_ELEM, MAP_DELETE_ELEM, MAP_GET_NEXT_KEY = 0, 1, 2, 3, 4
@@ -212,17 +210,6 @@ def map_ids() -> list[int]:
 
 def link_ids() -> list[int]:
     return _ids(LINK_GET_NEXT_ID)
-
-
-# --- pidfd --------------------------------------------------------------------
-
-def pidfd_open(pid: int) -> int:
-    return os.pidfd_open(pid)
-
-
-def pidfd_getfd(pidfd: int, target_fd: int) -> int:
-    """Duplicate another process's fd into ours (needs PTRACE_MODE_ATTACH)."""
-    return _sys(NR_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(target_fd), ctypes.c_uint(0))
 
 
 def _info_name(get_fd_cmd: int, obj_id: int, name_off: int) -> str | None:

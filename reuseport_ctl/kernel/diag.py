@@ -42,8 +42,12 @@ class Listener:
 
     @property
     def endpoint(self) -> str:
-        a = f"[{self.addr}]" if self.family == socket.AF_INET6 else self.addr
-        return f"{a}:{self.port}"
+        return endpoint(self.addr, self.port)
+
+
+def endpoint(addr: str, port: int) -> str:
+    """"127.0.0.1:80", "[::1]:80": how the tool writes a local address."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
 def _drops(meminfo: str | None) -> int | None:

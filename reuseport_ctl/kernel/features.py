@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import UserError
-from . import bpf, btf, reuseport, tracefs
+from . import bpf, btf, process, reuseport, tracefs
 
 KPROBE_PMU = Path("/sys/bus/event_source/devices/kprobe")
 MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")
@@ -373,7 +373,7 @@ def probe_pidfd_getfd() -> Facility:
         try:
             with ExitStack() as st:
                 pidfd = _fd(st, os.pidfd_open(child.pid))
-                fd = _fd(st, bpf.pidfd_getfd(pidfd, 0))
+                fd = _fd(st, process.pidfd_getfd(pidfd, 0))
                 ok = stat.S_ISSOCK(os.fstat(fd).st_mode)
                 return _fac(PIDFD_GETFD, ok, f"took a socket from pid {child.pid}" if ok
                             else "got an fd, but not the child's socket")

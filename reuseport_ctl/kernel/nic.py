@@ -650,3 +650,19 @@ def write_value(path: str, value: str) -> None:
         return
     with open(path, "w") as f:
         f.write(value + "\n")
+
+
+def ifaces_for(addr: str | None) -> list[str]:
+    """The interfaces carrying traffic to addr (its owner; loopback for
+    127/8 and ::1; every non-loopback one for a wildcard), or all
+    non-loopback interfaces."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        links = {lk["index"]: (lk.get_attr("IFLA_IFNAME"), bool(lk["flags"] & 0x8))
+                 for lk in ipr.get_links()}
+        if addr and addr not in ("0.0.0.0", "::"):
+            for a in ipr.get_addr():
+                if a.get_attr("IFA_ADDRESS") == addr or a.get_attr("IFA_LOCAL") == addr:
+                    return [links[a["index"]][0]]
+    names = [n for n, lo in links.values() if not lo]
+    return names or [n for n, _ in links.values()]

@@ -21,7 +21,7 @@ import socket
 from dataclasses import dataclass
 
 from ..errors import UserError
-from . import bpf
+from . import process
 
 _SOCKET = re.compile(r"socket:\[(\d+)\]")
 _EPOLL_INO = re.compile(r"^tfd:\s*\d+\s.*\bino:([0-9a-f]+)", re.M)
@@ -210,13 +210,13 @@ def serving_holder(inode: int, hs: list[Holder], watched: dict[int, set[int]],
 def take_socket(pid: int, fd: int, inode: int) -> socket.socket:
     """Duplicate pid's fd into this process and check it is still `inode`."""
     try:
-        pidfd = bpf.pidfd_open(pid)
+        pidfd = process.pidfd_open(pid)
     except ProcessLookupError:
         raise UserError(f"process {pid} exited while reuseport-ctl was reading its sockets; "
                         f"run the command again.") from None
     try:
         try:
-            ours = bpf.pidfd_getfd(pidfd, fd)
+            ours = process.pidfd_getfd(pidfd, fd)
         except OSError as e:
             if e.errno in (errno.EPERM, errno.EACCES):
                 raise UserError(f"not allowed to take socket fd {fd} of process {pid} "

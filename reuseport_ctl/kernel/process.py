@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from ..errors import UserError
 
 _libc = ctypes.CDLL(None, use_errno=True)
+NR_PIDFD_GETFD = 438          # the same on every architecture (Linux 5.6)
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
 
@@ -155,3 +156,19 @@ def single_node(cpus, cpu_node: dict[int, int]) -> int:
     """The one node all of `cpus` are on, else -1."""
     nodes = {cpu_node.get(c, 0) for c in cpus}
     return nodes.pop() if len(nodes) == 1 else -1
+
+
+# --- another process's fds ----------------------------------------------------
+
+def pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """Duplicate another process's fd into ours (needs PTRACE_MODE_ATTACH)."""
+    ret = _libc.syscall(ctypes.c_long(NR_PIDFD_GETFD), ctypes.c_int(pidfd),
+                        ctypes.c_int(target_fd), ctypes.c_uint(0))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret

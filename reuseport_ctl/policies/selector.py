@@ -10,9 +10,6 @@ import os
 import socket
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 
 from ..errors import UserError
 from ..kernel import bpf
@@ -33,13 +30,6 @@ CONNS_PROGRAMS = {"lc_ready": ("rp_lc_ready", "sk_data_ready"),
 NODE_DIR = 64              # numa: table[0..NODE_DIR) is the node directory
 assert NODE_DIR + 2 * MAX_SLOTS <= TABLE_SIZE   # numa's table fits for every group
 
-
-@lru_cache(maxsize=1)
-def program_source() -> str:
-    here = Path(__file__).resolve().parents[2] / "bpf" / "select.c"
-    if here.is_file():          # a source checkout
-        return here.read_text()
-    return resources.files("reuseport_ctl.bpf").joinpath("select.c").read_text()
 
 
 @dataclass
@@ -173,7 +163,7 @@ def _attach_cbpf(policy: Policy, sock: socket.socket, n: int) -> None:
 
 
 def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None, nodes=None) -> None:
-    from ..kernel.bcc import compile_program
+    from ..kernel.bcc import compile_program, program_source
 
     policy, n = sel.policy, len(socks)
     max_slots = LEAST_MAX_SLOTS if policy.name in SCANS else MAX_SLOTS
@@ -216,7 +206,7 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None, nodes=Non
                                  "QUEUE_MAPPING_OFF": ("sk_buff", "queue_mapping")})
     if policy.name == "numa":
         cflags.append(f"-DNODE_DIR={NODE_DIR}")
-    b = compile_program(program_source(), cflags, inline=inline)
+    b = compile_program(program_source("select.c"), cflags, inline=inline)
     sel._bpf = b
     try:
         fn = b.load_func(b"rp_select", bpf.PROG_TYPE_SK_REUSEPORT)

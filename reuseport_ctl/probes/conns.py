@@ -11,7 +11,8 @@ kernel keeps no record of a child's listener): counts start at attach.
 from __future__ import annotations
 
 from ..kernel import btf
-from .programs import SOCK_FIELDS, netns_macros, program_source
+from ..kernel.bcc import program_source
+from .programs import SOCK_FIELDS, netns_macros
 
 STATE_TP = "inet_sock_set_state"       # raw tracepoint names
 READY_TP = "sk_data_ready"

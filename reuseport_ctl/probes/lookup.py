@@ -16,7 +16,8 @@ import os
 
 from ..errors import UserError
 from ..kernel import bpf
-from .programs import PROTO_NUMBERS, netns_macros, param_index, program_source
+from ..kernel.bcc import program_source
+from .programs import PROTO_NUMBERS, netns_macros, param_index
 
 CLASSES = ("tcp4", "tcp6", "udp4", "udp6")       # index = class in bpf/lookup.c
 # proto -> (IPv4 function, IPv6 function, name of the port parameter)

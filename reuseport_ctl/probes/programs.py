@@ -1,13 +1,10 @@
-"""What the probes' BPF C is built from: its source in bpf/, and the kernel
-facts passed to it as -D macros (struct offsets and function signatures from
+"""What the probes' BPF C is built from (its source in bpf/ comes from
+kernel/bcc.program_source): the kernel facts passed to it as -D macros (struct offsets and function signatures from
 BTF, a symbol's address range, the watched network namespace)."""
 from __future__ import annotations
 
 import os
 import socket
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 
 from ..errors import UserError
 from ..kernel import btf
@@ -23,15 +20,6 @@ SOCK_FIELDS = {
     "SK_PROTOCOL_OFF": ("sock", "sk_protocol"),              # u16 since 5.6
 }
 NET_FIELDS = {"NET_INUM_OFF": ("net", "ns.inum")}
-
-
-@lru_cache(maxsize=None)
-def program_source(name: str) -> str:
-    """bpf/<name> from a source checkout, or the copy shipped in the wheel."""
-    here = Path(__file__).resolve().parents[2] / "bpf" / name
-    if here.is_file():
-        return here.read_text()
-    return resources.files("reuseport_ctl.bpf").joinpath(name).read_text()
 
 
 def netns_inum(path: str) -> int:

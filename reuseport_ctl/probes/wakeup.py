@@ -33,7 +33,8 @@ from typing import Iterable
 
 from ..errors import UserError
 from ..kernel import btf, owners, tracefs
-from .programs import PROTO_NUMBERS, SOCK_FIELDS, netns_macros, program_source
+from ..kernel.bcc import program_source
+from .programs import PROTO_NUMBERS, SOCK_FIELDS, netns_macros
 
 MAX_PIDS = 4096
 MAX_TIDS = 16384

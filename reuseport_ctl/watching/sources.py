@@ -233,5 +233,4 @@ class OwnSource:
         return self.sup.selections()
 
     def addr(self) -> str:
-        host = self.sup.cfg.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return diag.endpoint(self.sup.cfg.host, self.port)
