@@ -30,7 +30,7 @@ def test_divergence_line():
     assert divergence([0], 1, 1000) == ("slot 0's socket is gone; 1 new socket not in the "
                                         "policy: 1,000 connections went by the kernel's hash")
     assert divergence([0, 2], 0, 5, "udp") == \
-        "slots 0 and 2' sockets are gone: 5 datagrams went by the kernel's hash"
+        "the sockets of slots 0 and 2 are gone: 5 datagrams went by the kernel's hash"
     assert divergence([1], 0, 0) == "slot 1's socket is gone: its share goes by the kernel's hash"
     assert divergence([], 2, 0) == "2 new sockets not in the policy: they get no new connections"
     assert divergence([], 1, None) == "1 new socket not in the policy: it gets no new connections"
