@@ -121,8 +121,8 @@ int rp_select(struct sk_reuseport_md *md)
     idx = __sync_fetch_and_add(rr, 1) % n;
 #elif POLICY == P_LEAST
     // Fewest queued wins; the scan starts at a hash-chosen slot, so idle
-    // members share the load instead of slot 0 taking it all. (The table is
-    // the identity here; empty slots fail to select and are skipped.)
+    // members share the load instead of slot 0 taking it all. (Empty slots
+    // fail to select and are skipped; the slot found is used as is.)
     u32 start = md->hash % n, best = ~0U;
     for (u32 i = 0; i < LEAST_MAX_SLOTS; i++) {
         u32 k = start + i;
@@ -164,9 +164,9 @@ int rp_select(struct sk_reuseport_md *md)
     idx = (*dir & 0xffff) + md->hash % (*dir >> 16);
 #endif
 
-#if POLICY == P_CONNS
+#if POLICY == P_CONNS || POLICY == P_LEAST
     // the scan chose a socket slot itself (vacant ones fail in it), not an
-    // index into `table`
+    // index into `table` (which --follow compacts when a slot is vacated)
     u32 key = idx;
 #else
     u32 *slot = rp_table.lookup(&idx);

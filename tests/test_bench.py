@@ -204,12 +204,12 @@ def test_stall_rows_without_and_with(netns, cli):
     """--stall runs each setup twice; the stalled worker really was stopped
     (its stopped time is reported) and the run still completes every connection."""
     p = cli("bench", "--models", "reuseport", "--policies", "none", "--workers", 2,
-            "--conns", 1500, "--concurrency", 4, "--work-us", 0, "--repeat", 1,
+            "--conns", 6000, "--concurrency", 4, "--work-us", 0, "--repeat", 1,
             "--short-connections", "--no-probes", "--stall", "0:60@150", "--json", timeout=60)
     doc = points(p)
     assert [d["stall"] for d in doc] == [None, "0:60@150"]
     calm, stalled = doc
     assert calm["stalled_ms"] == 0 and stalled["stalled_ms"] >= 40
-    assert all(d["conns"] == 1500 and d["errors"] == 0 for d in doc)
+    assert all(d["conns"] == 6000 and d["errors"] == 0 for d in doc)
     # a connection hashed to the stopped worker waited for it
     assert stalled["max_ms"] >= 30
