@@ -107,7 +107,8 @@ def _norm_host(host: str) -> str:
 
 def find_group(port: int, proto: str = "tcp", pid: int | None = None,
                host: str | None = None, require_reuseport: bool = True,
-               slots: dict[int, int] | None = None) -> ReuseportGroup:
+               slots: dict[int, int] | None = None,
+               found: list | None = None) -> ReuseportGroup:
     """The one reuseport group on `port`, narrowed by `pid` (any process that
     holds one of its sockets) and `host` (its local address). With
     require_reuseport=False a listener without SO_REUSEPORT (one socket
@@ -121,7 +122,8 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
         raise UserError(f"no process {pid}.")
     what = "listening TCP" if proto == "tcp" else "bound UDP"
 
-    found = diag.listeners(port, proto)
+    if found is None:               # (a caller that has just asked sock_diag passes it)
+        found = diag.listeners(port, proto)
     if not found:
         raise UserError(f"nothing is listening on {proto} port {port} (no {what} socket "
                         f"in this network namespace).")

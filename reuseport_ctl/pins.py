@@ -700,11 +700,14 @@ class PolicyState:
         return d
 
 
-def policy_state(port: int, proto: str = "tcp") -> PolicyState | None:
+def policy_state(port: int, proto: str = "tcp", listening: list | None = None) -> PolicyState | None:
     """The state of the policy pinned for port in this network namespace,
-    None when none is (or when this process cannot read the pins)."""
+    None when none is (or when this process cannot read the pins).
+    listening: the port's sockets, when the caller has just dumped them."""
     pin = _pin_here(port, proto)
-    return _state(pin, diag.listeners(port, proto)) if pin is not None else None
+    if pin is None:
+        return None
+    return _state(pin, diag.listeners(port, proto) if listening is None else listening)
 
 
 def _state(pin: Pin, listening) -> PolicyState:

@@ -7,6 +7,7 @@ import os
 import pwd
 import signal
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import UserError
 
@@ -75,25 +76,32 @@ def drop_privileges(acct: Account) -> None:
     os.setuid(acct.uid)
 
 
-def state(pid: int) -> str:
-    """The process's state letter from /proc/<pid>/stat (R, S, D, T stopped,
-    t traced, Z...); "" if it is gone."""
+class Stat(NamedTuple):
+    state: str            # R, S, D, T (stopped), t (traced), Z...; "" if gone
+    ppid: int
+    session: int          # 0 if gone
+
+
+def stat(pid: int) -> Stat:
+    """The fields of /proc/<pid>/stat the tool reads, in one read."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             raw = f.read()
-    except OSError:
-        return ""
-    return raw[raw.rfind(")") + 2:][:1]      # comm may hold spaces and parentheses
+        fields = raw[raw.rfind(")") + 2:].split()    # comm may hold spaces and ")"
+        return Stat(fields[0], int(fields[1]), int(fields[3]))
+    except (OSError, ValueError, IndexError):
+        return Stat("", 0, 0)
+
+
+def state(pid: int) -> str:
+    """The process's state letter (T: stopped); "" if it is gone."""
+    return stat(pid).state
 
 
 def session(pid: int) -> int:
-    """The session id of pid (/proc/<pid>/stat field 6); 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            raw = f.read()
-        return int(raw[raw.rfind(")") + 2:].split()[3])
-    except (OSError, ValueError, IndexError):
-        return 0
+    """The session id of pid; 0 if it is gone."""
+    return stat(pid).session
+
 
 # --- another process, named so that a reused pid is not mistaken for it -----------
 

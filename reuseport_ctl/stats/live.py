@@ -269,9 +269,11 @@ def step(state: LiveState, obs: Observation) -> Frame:
         del state.seen[k]
     joined: list[RowRef] = []
     samples: list[MemberSample] = []
+    keys: list[tuple] = []              # each row's key, in row order
 
     rows: list[WorkerRow] = []
     for w in sorted(obs.workers, key=lambda w: (w.child, w.slot, w.pid, w.inodes)):
+        keys.append(w.key)
         s = state.seen.get(w.key)
         if s is None:
             # Own counters count from the worker's start: the watch's baseline
@@ -325,7 +327,6 @@ def step(state: LiveState, obs: Observation) -> Frame:
             live=w.live))
 
     health = {h.key: h for h in assess(state.health, samples)}
-    keys = [w.key for w in sorted(obs.workers, key=lambda w: (w.child, w.slot, w.pid, w.inodes))]
     rows = [_with_health(r, health.get(k)) for r, k in zip(rows, keys)]
     warnings = tuple(h.warning for h in health.values() if h.warning)
     dropped = [h.drops for h in health.values() if h.drops is not None]

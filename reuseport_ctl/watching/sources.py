@@ -64,9 +64,10 @@ def member_rows(group: ReuseportGroup, prefer: Optional[int] = None) -> list[Wor
     what member health needs: its drops, its process's state, and whether
     that process belongs to the server's session (stats/health.outsiders)."""
     pids = {m.pid for m in group.members}
-    sessions = {p: process.session(p) or p for p in pids | ({prefer} if prefer else set())}
+    stat = {p: process.stat(p) for p in pids | ({prefer} if prefer else set())}
+    sessions = {p: st.session or p for p, st in stat.items()}
     outside = outsiders(sessions, [m.pid for m in group.members], prefer)
-    states = {p: process.state(p) for p in pids}
+    states = {p: stat[p].state for p in pids}
     return [WorkerObs(pid=m.pid, slot=m.slot, inodes=(m.inode,), queue_len=m.queue_len,
                       tids=m.threads, drops=m.drops, state=states[m.pid],
                       outside=outside.get(m.pid))
@@ -110,9 +111,11 @@ class ForeignSource:
     def _find_group(self) -> ReuseportGroup:
         # A pinned policy numbers the members (its socket array's slots), so
         # watch, status and attach show the same slot for the same socket.
-        self.pinned = pins.policy_state(self.port, self.proto)
+        # One sock_diag dump serves both.
+        found = diag.listeners(self.port, self.proto)
+        self.pinned = pins.policy_state(self.port, self.proto, listening=found)
         return find_group(self.port, self.proto, pid=self.pid, host=self.host,
-                          require_reuseport=False,
+                          require_reuseport=False, found=found,
                           slots=self.pinned.slots if self.pinned is not None else None)
 
     def find(self, first: bool = False) -> Optional[list[WorkerObs]]:
