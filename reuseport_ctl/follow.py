@@ -45,6 +45,7 @@ from .groups import find_group
 from .kernel import diag, owners, process, reuseport
 from .pins import Meta, current_pin, divergence, open_pinned, read_meta, update_meta
 from .policies import parse_policy
+from .stats.health import session_name
 
 INTERVAL = 0.2             # seconds between looks at the group
 
@@ -68,16 +69,15 @@ class Event:
                 "pid": self.pid, "inode": self.inode, "text": self.text}
 
 
-def _server_session(group) -> int:
-    """The session most of the policy's members run in (0: none in it, as
-    after a whole restart: then every new socket is the server's)."""
+def _server_session(group) -> int | None:
+    """The session most of the policy's members run in (None: none in it, as
+    after a whole restart: then every new socket is the server's). Session 0
+    is a real one: its leader is outside this pid namespace."""
     count: dict[int, int] = {}
     for m in (group.members if group else ()):
-        if m.in_policy:
-            sid = process.session(m.pid)
+        if m.in_policy and (sid := process.session(m.pid)) is not None:
             count[sid] = count.get(sid, 0) + 1
-    count.pop(0, None)
-    return max(count, key=lambda k: (count[k], -k)) if count else 0
+    return max(count, key=lambda k: (count[k], -k)) if count else None
 
 
 @dataclass
@@ -163,7 +163,8 @@ class Follower:
             for m in (group.members if group else ()):
                 if m.inode not in {s.inode for s in new}:
                     continue
-                if server and process.session(m.pid) not in (server, 0):
+                sid = process.session(m.pid)
+                if server is not None and sid is not None and sid != server:
                     # `nginx -t` or another program binding the port: never
                     # steer the server's traffic to it (said once per socket)
                     if m.inode not in self._refused:
@@ -171,8 +172,8 @@ class Follower:
                         events.append(Event(now, "diverged", None, m.pid, m.inode,
                                             f"pid {m.pid}'s socket (inode {m.inode}) stays out "
                                             f"of the policy: pid {m.pid} is not the server's "
-                                            f"(session {process.session(m.pid)}, the server's "
-                                            f"is {server})"))
+                                            f"({session_name(sid)}, the server's "
+                                            f"is {session_name(server)})"))
                     continue
                 slot = min(vacant) if vacant else n
                 if slot >= cap:

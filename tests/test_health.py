@@ -68,7 +68,7 @@ def test_outsiders_are_members_of_another_session():
     # session though the master holds none of their sockets
     tree = {11: 10, 12: 10, 13: 10, 50: 40}
     out = outsiders(tree, [11, 12, 13, 50])
-    assert set(out) == {50} and "session 40" in out[50] and "is 10" in out[50]
+    assert set(out) == {50} and "session 40" in out[50] and "is session 10" in out[50]
     assert outsiders(tree, [11, 12, 13]) == {}
     # two unrelated single-process servers: --pid says which is the server
     assert set(outsiders({7: 7, 9: 9}, [7, 9], prefer=9)) == {7}
@@ -118,3 +118,11 @@ def test_an_outsider_that_never_accepts_is_named_as_both():
     assess(h, [o(10, 10, 0)])
     (v,) = assess(h, [o(17, 7, 41)])
     assert v.stuck and "outside the server" in v.warning and "it never accepts" in v.warning
+
+
+def test_session_0_is_a_session_not_an_unknown():
+    # Under a container's or CI runner's pid namespace every process started
+    # inside has session 0 (its leader is outside): they are one server.
+    assert outsiders({11: 0, 12: 0, 13: 0}, [11, 12, 13]) == {}
+    out = outsiders({11: 0, 12: 0, 50: 50}, [11, 12, 50])
+    assert set(out) == {50} and "outside this pid namespace" in out[50]

@@ -79,7 +79,8 @@ def drop_privileges(acct: Account) -> None:
 class Stat(NamedTuple):
     state: str            # R, S, D, T (stopped), t (traced), Z...; "" if gone
     ppid: int
-    session: int          # 0 if gone
+    session: int | None   # None if gone; 0 if its leader is outside this pid
+                          # namespace (a container's, a CI runner's session)
 
 
 def stat(pid: int) -> Stat:
@@ -90,7 +91,7 @@ def stat(pid: int) -> Stat:
         fields = raw[raw.rfind(")") + 2:].split()    # comm may hold spaces and ")"
         return Stat(fields[0], int(fields[1]), int(fields[3]))
     except (OSError, ValueError, IndexError):
-        return Stat("", 0, 0)
+        return Stat("", 0, None)
 
 
 def state(pid: int) -> str:
@@ -98,8 +99,9 @@ def state(pid: int) -> str:
     return stat(pid).state
 
 
-def session(pid: int) -> int:
-    """The session id of pid; 0 if it is gone."""
+def session(pid: int) -> int | None:
+    """The session id of pid (0: begun outside this pid namespace); None if
+    it is gone."""
     return stat(pid).session
 
 

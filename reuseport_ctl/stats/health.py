@@ -129,11 +129,17 @@ def _warning(s: MemberSample, stuck: bool, stopped: bool, drops: Optional[int],
     return f"{s.label} " + ", and ".join(parts) + "."
 
 
+def session_name(sid: int) -> str:
+    """Session 0 is one whose leader is outside this pid namespace (the
+    container's or the CI runner's): every process started inside shares it."""
+    return "a session begun outside this pid namespace" if sid == 0 else f"session {sid}"
+
+
 def outsiders(tree_of: dict[int, int], members: Sequence[int],
               prefer: Optional[int] = None) -> dict[int, str]:
     """The serving pids that are not part of the server, each with why.
 
-    tree_of: pid -> the session it runs in (a server's master and workers
+    tree_of: pid -> the session it runs in, or absent if gone (a server's master and workers
     share one: a daemon's setsid, a service's under systemd, a shell's job);
     members: the serving pid of each member (repeats allowed). The server is
     the session serving the most members, or that of `prefer` (--pid) when
@@ -151,6 +157,6 @@ def outsiders(tree_of: dict[int, int], members: Sequence[int],
     else:
         server = min(count, key=lambda t: (-count[t], t))
     lead = min(p for p in members if tree_of.get(p, p) == server)
-    return {p: f"a process outside the server (session {tree_of.get(p, p)}; the server's "
-               f"is {server}, e.g. pid {lead})"
+    return {p: f"a process outside the server ({session_name(tree_of.get(p, p))}; the "
+               f"server's is {session_name(server)}, e.g. pid {lead})"
             for p in set(members) if tree_of.get(p, p) != server}

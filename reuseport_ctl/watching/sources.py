@@ -65,7 +65,7 @@ def member_rows(group: ReuseportGroup, prefer: Optional[int] = None) -> list[Wor
     that process belongs to the server's session (stats/health.outsiders)."""
     pids = {m.pid for m in group.members}
     stat = {p: process.stat(p) for p in pids | ({prefer} if prefer else set())}
-    sessions = {p: st.session or p for p, st in stat.items()}
+    sessions = {p: st.session for p, st in stat.items() if st.session is not None}
     outside = outsiders(sessions, [m.pid for m in group.members], prefer)
     states = {p: stat[p].state for p in pids}
     return [WorkerObs(pid=m.pid, slot=m.slot, inodes=(m.inode,), queue_len=m.queue_len,
