@@ -574,3 +574,30 @@ def test_a_kernel_without_data_ready_says_what_is_still_shown(netns):
             assert all(r.accepts is None and r.data_ready is None for r in f.rows)
             if chosen["lookup"].name != "none":
                 assert f.lookups == 10
+
+
+PIDNS_SCRIPT = """
+R={exe}
+$R run --workers 2 --port 8080 --duration 60 >/dev/null 2>&1 &
+$R watch --port 8080 --wait --json --interval 0.5 --duration 12 >{out} 2>{err} &
+w=$!
+while ! grep -q watching {err}; do sleep 0.2; done
+$R load --port 8080 --conns 100 >/dev/null
+wait $w
+"""
+
+
+def test_in_a_pid_namespace_of_its_own_wakeups_are_unknown_not_zero(netns, tmp_path):
+    """In a container's pid namespace the kernel's pids (what BPF sees) are
+    not the pids /proc shows: wakeups are said to be not counted (null), and
+    the per-socket counts stay exact."""
+    exe = os.path.join(os.path.dirname(sys.executable), "reuseport-ctl")
+    out, err = tmp_path / "out", tmp_path / "err"
+    script = PIDNS_SCRIPT.format(exe=exe, out=out, err=err)
+    subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
+                   check=True, timeout=90)
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert last["wakeups_strategy"] == "none" and last["wakeups"] is None
+    assert all(r["wakeups"] is None for r in last["workers"])
+    assert last["data_ready"] == 100 and sum(r["accepts"] for r in last["workers"]) == 100
+    assert "pid namespace of its own" in err.read_text()

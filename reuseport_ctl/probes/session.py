@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
 from ..errors import UserError
-from ..kernel import diag, features
+from ..kernel import diag, features, process
 from .lookup import LookupProbe
 from .programs import PROTO_NUMBERS, netns_inum
 from .strategy import CHAINS, Strategy, choose
@@ -31,6 +31,10 @@ from .conns import ConnsProbe
 from .wakeup import WakeupProbe
 
 OWN_NETNS = "/proc/thread-self/ns/net"
+PIDNS_NOTE = ("this tool runs in a pid namespace of its own (a container's): the kernel "
+              "names woken tasks by the host's pids, which cannot be matched to the pids "
+              "seen here; run it in the host's pid namespace (docker --pid=host) to count "
+              "wakeups")
 
 
 @dataclass
@@ -120,6 +124,8 @@ class ProbeSession:
             self.strategies["lookup"] = self._chain("lookup", chosen.get("lookup"),
                                                     self._lookup.attach)
             wk = chosen.get("wakeups")
+            if wk is not None and wk.name != "none" and not process.in_initial_pid_ns():
+                wk, eagain = Strategy("none", PIDNS_NOTE), False
             wk_name = wk.name if wk is not None else "none"
             self.strategies["data_ready"] = self._chain(
                 "data_ready", chosen.get("data_ready"),

@@ -41,7 +41,7 @@ class Watch:
     def __init__(self, source, interval: float, as_json: bool = False,
                  prometheus: Optional[str] = None, strategies: Optional[dict] = None,
                  transient: bool = False, stderr: bool = False, spurious: bool = False):
-        from ..probes.session import ProbeSession
+        from ..probes.session import PIDNS_NOTE, ProbeSession
 
         self.source, self.interval, self.as_json = source, interval, as_json
         self._stack = ExitStack()
@@ -69,6 +69,8 @@ class Watch:
             names = {k: st.get(k).name if st.get(k) else "none"
                      for k in ("lookup", "data_ready", "wakeups")}
             self.note = degraded_note(names["data_ready"], names["lookup"], source.own)
+            if names["data_ready"] != "none" and st["wakeups"].reason == PIDNS_NOTE:
+                self.note = f"wakeups are not counted: {PIDNS_NOTE}."
             eagain = source.own or self.session.counts_eagain
             self.state = LiveState(interval=interval,
                                    counted=(names["data_ready"] != "none",
