@@ -25,6 +25,8 @@ Examples:
       each without and with worker 0 stopped 100 ms in every 500 ms (SIGSTOP/SIGCONT):
       Jain, p99 and max latency side by side
   reuseport-ctl bench --models reuseport --policies least-loaded --stall 1:50@200
+  reuseport-ctl bench --stall --short-connections --repeat 1 --plot stall.png
+      the same, and the latency CDFs (without and with the stall) per setup as a PNG
 
 \b
 Columns: conns/s, request latency p50/p99/p99.9/max (client side, from
@@ -89,7 +91,9 @@ def _policies(spec: str) -> list[str]:
 @click.option("--json", "as_json", is_flag=True,
               help="Print a JSON list: one object per model, load point and repeat.")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
-              help="Write the per-worker shares per model, side by side, to a PNG.")
+              help="Write the per-worker shares and latencies per model, side by side, to "
+                   "a PNG; with --stall, the latency CDF of each setup without and with "
+                   "the stall instead.")
 def bench(models, policies, workers, conns, concurrency, work_us, stall, repeat,
           short_connections, requests_per_conn, port, cpus, no_probes, host_netns, as_json,
           plot_path):
@@ -124,10 +128,9 @@ def bench(models, policies, workers, conns, concurrency, work_us, stall, repeat,
         from ..kernel.netns import enter_private_netns
         enter_private_netns()
     result = _run(cfg)      # SIGTERM between two points: Interrupted, as Ctrl-C (cli.py)
-    if plot_path:
-        from ..ui.bench_plot import plot_bench
-        if result.points:
-            plot_bench(result, plot_path)
+    if plot_path and result.points:
+        from ..ui.bench_plot import plot_bench, plot_stall_cdf
+        (plot_stall_cdf if stalled else plot_bench)(result, plot_path)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
     else:
