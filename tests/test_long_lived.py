@@ -103,7 +103,7 @@ def test_summary_counts_ideal_repeats():
                      cpu_opened=[1.0, 2.0, 3.0], cpu_stormed=[3.0, 2.0, 1.0], errors=0,
                      source="kernel", phases={"opened": 1, "storm": 2, "reopened": 3, "end": 4})
     (row,) = L.summarize([run(0, [6, 6, 5], [9, 5, 3]), run(1, [6, 5, 6], [6, 6, 5])])
-    assert (row.ideal_opened, row.ideal_stormed, row.repeats) == (2, 1, 2)
+    assert (row.ideal_opened, row.ideal_stormed, row.repeats, row.worst) == (2, 1, 2, 0)
     assert row.opened == [[6, 6, 5], [6, 5, 6]] and row.cpu_opened == (3.0, 1.0)
     from dataclasses import asdict
     assert L.check_schema([asdict(run(0, [6, 6, 5], [6, 6, 5]))]) == []

@@ -134,6 +134,7 @@ class Row:
     cpu_opened: tuple               # medians: % of one core of the busiest and the idlest
     cpu_stormed: tuple              # worker, in the hold after the bursts / the storm
     errors: int
+    worst: int = 0                  # the repeat farthest from the even split (the plot's)
 
 
 @dataclass
@@ -190,7 +191,8 @@ def summarize(runs: list[Run]) -> list[Row]:
                         statistics.median(min(r.cpu_opened) for r in rs)),
             cpu_stormed=(statistics.median(max(r.cpu_stormed) for r in rs),
                          statistics.median(min(r.cpu_stormed) for r in rs)),
-            errors=sum(r.errors for r in rs)))
+            errors=sum(r.errors for r in rs),
+            worst=max(rs, key=lambda r: (r.off_opened + r.off_stormed, -r.repeat)).repeat))
     return rows
 
 

@@ -1,5 +1,6 @@
 """The bench --long-lived plot: live connections per worker over time, one
-panel per case (rows) and policy (columns), from each one's first repeat.
+panel per case (rows) and policy (columns), each from its repeat farthest
+from the even split (Row.worst; the first one when all are even).
 The shaded spans are the phases: the bursts, the reconnect storm (every
 connection dropped and reopened at once); the dotted lines the even split.
 Workers with equal counts are drawn a hair apart so that none hides another.
@@ -10,10 +11,12 @@ from __future__ import annotations
 def plot_long(result, path: str) -> str:
     from .plotting import pyplot, save
     plt = pyplot()
-    runs = [r for r in result.runs if r.repeat == 0 and r.timeline]
-    cases = list(dict.fromkeys(r.case for r in runs))
-    labels = list(dict.fromkeys(r.label for r in runs))
+    worst = {(w.case, w.label): w.worst for w in result.rows}
+    runs = [r for r in result.runs if r.repeat == worst.get((r.case, r.label)) and r.timeline]
+    cases = list(dict.fromkeys(w.case for w in result.rows))      # in the order they ran
+    labels = list(dict.fromkeys(w.label for w in result.rows))
     cell = {(r.case, r.label): r for r in runs}
+    repeats = result.config["repeat"]
     fig, axes = plt.subplots(len(cases), len(labels), squeeze=False, sharex=True,
                              figsize=(3.6 * len(labels) + 0.8, 2.5 * len(cases) + 1.3))
     cmap = plt.get_cmap("tab10")
@@ -35,7 +38,9 @@ def plot_long(result, path: str) -> str:
                 ax.axhline(level, color="black", lw=0.6, ls=":")
             ax.set_ylim(-0.3, max(max(max(s[1]) for s in r.timeline), max(r.ideal)) + 1)
             ax.yaxis.get_major_locator().set_params(integer=True)
-            ax.set_title(f"{case} · {label}\nafter the bursts {_split(r.live_opened)}, "
+            ax.set_title(f"{case} · {label}" + (f" · repeat {r.repeat + 1}/{repeats}"
+                                                  if repeats > 1 else "") +
+                         f"\nafter the bursts {_split(r.live_opened)}, "
                          f"after the storm {_split(r.live_stormed)}", fontsize=8)
             if j == 0:
                 ax.set_ylabel("live connections")
@@ -44,7 +49,8 @@ def plot_long(result, path: str) -> str:
     env, cfg = result.env, result.config
     fig.suptitle(f"reuseport-ctl bench --long-lived · kernel {env['kernel']} · {env['cpus']} CPUs"
                  f" · {cfg['workers']} workers\nlive connections per worker ({result.runs[0].source}"
-                 f" count), first repeat; grey: bursts, red: reconnect storm, dotted: even split",
+                 f" count), the repeat farthest from the even split; grey: bursts, "
+                 f"red: reconnect storm, dotted: even split",
                  fontsize=9)
     handles, names = axes[0][0].get_legend_handles_labels()
     if handles:
