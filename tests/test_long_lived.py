@@ -78,6 +78,33 @@ def test_bad_input_one_sentence(cli, args, words):
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_sigterm_mid_hold_leaves_no_child_and_no_bpf(netns):
+    """Stopped while it holds its connections: the runs done are printed,
+    every process and the live-connection probe are gone."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import bpf_objects
+    from test_bench import EXE, _descendants, _leaked_bpf
+    before = bpf_objects()
+    p = subprocess.Popen([EXE, "bench", "--long-lived", "17", "--hold", "30", "--json"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen: dict = {}
+    deadline = time.monotonic() + 30
+    while len(seen) < 4 and time.monotonic() < deadline:    # 3 workers and the client
+        seen.update({k.pid: k for k in _descendants(p.pid)})
+        time.sleep(0.05)
+    assert len(seen) >= 4, p.communicate(timeout=10)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    assert json.loads(out) == [] and "interrupted" in err.decode()
+    assert not [k for k in seen.values() if k.is_running() and k.status() != "zombie"]
+    assert _leaked_bpf(before) == (set(), set(), set())
+
+
 # --- pure parts -------------------------------------------------------------------------
 
 def test_ideal_and_distance():
