@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import psutil
 
 from ..errors import UserError
+from ..load.held import ROUND_S, hold
 from ..policies import parse_policy
 from ..workers.supervisor import RunConfig, Supervisor, client_host
 from .bench import Setup, check_schema as _check_schema, environment
@@ -276,7 +277,6 @@ def run_long(cfg: LongConfig, on_run: Optional[Callable[[int, int, Run], None]] 
 def _config_dict(cfg: LongConfig) -> dict:
     d = asdict(cfg)
     d["setups"] = [s.label for s in cfg.setups]
-    from ..load.held import ROUND_S
     d["round_s"] = ROUND_S
     return d
 
@@ -317,7 +317,6 @@ class _Sampler:
 
 def _run(cfg: LongConfig, setup: Setup, n: int, rep: int, probe) -> Run | int:
     from ..kernel.conns import held_by
-    from ..load.held import hold
     from ..probes.session import socket_cookies
     run_cfg = RunConfig(workers=cfg.workers, host=cfg.host, port=cfg.port, proto="tcp",
                         model="reuseport", policy=parse_policy(setup.policy or "kernel"),
