@@ -140,7 +140,6 @@ def bench(models, policies, workers, conns, concurrency, work_us, stall, long_li
     worker and policy, after the bursts that open them and after a
     reconnect storm."""
     check_output_path(plot_path)
-    from ..workers.supervisor import parse_cpus
     if long_lived is not None:
         return _long_lived(long_lived, models, policies, workers, work_us, hold_s, burst,
                            repeat, port, cpus, no_probes, host_netns, as_json, plot_path)
@@ -149,6 +148,7 @@ def bench(models, policies, workers, conns, concurrency, work_us, stall, long_li
     if workers is None:
         workers = 4
     from ..workers.stall import parse_stall
+    from ..workers.supervisor import parse_cpus
     stalled = parse_stall(stall, workers if workers >= 1 else None) if stall else None
     if policies is None:
         policies = ",".join(B.STALL_POLICIES if stalled else B.DEFAULT_POLICIES)
@@ -171,7 +171,8 @@ def bench(models, policies, workers, conns, concurrency, work_us, stall, long_li
     if not host_netns:
         from ..kernel.netns import enter_private_netns
         enter_private_netns()
-    result = _run(cfg)      # SIGTERM between two points: Interrupted, as Ctrl-C (cli.py)
+    # SIGTERM between two points: Interrupted, as Ctrl-C (cli.py)
+    result = _progress(B.run_bench, cfg, cfg.total_points)
     if plot_path and result.points:
         from ..ui.bench_plot import plot_bench, plot_stall_cdf
         (plot_stall_cdf if stalled else plot_bench)(result, plot_path)
@@ -240,10 +241,6 @@ def _print(renderable, plot_path) -> None:
     console.print(renderable)
     if plot_path:
         console.print(f"plot: {plot_path}")
-
-
-def _run(cfg: B.BenchConfig) -> B.BenchResult:
-    return _progress(B.run_bench, cfg, cfg.total_points)
 
 
 def _progress(run, cfg, total: int):
