@@ -7,7 +7,7 @@ import json
 import click
 
 from ..signals import Stopped
-from ._common import check_output_path
+from ._common import check_output_path, console, json_option
 from ..experiments import bench as B
 from ..workers.stall import DEFAULT as STALL_DEFAULT
 
@@ -86,8 +86,7 @@ def _policies(spec: str) -> list[str]:
 @click.option("--no-probes", is_flag=True, help="Do not count wakeups (no bcc needed).")
 @click.option("--host-netns", is_flag=True,
               help="Run in the current network namespace instead of a private one.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON list: one object per model, load point and repeat.")
+@json_option("Print a JSON list: one object per model, load point and repeat.")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
               help="Write the per-worker shares per model, side by side, to a PNG.")
 def bench(models, policies, workers, conns, concurrency, work_us, stall, repeat,
@@ -131,15 +130,11 @@ def bench(models, policies, workers, conns, concurrency, work_us, stall, repeat,
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=1))
     else:
-        from rich.console import Console
-
         from ..ui.bench_view import render_bench
-        console = Console()
-        if not console.is_terminal:
-            console.width = 160
-        console.print(render_bench(result))
+        out = console(width=160)
+        out.print(render_bench(result))
         if plot_path and result.points:
-            console.print(f"plot: {plot_path}")
+            out.print(f"plot: {plot_path}")
     if result.interrupted:
         raise Stopped(result.interrupted)       # after printing the points done
 
