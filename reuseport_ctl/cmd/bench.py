@@ -145,11 +145,11 @@ def _run(cfg: B.BenchConfig) -> B.BenchResult:
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
-    console = Console(stderr=True)
-    if not console.is_terminal:
+    err = Console(stderr=True)
+    if not err.is_terminal:
         return B.run_bench(cfg)
     with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=console, transient=True,
+                  TextColumn("{task.description}"), console=err, transient=True,
                   auto_refresh=False) as bar:
         task = bar.add_task("", total=cfg.total_points)
 

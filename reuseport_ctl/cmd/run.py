@@ -119,12 +119,12 @@ def _serve(sup: Supervisor, duration, live: bool) -> None:
     from rich.live import Live
 
     from ..ui.summary import live_line
-    console = Console(stderr=True)
-    if not (live and console.is_terminal):
+    err = Console(stderr=True)
+    if not (live and err.is_terminal):
         return sup.serve(duration)
     t0 = time.monotonic()
     # No refresh thread: we fork restarted workers from this process.
-    with Live(console=console, auto_refresh=False, transient=True) as view:
+    with Live(console=err, auto_refresh=False, transient=True) as view:
         sup.serve(duration, on_tick=lambda s: view.update(
             live_line(s.report(), time.monotonic() - t0), refresh=True))
 
