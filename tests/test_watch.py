@@ -51,7 +51,8 @@ def group(proto="tcp", workers=WORKERS, policy="kernel") -> Supervisor:
 
 class Watcher:
     """A `reuseport-ctl watch ...` process; started() returns once it has
-    attached its probes (its first stderr line)."""
+    attached its probes (its first stderr line). As a context manager, it is
+    killed at the end of the block if it still runs."""
 
     def __init__(self, *args, preexec=None, **kw):
         self.p = subprocess.Popen([EXE, "watch", *map(str, args)], stdout=subprocess.PIPE,
@@ -86,6 +87,12 @@ class Watcher:
         if self.p.poll() is None:
             self.p.kill()
             self.p.communicate()
+
+    def __enter__(self) -> "Watcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
 
 
 def held_bpf_ids(pid: int) -> set[tuple[str, int]]:
@@ -149,9 +156,8 @@ def test_ndjson_accounts_for_every_connection(netns, strategies, proto):
     with group(proto) as sup:
         sup.start()
         sup.wait_ready()
-        w = Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
-                    "--duration", 3)
-        try:
+        with Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
+                     "--duration", 3) as w:
             said = w.started()
             assert f"watching {proto} 127.0.0.1:{sup.port} ({WORKERS} workers" in said
             # UDP one at a time: since 6.15 a datagram queued behind another
@@ -161,8 +167,6 @@ def test_ndjson_accounts_for_every_connection(netns, strategies, proto):
             assert r.ok == n
             settle(lambda: sum(counters(sup, field)), n)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
         assert code == 0, err
         assert len(lines) >= 4                      # ~3 s at 0.5 s, each on its own line
         for d in lines:
@@ -203,8 +207,7 @@ def test_spurious_wakeups_of_another_server_are_opt_in(netns, strategies, spurio
         sup.wait_ready()
         args = ["--spurious"] if spurious else []
         before_ids = set(bpf.prog_names())
-        w = Watcher("--port", sup.port, "--json", "--interval", 0.5, "--duration", 3, *args)
-        try:
+        with Watcher("--port", sup.port, "--json", "--interval", 0.5, "--duration", 3, *args) as w:
             w.started()
             loaded = {name for i, name in bpf.prog_names().items() if i not in before_ids}
             eagain0 = counters(sup, "eagain")
@@ -212,8 +215,6 @@ def test_spurious_wakeups_of_another_server_are_opt_in(netns, strategies, spurio
             assert r.ok == n
             settle(lambda: sum(counters(sup, "accepts")), n)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
         assert code == 0, err
         assert "rp_wk_raw" in loaded or "rp_wk_tp" in loaded       # wakeups are on
         assert ("rp_ea_tp" in loaded) == spurious
@@ -241,9 +242,8 @@ def test_a_listener_shared_without_reuseport(netns, strategies, proto, model, sp
         sup.start()
         sup.wait_ready()
         args = ["--spurious"] if spurious else []
-        w = Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
-                    "--duration", 3, *args)
-        try:
+        with Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
+                     "--duration", 3, *args) as w:
             said = w.started()
             assert f"({WORKERS} workers" in said
             accepts0 = counters(sup, field)
@@ -254,8 +254,6 @@ def test_a_listener_shared_without_reuseport(netns, strategies, proto, model, sp
             settle(lambda: sum(counters(sup, field)), n)
             time.sleep(0.3)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
         assert code == 0, err
         last = lines[-1]
         assert sorted(x["pid"] for x in last["workers"]) == sorted(sup.pids().values())
@@ -345,15 +343,12 @@ def nginx(netns, tmp_path):
 def test_watching_nginx_shows_its_workers_and_shares(nginx, strategies):
     port, master, workers = nginx
     n = 300
-    w = Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3)
-    try:
+    with Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3) as w:
         said = w.started()
         assert "(2 workers" in said
         r = run_load(HOST, port, "tcp", conns=n, concurrency=4)
         assert r.ok == n
         code, lines, err = w.finish()
-    finally:
-        w.kill()
     assert code == 0, err
     last = lines[-1]
     check_line(last, port, "tcp")
@@ -373,8 +368,8 @@ def test_watching_nginx_without_reuseport(netns, tmp_path, strategies):
     a second port, whose connections must not be counted."""
     port, other, n = 18183, 18184, 200
     with start_nginx(port, tmp_path, reuseport=False, also=other) as (p, workers):
-        w = Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3, "--spurious")
-        try:
+        with Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3,
+                     "--spurious") as w:
             said = w.started()
             assert "(2 workers" in said
             assert run_load(HOST, other, "tcp", conns=50, concurrency=4).ok == 50
@@ -382,8 +377,6 @@ def test_watching_nginx_without_reuseport(netns, tmp_path, strategies):
             assert r.ok == n
             time.sleep(0.3)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
     assert code == 0, err
     last = lines[-1]
     check_line(last, port, "tcp")
@@ -401,8 +394,7 @@ def test_wait_then_a_group_appears_and_a_worker_restarts(netns, strategies):
     join), a worker is killed and restarted (its row goes, the new one comes),
     and the view stays up throughout."""
     port = 18282
-    w = Watcher("--port", port, "--json", "--interval", 0.3, "--wait", "--duration", 6)
-    try:
+    with Watcher("--port", port, "--json", "--interval", 0.3, "--wait", "--duration", 6) as w:
         said = w.started(until=b"waiting")
         assert "nothing listens on tcp port 18282 yet; waiting" in said
         time.sleep(0.7)
@@ -422,8 +414,6 @@ def test_wait_then_a_group_appears_and_a_worker_restarts(netns, strategies):
             final = set(sup.pids().values())
             time.sleep(1.0)
             code, lines, err = w.finish(timeout=30)
-    finally:
-        w.kill()
     assert code == 0, err
     assert "Traceback" not in err
     for d in lines:

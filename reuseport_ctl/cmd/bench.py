@@ -9,7 +9,7 @@ from click.core import ParameterSource
 
 from ..errors import UserError
 from ..signals import Stopped
-from ._common import check_output_path
+from ._common import check_output_path, console, json_option
 from ..experiments import bench as B
 from ..experiments import long_lived as L
 from ..workers.stall import DEFAULT as STALL_DEFAULT
@@ -119,9 +119,8 @@ def _policies(spec: str) -> list[str]:
                    "connections from the sockets each worker holds (sock_diag) instead.")
 @click.option("--host-netns", is_flag=True,
               help="Run in the current network namespace instead of a private one.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON list: one object per model, load point and repeat "
-                   "(--long-lived: per case, policy and repeat).")
+@json_option("Print a JSON list: one object per model, load point and repeat "
+             "(--long-lived: per case, policy and repeat).")
 @click.option("--plot", "plot_path", default=None, metavar="FILE.png",
               help="Write the per-worker shares and latencies per model, side by side, to "
                    "a PNG; with --stall, the latency CDF of each setup without and with "
@@ -234,13 +233,10 @@ def _long_lived(spec, models, policies, workers, work_us, hold_s, burst, repeat,
 
 
 def _print(renderable, plot_path) -> None:
-    from rich.console import Console
-    console = Console()
-    if not console.is_terminal:
-        console.width = 160
-    console.print(renderable)
+    out = console(width=160)
+    out.print(renderable)
     if plot_path:
-        console.print(f"plot: {plot_path}")
+        out.print(f"plot: {plot_path}")
 
 
 def _progress(run, cfg, total: int):
@@ -249,11 +245,11 @@ def _progress(run, cfg, total: int):
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
-    console = Console(stderr=True)
-    if not console.is_terminal:
+    err = Console(stderr=True)
+    if not err.is_terminal:
         return run(cfg)
     with Progress(TextColumn("bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=console, transient=True,
+                  TextColumn("{task.description}"), console=err, transient=True,
                   auto_refresh=False) as bar:
         task = bar.add_task("", total=total)
 

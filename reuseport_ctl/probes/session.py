@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+from ..closing import Closing
 from ..errors import UserError
 from ..kernel import diag, features, process
 from .lookup import LookupProbe
@@ -92,7 +93,7 @@ def socket_cookies(port: int, proto: str) -> dict[int, int]:
     return {s.cookie: s.inode for s in diag.listeners(port, proto)}
 
 
-class ProbeSession:
+class ProbeSession(Closing):
     def __init__(self, port: int, proto: str = "tcp", pids: Iterable[int] = (),
                  strategies: dict | None = None, *, netns: str = OWN_NETNS,
                  selections: Optional[Callable[[], Optional[list[int]]]] = None,
@@ -247,12 +248,6 @@ class ProbeSession:
         if self._conns is not None:
             self._conns.close()
             self._conns = None
-
-    def __enter__(self) -> "ProbeSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 __all__ = ["ProbeTotals", "ProbeSession", "socket_cookies", "default_strategies"]

@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Optional
 
+from ..closing import Closing
 from ..errors import UserError
 from ..stats.live import GroupInfo, LiveState, Observation, WorkerObs, degraded_note, step
 from .sources import CpuSampler
@@ -32,7 +33,7 @@ def say(msg: str) -> None:
     print(f"reuseport-ctl: {msg}", file=sys.stderr, flush=True)
 
 
-class Watch:
+class Watch(Closing):
     """The probe session, the source of rows and the outputs of one watch;
     close() (or the with block) detaches every probe and stops the exporter."""
 
@@ -214,9 +215,3 @@ class Watch:
 
     def close(self) -> None:
         self._stack.close()
-
-    def __enter__(self) -> "Watch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
