@@ -48,8 +48,10 @@ VM_RETRIES = 1                # boots that never reached the command
 # The distribution fingerprint (compare-kernels): small enough for TCG. remap's
 # moved fraction per join/leave and a real group's per-worker counts depend
 # on the kernel's reuseport hash and its mapping to a member.
-REMAP_ARGS = ["remap", "--json", "--sizes", "2-4", "--flows", "400", "--policies", "kernel,hash"]
-SPREAD_ARGS = ["run", "--json", "--workers", "4", "--load", "400", "--policy", "kernel"]
+REMAP_ARGS = ["remap", "--json", "--sizes", "2-4", "--flows", "1000",
+              "--policies", "kernel,hash"]   # datagrams are cheap; 1000 halves the noise of 400
+SPREAD_ARGS = ["run", "--json", "--workers", "4", "--load", "400", "--policy", "kernel",
+               "--port", "0"]        # any free port: never collides on the host
 
 
 # --- collecting (on this kernel, or inside the guest) ----------------------------------
@@ -356,7 +358,7 @@ def run_note(run: dict) -> str:
 
 # --- rendering -------------------------------------------------------------------------
 
-def _cell_text(cell: dict | None) -> Text:
+def check_text(cell: dict | None) -> Text:
     if cell is None:
         return Text("—", style="dim")
     st = cell["status"]
@@ -413,7 +415,7 @@ def render(record: dict) -> Group:
         name = Text(row["name"], style="bold" if row["differs"] else "")
         if row["differs"]:
             name.append(" ≠", style="magenta")
-        t.add_row(name, row["selftest"] or "—", *[_cell_text(row["cells"][l]) for l in labels])
+        t.add_row(name, row["selftest"] or "—", *[check_text(row["cells"][l]) for l in labels])
 
     p = kernel_table("doctor: probe strategies", "probe", record["probes"], labels,
                      probe_text, show_lines=True)
