@@ -241,3 +241,25 @@ def test_cli_shows_a_saved_record(cli, tmp_path):
     assert "fails on B only" in p.stdout
     p = cli("compare-kernels", "--from", f, "--json")
     assert json.loads(p.stdout)["ab"]["summary"]["regressed"] == 1
+
+
+# --- for real, on the running kernel twice (no VM: seconds) ---------------------------------
+
+def test_compare_the_running_kernel_with_itself(cli):
+    if os.geteuid() != 0:
+        pytest.skip("verify needs root")
+    p = cli("compare-kernels", "running", "running", "--only", "udp-ipv4-distribution",
+            "--json", timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rec = json.loads(p.stdout)
+    a, b = rec["kernels"]
+    assert a["ok"] and b["ok"] and b["label"].endswith("#2")
+    ab = rec["ab"]
+    assert [r["name"] for r in ab["checks"]] == ["udp-ipv4-distribution"]
+    assert ab["summary"]["checks_differ"] == 0 and ab["summary"]["regressed"] == 0
+    # remap: 2→3, 3→4 and back, two policies; the run's 400 connections over 4 workers
+    assert ab["summary"]["remap_compared"] == 8
+    assert {r["name"] for r in ab["spread"]} == {"udp-ipv4-distribution",
+                                                 "run --load: tcp, 4 workers"}
+    assert sum(b["spread"]["workers"][i]["count"] for i in range(4)) == 400
+    assert "remap done in" in p.stderr and "run --load done in" in p.stderr    # progress
