@@ -25,7 +25,7 @@ Examples:
 A and B are anything `vm --kernel` takes (a Debian series or version, a
 bzImage, a kernel build tree) or `running`. Each kernel boots once in a VM
 (TCG on a host without usable KVM: minutes each) and runs `doctor --json`,
-`verify --json`, `remap` (2-4 sockets, 1000 flows, policies kernel and hash)
+`verify --json`, `remap` (2-4 sockets and back, 1000 flows, policies kernel and hash)
 and `run --workers 4 --load 400`; the kernels run one after the other.
 Progress goes to stderr. Shown: the checks whose result differs, every moved
 fraction with its noise (≠ where A and B differ by more), the spread of

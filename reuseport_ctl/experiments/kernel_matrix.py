@@ -48,7 +48,9 @@ VM_RETRIES = 1                # boots that never reached the command
 # The distribution fingerprint (compare-kernels): small enough for TCG. remap's
 # moved fraction per join/leave and a real group's per-worker counts depend
 # on the kernel's reuseport hash and its mapping to a member.
-REMAP_ARGS = ["remap", "--json", "--sizes", "2-4", "--flows", "1000",
+# --remove first: a leave then tests the kernel's hole filling (the last socket
+# takes the slot), where leaving the last slot would only mirror the join.
+REMAP_ARGS = ["remap", "--json", "--sizes", "2-4", "--flows", "1000", "--remove", "first",
               "--policies", "kernel,hash"]   # datagrams are cheap; noise 1.6x below 400
 SPREAD_ARGS = ["run", "--json", "--workers", "4", "--load", "400", "--policy", "kernel",
                "--port", "0"]        # any free port: never collides on the host
