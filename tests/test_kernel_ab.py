@@ -193,6 +193,19 @@ def test_render_names_every_difference():
     assert "B: 6.12.118+deb12-cloud-amd64: VM (TCG, 2 vCPUs)" in out
 
 
+def test_a_distribution_step_without_a_result_says_why():
+    a, b = _pair()
+    b.update(remap=None, remap_run={"error": "reuseport-ctl remap --json exited 1 without "
+                                             "JSON: no bcc"})
+    ab = AB.compare(a, b)
+    assert ab["remap"] == [] and ab["distribution_missing"] == {
+        "6.12.118+deb12-cloud-amd64: remap": "reuseport-ctl remap --json exited 1 without "
+                                              "JSON: no bcc"}
+    c = Console(record=True, width=200)
+    c.print(render_ab({"kernels": [a, b], "ab": ab}))
+    assert "6.12.118+deb12-cloud-amd64: remap: no result — reuseport-ctl remap" in c.export_text()
+
+
 def test_render_when_a_kernel_did_not_run():
     a, b = _pair()
     b.update(ok=False, verify=None, doctor=None, remap=None, spread=None,

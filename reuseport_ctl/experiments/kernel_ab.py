@@ -193,8 +193,13 @@ def compare(a: dict, b: dict) -> dict:
     remap = remap_rows(a.get("remap"), b.get("remap"))
     spreads = spread_rows(a, b)
     ran = bool(a.get("verify")) and bool(b.get("verify"))
+    # a distribution step that gave no JSON on a kernel that ran: say why, not just "none"
+    missing = {f"{r['label']}: {step}": (r.get(f"{key}_run") or {}).get("error") or "no output"
+               for r in (a, b) if r.get("verify")
+               for step, key in (("remap", "remap"), ("run --load", "spread"))
+               if r.get(key) is None}
     return {
-        "a": a["label"], "b": b["label"], "ran": ran,
+        "a": a["label"], "b": b["label"], "ran": ran, "distribution_missing": missing,
         "checks": checks, "probes": probes, "facilities": facs,
         "remap": remap, "spread": spreads,
         "summary": {

@@ -127,6 +127,8 @@ def render_ab(record: dict) -> Group:
         for section in (_checks(ab), _remap(ab), _spread(ab), _doctor(ab)):
             if section:
                 parts += section + [Text("")]
+        for what, why in ab.get("distribution_missing", {}).items():
+            parts += [Text(f"{what}: no result — {why}", style="yellow")]
     parts.append(Text("\n".join(f"{ab_} {KM.run_note(r)}"
                                 for ab_, r in zip(("A:", "B:"), record["kernels"]))))
     return Group(*parts)
