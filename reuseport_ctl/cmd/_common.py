@@ -166,3 +166,14 @@ def with_step_progress(experiment, total: float, cost, what: str, quiet: bool):
             bar.refresh()
 
         return experiment(on_step=on_step, tick=tick)
+
+
+def memory_size(ctx, param, value: str) -> str:
+    """A click callback: a VM's memory as QEMU -m takes it (MiB, or with M or G)."""
+    import re
+
+    import click
+    if not re.fullmatch(r"[1-9][0-9]*[MG]?", value, re.ASCII):
+        raise click.BadParameter(f"{value!r} is not a size: a number of MiB, or with "
+                                 f"M or G (512M, 2G).")
+    return value

@@ -2,21 +2,12 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import click
 
 from ..errors import UserError
-
-_MEMORY = re.compile(r"[1-9][0-9]*[MG]?", re.ASCII)
-
-
-def _memory(ctx, param, value: str) -> str:
-    if not _MEMORY.fullmatch(value):
-        raise click.BadParameter(f"{value!r} is not a size: a number of MiB, or with "
-                                 f"M or G (512M, 2G).")
-    return value
+from ._common import memory_size
 
 EPILOG = """\b
 Examples:
@@ -52,7 +43,7 @@ Ctrl-C. The VM never outlives the command. scripts/vm is the same command.
               help="A Debian kernel version (6.12, 6.1, 6.12.117+deb12), a bzImage, "
                    "or a kernel build tree.")
 @click.option("--cpus", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option("--memory", default="2G", show_default=True, callback=_memory,
+@click.option("--memory", default="2G", show_default=True, callback=memory_size,
               help="Guest memory (QEMU -m): MiB, or with M or G.")
 @click.option("--timeout", default=300.0, show_default=True, type=click.FloatRange(1),
               help="Seconds for the whole run, boot included; then the VM is killed.")

@@ -45,6 +45,15 @@ PROBES = ("lookup", "data_ready", "wakeups")
 VM_CHECK_TIMEOUT = 240.0
 VM_TIMEOUT = 3600.0           # the whole guest run (doctor + verify)
 VM_RETRIES = 1                # boots that never reached the command
+# The distribution fingerprint (compare-kernels): small enough for TCG. remap's
+# moved fraction per join/leave and a real group's per-worker counts depend
+# on the kernel's reuseport hash and its mapping to a member.
+# --remove first: a leave then tests the kernel's hole filling (the last socket
+# takes the slot), where leaving the last slot would only mirror the join.
+REMAP_ARGS = ["remap", "--json", "--sizes", "2-4", "--flows", "1000", "--remove", "first",
+              "--policies", "kernel,hash"]   # datagrams are cheap; noise 1.6x below 400
+SPREAD_ARGS = ["run", "--json", "--workers", "4", "--load", "400", "--policy", "kernel",
+               "--port", "0"]        # any free port: never collides on the host
 
 
 # --- collecting (on this kernel, or inside the guest) ----------------------------------
@@ -74,10 +83,19 @@ def _run_json(args: list[str], timeout: float | None) -> tuple[object, dict]:
         return None, info
 
 
+def _step(what: str, info: dict) -> None:
+    # on stderr: in a guest it streams back to the host as the run goes
+    how = info.get("error") or f"exit {info.get('exit')}"
+    print(f"  {os.uname().release}: {what} done in {info.get('seconds')} s ({how})",
+          file=sys.stderr, flush=True)
+
+
 def collect(check_timeout: float | None = None, only: Iterable[str] = (),
-            overall_timeout: float | None = None) -> dict:
-    """doctor --json and verify --json on the kernel we run on."""
+            overall_timeout: float | None = None, distribution: bool = False) -> dict:
+    """doctor --json and verify --json on the kernel we run on (and, with
+    distribution, remap and a short run)."""
     doctor, dinfo = _run_json(["doctor", "--json"], overall_timeout)
+    _step("doctor", dinfo)
     vargs = ["verify", "--json"]
     if check_timeout:
         vargs += ["--timeout", f"{check_timeout:g}"]
@@ -86,35 +104,47 @@ def collect(check_timeout: float | None = None, only: Iterable[str] = (),
     verify, vinfo = _run_json(vargs, overall_timeout)
     summary = next((ln for ln in reversed(vinfo.get("stderr_tail", []))
                     if " passed, " in ln), None)
-    return {"release": os.uname().release, "cpus": os.cpu_count(),
-            "doctor": doctor, "doctor_run": dinfo,
-            "verify": verify, "verify_run": vinfo, "verify_summary": summary}
+    _step("verify", {**vinfo, "error": vinfo.get("error") or summary})
+    out = {"release": os.uname().release, "cpus": os.cpu_count(),
+           "doctor": doctor, "doctor_run": dinfo,
+           "verify": verify, "verify_run": vinfo, "verify_summary": summary}
+    if distribution:
+        out["remap"], out["remap_run"] = _run_json(REMAP_ARGS, overall_timeout)
+        _step("remap", out["remap_run"])
+        out["spread"], out["spread_run"] = _run_json(SPREAD_ARGS, overall_timeout)
+        _step("run --load", out["spread_run"])
+    return out
 
 
 # --- running a kernel ------------------------------------------------------------------
 
-def _log(msg: str, log) -> None:
+def _log(msg: str, log, who: str = "kernel-matrix") -> None:
     if log is not None:
-        print(f"kernel-matrix: {msg}", file=log, flush=True)
+        print(f"{who}: {msg}", file=log, flush=True)
 
 
-def run_running(check_timeout: float | None, only=(), log=sys.stderr) -> dict:
-    _log(f"running kernel {os.uname().release}: doctor, verify", log)
+def _what(distribution: bool) -> str:
+    return "doctor, verify, remap, run" if distribution else "doctor, verify"
+
+
+def run_running(check_timeout: float | None, only=(), log=sys.stderr, *,
+                distribution: bool = False, who: str = "kernel-matrix") -> dict:
+    _log(f"running kernel {os.uname().release}: {_what(distribution)}", log, who)
     t0 = time.monotonic()
-    data = collect(check_timeout, only)
+    data = collect(check_timeout, only, distribution=distribution)
     secs = time.monotonic() - t0
-    _log(f"running kernel done in {secs:.1f} s ({data['verify_summary']})", log)
+    _log(f"running kernel done in {secs:.1f} s ({data['verify_summary']})", log, who)
     return {"label": "running", "spec": "running", "where": "host", "ok": True,
             "error": None, "attempts": 1, "boot_seconds": None,
             "seconds": round(secs, 1), **data}
 
 
-def _guest_command(check_timeout: float, only) -> list[str]:
+def _guest_command(check_timeout: float, only, distribution: bool = False) -> list[str]:
     cmd = ["python", "-m", "reuseport_ctl.experiments.kernel_matrix", "--collect",
            "--check-timeout", f"{check_timeout:g}"]
     for o in only:
         cmd += ["--only", o]
-    return cmd
+    return cmd + (["--distribution"] if distribution else [])
 
 
 def parse_guest_output(out: bytes | str) -> dict | None:
@@ -139,7 +169,8 @@ def never_reached_command(message: str) -> bool:
 
 
 def run_vm(spec: str, *, cpus: int, memory: str, check_timeout: float,
-           vm_timeout: float, only=(), log=sys.stderr, retries: int = VM_RETRIES) -> dict:
+           vm_timeout: float, only=(), log=sys.stderr, retries: int = VM_RETRIES,
+           distribution: bool = False, who: str = "kernel-matrix") -> dict:
     from ..vm import VMError, resolve, run, vm_available
 
     entry = {"label": spec, "spec": spec, "where": "vm", "ok": False, "error": None,
@@ -149,28 +180,28 @@ def run_vm(spec: str, *, cpus: int, memory: str, check_timeout: float,
     ok, why = vm_available(spec)
     if not ok:
         entry["error"] = f"no VM: {why}"
-        _log(f"{spec}: {entry['error']}", log)
+        _log(f"{spec}: {entry['error']}", log, who)
         return entry
     try:       # installs the image + headers on first use; its errors are not boot errors
         k = resolve(spec, install_missing=True, log=log)
     except VMError as e:
         entry["error"] = str(e)
-        _log(f"{spec}: {e}", log)
+        _log(f"{spec}: {e}", log, who)
         return entry
     entry["release"] = k.release
     t0 = time.monotonic()
     while True:
         entry["attempts"] += 1
-        _log(f"{spec}: booting {k.describe()} (attempt {entry['attempts']}): doctor, verify "
-             f"(--timeout {check_timeout:g} per check)", log)
+        _log(f"{spec}: booting {k.describe()} (attempt {entry['attempts']}): "
+             f"{_what(distribution)} (--timeout {check_timeout:g} per check)", log, who)
         try:
-            res = run(_guest_command(check_timeout, only), spec, cpus=cpus, memory=memory,
-                      timeout=vm_timeout, cwd=os.getcwd(), stdout=False,
+            res = run(_guest_command(check_timeout, only, distribution), spec, cpus=cpus,
+                      memory=memory, timeout=vm_timeout, cwd=os.getcwd(), stdout=False,
                       stderr=log if log is not None else False, log=log or sys.stderr,
                       install=False, capture=True)
         except VMError as e:
             if never_reached_command(str(e)) and entry["attempts"] <= retries:
-                _log(f"{spec}: the boot never reached the command; retrying once", log)
+                _log(f"{spec}: the boot never reached the command; retrying once", log, who)
                 continue
             entry["error"] = str(e)
             entry["seconds"] = round(time.monotonic() - t0, 1)
@@ -191,23 +222,26 @@ def run_vm(spec: str, *, cpus: int, memory: str, check_timeout: float,
     if not entry["ok"]:
         entry["error"] = (data.get("verify_run") or {}).get("error") or "verify gave no JSON"
     _log(f"{spec}: done in {entry['seconds']:.1f} s (boot {entry['boot_seconds']} s; "
-         f"{data.get('verify_summary')})", log)
+         f"{data.get('verify_summary')})", log, who)
     return entry
 
 
 def run_matrix(kernels: list[str], *, cpus: int = 2, memory: str = "2G",
                check_timeout: float = VM_CHECK_TIMEOUT, host_check_timeout: float | None = None,
-               vm_timeout: float = VM_TIMEOUT, only=(), log=sys.stderr) -> dict:
+               vm_timeout: float = VM_TIMEOUT, only=(), log=sys.stderr,
+               distribution: bool = False, who: str = "kernel-matrix") -> dict:
     """Run every kernel one after the other (they would compete for the CPUs,
     and some checks time things) and return the whole record."""
     started = _dt.datetime.now(_dt.timezone.utc)
     runs = []
     for spec in kernels:
         if spec == "running":
-            runs.append(run_running(host_check_timeout, only, log))
+            runs.append(run_running(host_check_timeout, only, log,
+                                    distribution=distribution, who=who))
         else:
             runs.append(run_vm(spec, cpus=cpus, memory=memory, check_timeout=check_timeout,
-                               vm_timeout=vm_timeout, only=only, log=log))
+                               vm_timeout=vm_timeout, only=only, log=log,
+                               distribution=distribution, who=who))
     seen: set[str] = set()
     for r in runs:
         lab = base = column_label(r)
@@ -326,13 +360,44 @@ def run_note(run: dict) -> str:
 
 # --- rendering -------------------------------------------------------------------------
 
-def _cell_text(cell: dict | None) -> Text:
+def check_text(cell: dict | None) -> Text:
     if cell is None:
         return Text("—", style="dim")
     st = cell["status"]
     t = Text(st, style=STYLE.get(st, ""))
     if st != "pass" and cell.get("detail"):
         t.append(f": {cell['detail']}", style="red" if st == "fail" else "dim")
+    return t
+
+
+def probe_text(c: dict | None) -> Text:
+    if c is None:
+        return Text("—", style="dim")
+    x = Text(c["strategy"] or "?", style="bold cyan")
+    if c.get("target"):
+        x.append(f" ({c['target']})")
+    if c.get("reason"):
+        x.append(f"\n{c['reason']}", style="dim")
+    return x
+
+
+def facility_text(c: dict | None) -> Text:
+    if c is None:
+        return Text("—", style="dim")
+    if c["ok"]:
+        return Text("yes", style="green")
+    return Text("no", style="yellow").append(f": {c['detail']}", style="dim")
+
+
+def kernel_table(title: str, what: str, rows: list[dict], labels: list[str], cell,
+                 **kw) -> Table:
+    """A row per rows[i]["name"], a column per kernel label, cell(row["cells"][label])."""
+    t = Table(title=title, title_justify="left", **kw)
+    t.add_column(what, no_wrap=True)
+    for lab in labels:
+        t.add_column(lab, overflow="fold")
+    for row in rows:
+        t.add_row(row["name"], *[cell(row["cells"][lab]) for lab in labels])
     return t
 
 
@@ -352,42 +417,12 @@ def render(record: dict) -> Group:
         name = Text(row["name"], style="bold" if row["differs"] else "")
         if row["differs"]:
             name.append(" ≠", style="magenta")
-        t.add_row(name, row["selftest"] or "—", *[_cell_text(row["cells"][l]) for l in labels])
+        t.add_row(name, row["selftest"] or "—", *[check_text(row["cells"][l]) for l in labels])
 
-    p = Table(title="doctor: probe strategies", title_justify="left", show_lines=True)
-    p.add_column("probe", no_wrap=True)
-    for lab in labels:
-        p.add_column(lab, overflow="fold")
-    for row in record["probes"]:
-        cells = []
-        for lab in labels:
-            c = row["cells"][lab]
-            if c is None:
-                cells.append(Text("—", style="dim"))
-            else:
-                x = Text(c["strategy"] or "?", style="bold cyan")
-                if c.get("target"):
-                    x.append(f" ({c['target']})")
-                if c.get("reason"):
-                    x.append(f"\n{c['reason']}", style="dim")
-                cells.append(x)
-        p.add_row(row["name"], *cells)
-
-    f = Table(title="doctor: facilities", title_justify="left")
-    f.add_column("facility", no_wrap=True)
-    for lab in labels:
-        f.add_column(lab, overflow="fold")
-    for row in record["facilities"]:
-        cells = []
-        for lab in labels:
-            c = row["cells"][lab]
-            if c is None:
-                cells.append(Text("—", style="dim"))
-            elif c["ok"]:
-                cells.append(Text("yes", style="green"))
-            else:
-                cells.append(Text("no", style="yellow").append(f": {c['detail']}", style="dim"))
-        f.add_row(row["name"], *cells)
+    p = kernel_table("doctor: probe strategies", "probe", record["probes"], labels,
+                     probe_text, show_lines=True)
+    f = kernel_table("doctor: facilities", "facility", record["facilities"], labels,
+                     facility_text)
     notes = Text("\n".join(run_note(r) for r in runs))
     return Group(t, notes, Text(""), p, Text(""), f)
 
@@ -479,13 +514,14 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--vm-timeout", type=float, default=VM_TIMEOUT, metavar="S",
                     help="time-out of a whole guest run (default %(default)g s)")
     ap.add_argument("--collect", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--distribution", action="store_true", help=argparse.SUPPRESS)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
     if a.collect:          # inside the guest (or by hand): one marked JSON line
-        data = collect(a.check_timeout, a.only)
+        data = collect(a.check_timeout, a.only, distribution=a.distribution)
         print(MARK + json.dumps(data), flush=True)
         return 0
     if a.from_file:
