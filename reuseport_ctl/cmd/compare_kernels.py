@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..errors import UserError
-from ._common import memory_size
+from ._common import console, memory_size
 
 EPILOG = """\b
 Examples:
@@ -100,13 +100,8 @@ def compare_kernels(kernel_a, kernel_b, as_json, from_file, only, cpus, memory,
     if as_json:
         click.echo(json.dumps(record, indent=2))
     else:
-        from rich.console import Console
-
         from ..ui.kernel_ab_view import render_ab
-        console = Console()
-        if not console.is_terminal:
-            console.width = 140
-        console.print(render_ab(record))
+        console(width=140).print(render_ab(record))
     sys.exit(kernel_ab.exit_status(record))
 
 
