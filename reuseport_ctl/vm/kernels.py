@@ -192,7 +192,8 @@ def resolve_path(spec: str) -> Kernel:
         return Kernel(spec, "tree", p, rel, None, hdr)
     if not p.exists():
         raise VMError(f"{spec}: no such file, and not a kernel version "
-                      f"(try --kernel 6.12, or --list-kernels).")
+                      f"(a version such as 6.12, a bzImage or a build tree; "
+                      f"`reuseport-ctl vm --list-kernels` lists the versions).")
     rel = bzimage_release(p)
     if rel is None:
         raise VMError(f"{p} is not an x86 kernel image (no bzImage 'HdrS' header).")
