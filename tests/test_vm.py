@@ -278,6 +278,23 @@ def test_vng_command_passes_numa_nodes():
     assert cmd.count("--numa") == 2 and "1G,cpus=2-3" in cmd
 
 
+def test_numa_nodes_must_hold_the_memory_and_name_guest_cpus():
+    ok = ["512M,cpus=0-1", "512M,cpus=2-3"]
+    assert runner.numa_problem(ok, "1G", 4) is None
+    assert runner.numa_problem(["1G,cpus=0-1", "0,cpus=2-3"], "1024", 4) is None
+    assert "hold 512M in all and --memory is 1G" in runner.numa_problem(
+        ["256M,cpus=0-1", "256M,cpus=2-3"], "1G", 4)
+    assert "names CPU 3, and the guest has --cpus 2" in runner.numa_problem(ok, "1G", 2)
+    assert "in M or G" in runner.numa_problem(["512", "512M"], "1G", 4)
+    assert "not a CPU" in runner.numa_problem(["1G,cpus=x"], "1G", 4)
+
+
+def test_cli_numa_that_qemu_would_refuse_is_one_sentence(cli):
+    p = cli("vm", "--memory", "1G", "--numa", "256M", "--numa", "256M", "--", "true")
+    assert p.returncode == EXIT_VM and "Traceback" not in p.stderr
+    assert "the --numa nodes hold 512M in all and --memory is 1G" in p.stderr
+
+
 def test_queue_proof_verdict_catches_a_wrong_worker():
     from reuseport_ctl.experiments.queue_proof import Conn, Phase, judge
     cal = [Phase(f"calibrate queue {q}", "w", [Conn(q, 100 + q, q, "p")], {q: 5}, 1)
