@@ -2,9 +2,11 @@
 
 Fast tests (no VM): kernel spec resolution, bad input, the virtiofsd shim's
 argument translation, the QEMU wrapper, the guest script, the KVM probe.
-VM tests (2 boots in all, ~40-90 s each under TCG): doctor in the guest shows
-kprobes and the "kprobe" lookup strategy; the probes' kprobe test passes in
-the guest. They skip, with the reason, only where QEMU or the kernel package
+VM tests (3 boots in all, ~40-100 s each under TCG): a 4-queue virtio-net NIC
+on two NUMA nodes (nic against ethtool; the queue, cpu and numa policies
+exact; nic --apply/--restore); doctor in the guest shows kprobes and the
+"kprobe" lookup strategy; the probes' kprobe test passes in the guest. They
+skip, with the reason, only where QEMU or the kernel package
 cannot be had.
 """
 from __future__ import annotations
