@@ -337,6 +337,24 @@ def test_cpu_and_numa_verdicts_check_every_connection():
     assert any("outside their affinity" in p for p in r["problems"])
 
 
+def test_settle_warms_up_until_no_irq_move_is_pending(monkeypatch):
+    from reuseport_ctl.experiments import queue_proof as qp
+    states = [{0: ([3], [0]), 1: ([0, 1], [1])},       # queue 0's move pending
+              {0: ([3], [3]), 1: ([0, 1], [1])}]       # moved; 0-1 firing on 1 is settled
+    monkeypatch.setattr(qp, "_rx_affinity", lambda iface: states[0])
+    sent = []
+
+    def warm(g, iface, name, table, conns):
+        sent.append(conns)
+        states.pop(0)
+    monkeypatch.setattr(qp, "measure", warm)
+    monkeypatch.setattr(qp.time, "sleep", lambda s: None)
+    assert qp._settle(None, "eth9") == 8 and sent == [8]
+    states[:] = [{0: ([3], [0])}] * 10
+    with pytest.raises(qp.UserError, match="still fire outside"):
+        qp._settle(None, "eth9", rounds=2)
+
+
 def _netns_procs(ino: str) -> list[str]:
     out = []
     for d in os.listdir("/proc"):
