@@ -70,6 +70,14 @@ def test_plan_one_queue_with_irq_adds_rps():
     assert any("CPU 0 receives nothing" in f for f in v.findings)
 
 
+def test_a_pending_irq_move_counts_where_the_affinity_says():
+    """After a write to smp_affinity_list, x86 moves an MSI at its next
+    interrupt: effective_affinity_list still names the old CPU until then."""
+    n = _nic([RxQueue(0, [], irq=40)], irqs=[Irq(40, "virtio7-input.0", [3], [0], [5, 0, 0, 0],
+                                                 "rx", 0)])
+    assert judge(n, Topology([0, 1, 2, 3], {c: 0 for c in range(4)})).receiving_cpus == [3]
+
+
 def test_plan_virtual_queues_one_cpu_each():
     n = _nic([RxQueue(q, []) for q in range(4)], [TxQueue(q, []) for q in range(4)],
              kind="veth")

@@ -2,9 +2,11 @@
 
 Fast tests (no VM): kernel spec resolution, bad input, the virtiofsd shim's
 argument translation, the QEMU wrapper, the guest script, the KVM probe.
-VM tests (2 boots in all, ~40-90 s each under TCG): doctor in the guest shows
-kprobes and the "kprobe" lookup strategy; the probes' kprobe test passes in
-the guest. They skip, with the reason, only where QEMU or the kernel package
+VM tests (3 boots in all, ~40-100 s each under TCG): a 4-queue virtio-net NIC
+on two NUMA nodes (nic against ethtool; the queue, cpu and numa policies
+exact; nic --apply/--restore); doctor in the guest shows kprobes and the
+"kprobe" lookup strategy; the probes' kprobe test passes in the guest. They
+skip, with the reason, only where QEMU or the kernel package
 cannot be had.
 """
 from __future__ import annotations
@@ -278,6 +280,23 @@ def test_vng_command_passes_numa_nodes():
     assert cmd.count("--numa") == 2 and "1G,cpus=2-3" in cmd
 
 
+def test_numa_nodes_must_hold_the_memory_and_name_guest_cpus():
+    ok = ["512M,cpus=0-1", "512M,cpus=2-3"]
+    assert runner.numa_problem(ok, "1G", 4) is None
+    assert runner.numa_problem(["1G,cpus=0-1", "0,cpus=2-3"], "1024", 4) is None
+    assert "hold 512M in all and --memory is 1G" in runner.numa_problem(
+        ["256M,cpus=0-1", "256M,cpus=2-3"], "1G", 4)
+    assert "names CPU 3, and the guest has --cpus 2" in runner.numa_problem(ok, "1G", 2)
+    assert "in M or G" in runner.numa_problem(["512", "512M"], "1G", 4)
+    assert "not a CPU" in runner.numa_problem(["1G,cpus=x"], "1G", 4)
+
+
+def test_cli_numa_that_qemu_would_refuse_is_one_sentence(cli):
+    p = cli("vm", "--memory", "1G", "--numa", "256M", "--numa", "256M", "--", "true")
+    assert p.returncode == EXIT_VM and "Traceback" not in p.stderr
+    assert "the --numa nodes hold 512M in all and --memory is 1G" in p.stderr
+
+
 def test_queue_proof_verdict_catches_a_wrong_worker():
     from reuseport_ctl.experiments.queue_proof import Conn, Phase, judge
     cal = [Phase(f"calibrate queue {q}", "w", [Conn(q, 100 + q, q, "p")], {q: 5}, 1)
@@ -291,6 +310,49 @@ def test_queue_proof_verdict_catches_a_wrong_worker():
     assert not r["exact"] and r["spread"]["exact"] == 1
     leak = [Phase("calibrate queue 0", "w", [Conn(0, 100, 0, "p")], {0: 5, 1: 2}, 1), cal[1]]
     assert any("other queues" in p for p in judge(leak + [good], napi, 2, "e", None)["problems"])
+
+
+def test_cpu_and_numa_verdicts_check_every_connection():
+    from reuseport_ctl.experiments.queue_proof import Conn, Phase, judge_cpus, render_cpus
+    nodes = {0: 0, 1: 0, 2: 1, 3: 1}
+    irq = {0: [3], 1: [2], 2: [1], 3: [0]}          # queue q's IRQ on CPU 3 - q
+    napi = {100 + q: q for q in range(4)}
+    fired = {q: [0] * 4 for q in range(4)}
+    fired[0][3] = 5
+    conns = [Conn(3, 100, 3, "a", [3]), Conn(1, 102, 1, "b", [1])]
+    r = judge_cpus(Phase("cpu", "t", conns, {}, 2, fired), "cpu", [0, 1, 2, 3], nodes, irq,
+                   napi, "eth9", "virtio_net")
+    assert r["exact"] and r["exact_count"] == r["irq_checked"] == 2
+    assert r["cpu_by_worker"][3][3] == 1 and "2/2" in render_cpus(r)
+    # the worker on the other CPU of the same node: numa exact, cpu not
+    moved = [Conn(2, 100, 3, "a", [2])]
+    ph = Phase("x", "t", moved, {}, 1, fired)
+    assert judge_cpus(ph, "numa", [0, 1, 2, 3], nodes, irq, napi, "e", None)["exact"]
+    assert not judge_cpus(ph, "cpu", [0, 1, 2, 3], nodes, irq, napi, "e", None)["exact"]
+    # received on a CPU its queue's IRQ is not pinned to; an IRQ that fired elsewhere
+    stray = {**fired, 1: [4, 0, 0, 0]}
+    r = judge_cpus(Phase("x", "t", [Conn(0, 101, 0, "a", [0])], {}, 1, stray), "cpu",
+                   [0, 1, 2, 3], nodes, irq, napi, "e", None)
+    assert not r["exact"] and r["irq_checked"] == 0
+    assert any("outside their affinity" in p for p in r["problems"])
+
+
+def test_settle_warms_up_until_no_irq_move_is_pending(monkeypatch):
+    from reuseport_ctl.experiments import queue_proof as qp
+    states = [{0: ([3], [0]), 1: ([0, 1], [1])},       # queue 0's move pending
+              {0: ([3], [3]), 1: ([0, 1], [1])}]       # moved; 0-1 firing on 1 is settled
+    monkeypatch.setattr(qp, "_rx_affinity", lambda iface: states[0])
+    sent = []
+
+    def warm(g, iface, name, table, conns):
+        sent.append(conns)
+        states.pop(0)
+    monkeypatch.setattr(qp, "measure", warm)
+    monkeypatch.setattr(qp.time, "sleep", lambda s: None)
+    assert qp._settle(None, "eth9") == 8 and sent == [8]
+    states[:] = [{0: ([3], [0])}] * 10
+    with pytest.raises(qp.UserError, match="still fire outside"):
+        qp._settle(None, "eth9", rounds=2)
 
 
 def _netns_procs(ino: str) -> list[str]:
@@ -390,19 +452,24 @@ def test_ethtool_output_parsers():
     assert _ethtool_x(x) == ([0, 1, 2, 3] * 4, "121c46")
 
 
-def test_nic_queues_in_the_vm_match_ethtool_and_the_queue_policy_is_exact():
-    """One boot (4 vCPUs, a 4-queue virtio-net NIC with RSS, TCG): `nic
-    --json` equals `ethtool -l/-x`; the queue policy sends every connection
-    from the host side to the worker of the queue it arrived on (per the
-    driver's counters and SO_INCOMING_NAPI_ID); `nic --apply`/`--restore`
-    of the indirection table and IRQ affinity leaves both byte for byte as
-    before. Nothing (QEMU, virtiofsd, the tap's namespace) is left."""
+def test_nic_queues_in_the_vm_match_ethtool_and_the_policies_are_exact():
+    """One boot (4 vCPUs on two NUMA nodes, a 4-queue virtio-net NIC with
+    RSS, TCG): `nic --json` equals `ethtool -l/-x`; the queue policy sends
+    every connection from the host side to the worker of the queue it arrived
+    on (per the driver's counters and SO_INCOMING_NAPI_ID); with `nic
+    --apply --cpus 3,2,1,0` the cpu policy sends every connection to the
+    worker pinned on the CPU that received it (the CPU its queue's IRQ is
+    pinned to) and numa to a worker on that CPU's node; with `--rss-weights
+    1,0,0,0` every connection arrives on queue 0 and goes to worker 0; each
+    `--restore` leaves the indirection table and IRQ affinity byte for byte
+    as before. Nothing (QEMU, virtiofsd, the tap's namespace) is left."""
     vm_or_skip()
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("no /dev/net/tun for the VM's NIC")
     started = time.monotonic()
-    p = run_vm("--cpus", "4", "--memory", "1G", "--nic-queues", "4", "--",
-               sys.executable, "tests/vm_nic_guest.py", timeout=300)
+    p = run_vm("--cpus", "4", "--memory", "1G", "--nic-queues", "4",
+               "--numa", "512M,cpus=0-1", "--numa", "512M,cpus=2-3", "--",
+               sys.executable, "tests/vm_nic_guest.py", timeout=420)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "NIC: virtio-net-pci, 4 queues" in p.stderr
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -426,15 +493,37 @@ def test_nic_queues_in_the_vm_match_ethtool_and_the_queue_policy_is_exact():
     assert len(set(pr["napi_of_queue"].values())) == 4
     for q, row in enumerate(pr["spread"]["queue_by_worker"]):
         assert sum(row) == row[q]                     # queue q -> worker q only
-    # --apply / --restore round trip
+    # IRQ of queue q on CPU 3 - q: cpu and numa, every connection checked
+    # against its worker's CPU and against its queue's IRQ
+    a = r["apply_cpus"]
+    assert a["rc"] == 0 and a["restore_rc"] == 0, a
+    assert a["during"][0] == a["before"][0] and a["during"][1] != a["before"][1]
+    assert a["after"] == a["before"]                              # byte for byte
+    assert r["cpu_err"] == "" and r["numa_err"] == "", (r["cpu_err"], r["numa_err"])
+    assert r["cpu"]["irq_cpus"] == {str(q): [3 - q] for q in range(4)}
+    for name in ("cpu", "numa"):
+        c = r[name]
+        assert c["exact"], (name, c["problems"])
+        assert c["exact_count"] == c["irq_checked"] == c["conns"] == 16
+    assert r["numa"]["nodes"] == {"0": 0, "1": 0, "2": 1, "3": 1}
+    m = r["cpu"]["cpu_by_worker"]
+    assert sum(m[i][i] for i in range(4)) == 16 and sum(1 for i in range(4) if m[i][i]) > 1
+    m = r["numa"]["cpu_by_worker"]                    # both nodes received
+    assert sum(map(sum, m[:2])) and sum(map(sum, m[2:]))
+    # all RSS weight on queue 0 with `nic --apply`: every connection there, then back
     a = r["apply"]
     assert a["rc"] == 0 and a["restore_rc"] == 0, a
     assert _ethtool_x(a["during"][0])[0] == [0] * 128             # weight 1 0 0 0
     assert a["during"][1] != a["before"][1]                       # IRQs moved
     assert a["after"] == a["before"]                              # byte for byte
+    oq = r["on_queue"]
+    assert oq is not None and oq["exact"], (r["on_queue_err"], oq and oq["problems"])
+    assert oq["by_worker"] == [8, 0, 0, 0] and oq["exact_count"] == oq["conns"] == 8
     took = time.monotonic() - started
-    print(f"NIC VM test: {took:.1f} s in all; guest: nic {r['t_nic']:.1f} s, proof "
-          f"{r['t_proof'] - r['t_nic']:.1f} s, apply/restore {r['t_all'] - r['t_proof']:.1f} s")
+    print(f"NIC VM test: {took:.1f} s in all; guest: nic {r['t_nic']:.1f} s, queue proof "
+          f"{r['t_proof'] - r['t_nic']:.1f} s, cpu {r['t_cpu'] - r['t_proof']:.1f} s, numa "
+          f"{r['t_numa'] - r['t_cpu']:.1f} s, rss on queue 0 "
+          f"{r['t_on_queue'] - r['t_numa']:.1f} s; all {r['t_all']:.1f} s")
 
 
 # --- Vagrantfile ---------------------------------------------------------------------

@@ -77,7 +77,14 @@ def receive_cpus(nic: Nic) -> list[QueueView]:
     out = []
     for q in nic.rx:
         irq = nic.irq(q.irq)
-        irq_cpus = (irq.effective or irq.affinity) if irq else None
+        irq_cpus = None
+        if irq:
+            eff = irq.effective
+            # effective outside the affinity: a move still pending (x86 MSI
+            # makes it at the IRQ's next interrupt); the affinity is where it
+            # fires from then on
+            pending = eff and irq.affinity and not set(eff) <= set(irq.affinity)
+            irq_cpus = irq.affinity if pending or not eff else eff
         on = q.rps_cpus if q.rps_cpus else irq_cpus
         out.append(QueueView(q.index, q.irq, irq_cpus, q.rps_cpus, on))
     return out

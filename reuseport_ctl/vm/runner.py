@@ -300,6 +300,42 @@ def _relay(src, dest, keep: list | None, mute: threading.Event) -> threading.Thr
     return t
 
 
+_SIZE = re.compile(r"(0|[1-9][0-9]*)([MG]?)", re.ASCII)
+
+
+def _mib(size: str) -> int | None:
+    m = _SIZE.fullmatch(size)
+    return None if m is None else int(m.group(1)) * (1024 if m.group(2) == "G" else 1)
+
+
+def numa_problem(numa: list[str], memory: str, cpus: int) -> str | None:
+    """What QEMU would refuse in vng --numa specs (SIZE[,cpus=A-B]...), in one
+    sentence, before booting: vng makes each node a memory backend of SIZE,
+    and QEMU wants the nodes to hold exactly -m and name only CPUs it has."""
+    total = 0
+    for spec in numa:
+        size, *opts = spec.split(",")
+        mib = _mib(size) if size == "0" or size[-1:] in ("M", "G") else None
+        if mib is None:
+            return f"--numa {spec!r}: the node's memory must be 0 or a size in M or G (512M, 1G)."
+        total += mib
+        for o in opts:
+            key, _, val = o.partition("=")
+            if key != "cpus":
+                continue
+            try:
+                ids = [int(x) for x in val.split("-")]
+            except ValueError:
+                return f"--numa {spec!r}: cpus={val} is not a CPU or a range A-B."
+            if max(ids) >= cpus:
+                return f"--numa {spec!r} names CPU {max(ids)}, and the guest has --cpus {cpus} " \
+                       f"(0-{cpus - 1})."
+    if total != _mib(memory if memory[-1:] in ("M", "G") else memory + "M"):
+        return f"the --numa nodes hold {total}M in all and --memory is {memory}: QEMU needs " \
+               f"them equal."
+    return None
+
+
 def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str = "2G",
         timeout: float = 300, accel: str = "auto", cwd: str | None = None,
         env: dict | None = None, stdout=None, stderr=None, log=sys.stderr,
@@ -314,6 +350,9 @@ def run(command: list[str], kernel: str = "6.12", *, cpus: int = 2, memory: str 
     specs, passed on."""
     if not command:
         raise VMError("no command given: put it after --, e.g. scripts/vm -- reuseport-ctl doctor.")
+    bad = numa_problem(numa, memory, cpus) if numa else None
+    if bad:
+        raise VMError(bad)
     miss = missing_tools()
     if miss:
         raise VMError(f"cannot boot a VM: no {', no '.join(miss)}; {PKG_FIX}.")
