@@ -501,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
                          "calibration), to check every connection against its queue's IRQ")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.on_queue is not None and a.policy != "queue":
+        ap.error("--on-queue proves the queue policy on a moved table: not with --policy "
+                 f"{a.policy}.")
     try:
         if not a.iface:
             raise UserError("no --iface and no REUSEPORT_CTL_VM_NIC: name the interface.")
