@@ -31,6 +31,8 @@
 #ifndef RP_CONNS_H
 #define RP_CONNS_H
 
+#include "sock.h"      // sk_in_netns()
+
 #define RP_LC_ESTABLISHED   1
 #define RP_LC_SYN_RECV      3
 #define RP_LC_LISTEN        10
@@ -50,17 +52,7 @@ static __always_inline int lc_ours(const void *sk)
 {
     u16 num = 0;
     bpf_probe_read_kernel(&num, sizeof(num), (void *)sk + SKC_NUM_OFF);
-    if (num != PORT)
-        return 0;
-#if NETNS_INUM
-    u64 net = 0;
-    u32 inum = 0;
-    bpf_probe_read_kernel(&net, sizeof(net), (void *)sk + SKC_NET_OFF);
-    bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NET_INUM_OFF));
-    if (inum != NETNS_INUM)
-        return 0;
-#endif
-    return 1;
+    return num == PORT && sk_in_netns(sk);
 }
 
 // raw tracepoint inet_sock_set_state(sk, oldstate, newstate)

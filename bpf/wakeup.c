@@ -41,6 +41,7 @@
 // them: every such call of a watched process).
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ptrace.h>
+#include "sock.h"      // sk_in_netns()
 
 #define RP_TCP_LISTEN   10
 #define RP_EAGAIN       11
@@ -111,14 +112,8 @@ static __always_inline int watched(const void *sk, u64 *cookie)
     bpf_probe_read_kernel(&proto, sizeof(proto), (void *)sk + SK_PROTOCOL_OFF);
     if (proto != PROTO)
         return 0;
-#if NETNS_INUM
-    u64 net = 0;
-    u32 inum = 0;
-    bpf_probe_read_kernel(&net, sizeof(net), (void *)sk + SKC_NET_OFF);
-    bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NET_INUM_OFF));
-    if (inum != NETNS_INUM)
+    if (!sk_in_netns(sk))
         return 0;
-#endif
     bpf_probe_read_kernel(cookie, sizeof(*cookie), (void *)sk + SKC_COOKIE_OFF);
     return 1;
 }
