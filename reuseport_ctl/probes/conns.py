@@ -30,6 +30,7 @@ MAX_CONNS = 65536                      # children tracked at once (per probe)
 MAX_LISTENERS = 1024
 MAX_RX = 16384                         # (listener, cpu, napi id, queue) combinations
 NO_NAPI, NO_QUEUE = 0, 0xFFFF          # bpf/conns.h: RP_NO_NAPI, RP_NO_QUEUE
+NO_CPU = 0xFFFFFFFF                    # skc_incoming_cpu -1: never set
 RX_FIELDS = {"SKC_INCOMING_CPU_OFF": ("sock", "__sk_common.skc_incoming_cpu")}
 NAPI_FIELD = {"SK_NAPI_ID_OFF": ("sock", "sk_napi_id")}               # CONFIG_NET_RX_BUSY_POLL
 QUEUE_FIELD = {"SK_RX_QUEUE_OFF": ("sock", "sk_rx_queue_mapping")}    # CONFIG_SOCK_RX_QUEUE_MAPPING
@@ -78,7 +79,8 @@ def read_rx(rx_table, live_table) -> dict[tuple[int, int, Optional[int], Optiona
         c = cookie.get(k.listener, 0)
         if not c:
             continue            # a listener no one asked a cookie for: no member to match
-        key = (c, k.cpu, None if k.napi_id == NO_NAPI else k.napi_id,
+        key = (c, None if k.cpu == NO_CPU else k.cpu,
+               None if k.napi_id == NO_NAPI else k.napi_id,
                None if k.queue == NO_QUEUE else k.queue)
         out[key] = out.get(key, 0) + n.value
     return out

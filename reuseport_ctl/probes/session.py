@@ -52,6 +52,9 @@ class ProbeTotals:
                                         # (listener cookie, pid, tid) -> wakeups
     live: Optional[dict[int, int]] = None   # listener cookie -> connections ESTABLISHED
                                         # now (a level, not a total); None: not counted
+    rx: Optional[dict[tuple, int]] = None   # (listener cookie, cpu, napi id, rx queue) ->
+                                        # connections that arrived so (None in a field:
+                                        # not recorded); None: not counted
 
     def minus(self, base: "ProbeTotals") -> "ProbeTotals":
         """These totals less an earlier read's (counts since that read)."""
@@ -71,7 +74,8 @@ class ProbeTotals:
                            sub(self.wakeups, base.wakeups),
                            sub(self.accept_eagain, base.accept_eagain),
                            sub(self.accepted, base.accepted),
-                           sub(self.thread_wakeups, base.thread_wakeups), self.live)
+                           sub(self.thread_wakeups, base.thread_wakeups), self.live,
+                           None if self.rx is None else sub(self.rx, base.rx or {}))
 
 
 def default_strategies() -> dict[str, Strategy]:
@@ -108,6 +112,9 @@ class ProbeSession:
         self._eagain = eagain
         self._uncookied = 0
         self._own_netns = netns_inum(netns) == netns_inum(OWN_NETNS)
+        # where connections arrived: what this kernel cannot tell, and why
+        # ({"napi_id" | "rx_queue": why}); None: arrivals are not counted
+        self.rx_unknown: Optional[dict[str, str]] = None
         chosen = dict(strategies) if strategies is not None else default_strategies()
         self._lookup = LookupProbe(port, proto, netns)
         self._conns: Optional[ConnsProbe] = None
@@ -186,9 +193,10 @@ class ProbeSession:
         if chosen.get("live") is not None and chosen["live"].name == "none":
             return chosen["live"]
         try:
-            self._conns = ConnsProbe(self.port, self.netns)
+            self._conns = ConnsProbe(self.port, self.netns, rx=True)
         except Exception as e:                  # bcc raises plain Exception
             return Strategy("none", f"the live-connection probe did not attach ({e})")
+        self.rx_unknown = dict(self._conns.rx_unknown)
         return Strategy("raw_tracepoint", "children ESTABLISHED now, per listener, since the "
                         "probe attached", "raw tracepoints inet_sock_set_state + sk_data_ready")
 
@@ -230,9 +238,11 @@ class ProbeSession:
         wakeups: dict[int, int] = {}
         for (_, pid, _), n in thread_wakeups.items():
             wakeups[pid] = wakeups.get(pid, 0) + n
-        live = self._conns.read() if self._conns is not None else None
+        live = rx = None
+        if self._conns is not None:
+            live, rx = self._conns.read(), self._conns.read_rx()
         return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain,
-                           accepted, thread_wakeups, live)
+                           accepted, thread_wakeups, live, rx)
 
     def close(self) -> None:
         """Detach everything; idempotent."""

@@ -22,7 +22,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..stats.live import Frame, GroupInfo, sparkline
+from ..stats.live import Frame, GroupInfo, rx_by, sparkline
 
 BAR = 10
 SPARK_WIDTH = 20
@@ -107,9 +107,18 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
         t.append(f"\npolicy {g.policy} is not in force: {frame.policy_note}", style="bold red")
     for w in frame.warnings:
         t.append(f"\n{w}", style="bold yellow")
+    if frame.rx_note and any(r.rx for r in frame.rows):
+        t.append(f"\narrivals: {frame.rx_note}", style="dim")
     if note:
         t.append(f"\n{note}", style="yellow")
     return t
+
+
+def _counts(d: Optional[dict]) -> str:
+    """'0:512 1:3' (value:connections, most first); '-' when unknown."""
+    if d is None:
+        return "-"
+    return " ".join(f"{k}:{n:,}" for k, n in sorted(d.items(), key=lambda kv: -kv[1])) or "0"
 
 
 def table(frame: Frame, g: GroupInfo) -> Table:
@@ -132,10 +141,20 @@ def table(frame: Frame, g: GroupInfo) -> Table:
         t.add_column("live", justify="right")
     if frame.dispatcher:
         t.add_column("conns", justify="right")
+    # where its connections arrived: CPU always (when counted); NAPI id and
+    # queue only when some connection had one
+    rx = {f: [rx_by(r.rx, f, frame.rx_unknown) for r in frame.rows]
+          for f in ("cpu", "napi_id", "rx_queue")}
+    rx_cols = [f for f, vals in rx.items()
+               if any(v is not None for v in vals) or (f == "cpu" and has_live)]
+    for f in rx_cols:
+        t.add_column({"cpu": "rx cpu", "napi_id": "napi", "rx_queue": "rx queue"}[f],
+                     no_wrap=True)
     widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
-    for r in frame.rows:
+    for i, r in enumerate(frame.rows):
         extra = ([_f(r.live, "{:,}")] if has_live else []) + \
-            ([_f(r.conns, "{:,}")] if frame.dispatcher else [])
+            ([_f(r.conns, "{:,}")] if frame.dispatcher else []) + \
+            [_counts(rx[f][i]) for f in rx_cols]
         t.add_row(
             _slot(r), _who(r), _f(r.cpu_percent, "{:.0f}"),
             _bar(r.share, widest) if r.share is not None else "-",
