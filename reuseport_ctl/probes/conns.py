@@ -22,6 +22,7 @@ from typing import Optional
 
 from ..kernel import btf
 from ..kernel.bcc import program_source
+from ..kernel.sockets import min_napi_id
 from .programs import SOCK_FIELDS, netns_macros
 
 STATE_TP = "inet_sock_set_state"       # raw tracepoint names
@@ -34,7 +35,6 @@ NO_CPU = 0xFFFFFFFF                    # skc_incoming_cpu -1: never set
 RX_FIELDS = {"SKC_INCOMING_CPU_OFF": ("sock", "__sk_common.skc_incoming_cpu")}
 NAPI_FIELD = {"SK_NAPI_ID_OFF": ("sock", "sk_napi_id")}               # CONFIG_NET_RX_BUSY_POLL
 QUEUE_FIELD = {"SK_RX_QUEUE_OFF": ("sock", "sk_rx_queue_mapping")}    # CONFIG_SOCK_RX_QUEUE_MAPPING
-KERNEL_MAX = "/sys/devices/system/cpu/kernel_max"       # NR_CPUS - 1
 
 
 def cflags(port: int, netns: str) -> list[str]:
@@ -42,13 +42,6 @@ def cflags(port: int, netns: str) -> list[str]:
     return [f"-DPORT={port}", f"-DLC_MAX_CONNS={MAX_CONNS}",
             f"-DLC_MAX_LISTENERS={MAX_LISTENERS}",
             *btf.offset_macros(SOCK_FIELDS), *netns_macros(netns)]
-
-
-def min_napi_id() -> int:
-    """The smallest NAPI id (MIN_NAPI_ID, NR_CPUS + 1): the field that holds
-    it holds a sender CPU on transmit, so smaller values are no NAPI id."""
-    with open(KERNEL_MAX) as f:
-        return int(f.read()) + 2
 
 
 def rx_cflags() -> tuple[list[str], dict[str, str]]:
