@@ -35,6 +35,12 @@ def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
 
 
+def mac(ns: str, dev: str) -> str:
+    out = subprocess.run(["ip", "-n", ns, "-j", "link", "show", dev], capture_output=True,
+                         text=True, check=True).stdout
+    return json.loads(out)[0]["address"]
+
+
 @pytest.fixture
 def veth(netns):
     """va (server side, the test's netns) <-> vb (client side, a second
@@ -50,9 +56,28 @@ def veth(netns):
         sh("ip", "-n", peer, "addr", "add", f"{CLIENT}/24", "dev", "vb")
         sh("ip", "-n", peer, "link", "set", "vb", "up")
         sh("ip", "-n", peer, "link", "set", "lo", "up")
+        # static neighbours: nothing waits for ARP and leaves from the CPU
+        # that handled the reply
+        sh("ip", "neigh", "replace", CLIENT, "lladdr", mac(peer, "vb"), "dev", "va",
+           "nud", "permanent")
+        sh("ip", "-n", peer, "neigh", "replace", SERVER, "lladdr", mac(netns, "va"),
+           "dev", "vb", "nud", "permanent")
         yield peer
     finally:
         subprocess.run(["ip", "netns", "del", peer], check=False)
+
+
+def send_from(peer: str, cpu: int, n: int) -> None:
+    """n datagrams, each from its own socket (its own 4-tuple, so the group
+    spreads them), from a process pinned to `cpu` in the client namespace."""
+    code = ("import os, socket, time\n"
+            f"os.sched_setaffinity(0, {{{cpu}}})\n"
+            f"for _ in range({n}):\n"
+            "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"    s.sendto(b'x', ({SERVER!r}, {PORT}))\n"
+            "    time.sleep(0.002)\n")
+    subprocess.run(["nsenter", f"--net=/run/netns/{peer}", sys.executable, "-c", code],
+                   check=True, timeout=30)
 
 
 def connect_from(peer: str, cpu: int, n: int) -> None:
@@ -69,22 +94,22 @@ def connect_from(peer: str, cpu: int, n: int) -> None:
                    check=True, timeout=30)
 
 
-def serve_and_watch(peer: str, *watch_args):
+def serve_and_watch(peer: str, *watch_args, proto: str = "tcp"):
     """Start the ground-truth server and a watch on it, send PER_CPU; return
     (the server's record: inode -> {"cpu/napi": n}, the watch's last frame,
     the Prometheus scrape, the watch's stderr)."""
     server = subprocess.Popen([sys.executable, str(HERE / "rx_server.py"), SERVER, str(PORT),
-                               str(MEMBERS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               str(MEMBERS), proto], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     w = None
     try:
         assert server.stdout.readline().strip() == "ready"
-        w = Watcher("--port", PORT, "--json", "--interval", 0.2, "--prometheus", "127.0.0.1:0",
+        w = Watcher("--port", PORT, "--proto", proto, "--json", "--interval", 0.2, "--prometheus", "127.0.0.1:0",
                     *watch_args)
         said = w.started()
         url = re.search(r"Prometheus metrics on (http://\S+/metrics)", said).group(1)
         for cpu, n in PER_CPU.items():
-            connect_from(peer, cpu, n)
+            (connect_from if proto == "tcp" else send_from)(peer, cpu, n)
         time.sleep(0.6)                 # a frame after the last connection
         fams = scrape(url)
         code, lines, err = w.finish(signal.SIGINT)
@@ -127,7 +152,7 @@ def test_rx_cpus_equal_so_incoming_cpu_and_napi_unknown_on_plain_veth(veth):
         assert by(t, 1) == {"0": sum(t.values())}
         assert got[inode]["napi_ids"] is None
         assert got[inode]["rx_paths"][0]["napi_id"] is None
-        assert sum(p["conns"] for p in got[inode]["rx_paths"]) == sum(t.values())
+        assert sum(p["count"] for p in got[inode]["rx_paths"]) == sum(t.values())
     # and the pinned client's CPU is where they arrived, every one
     assert total == {str(c): n for c, n in PER_CPU.items()}
     assert "without NAPI ids" in last["rx_note"]
@@ -156,10 +181,26 @@ def test_napi_ids_equal_so_incoming_napi_id_with_gro_on_veth(veth):
         assert got[inode]["rx_cpus"] == by(t, 0)
         assert got[inode]["napi_ids"] == by(t, 1)
         ids |= set(by(t, 1))
-        paths = {(str(p["cpu"]), str(p["napi_id"])): p["conns"] for p in got[inode]["rx_paths"]}
+        paths = {(str(p["cpu"]), str(p["napi_id"])): p["count"] for p in got[inode]["rx_paths"]}
         assert paths == {tuple(k.split("/")): n for k, n in t.items()}
     assert "0" not in ids and ids
     samples = [s for s in fams["reuseport_ctl_worker_rx_napi"].samples
                if s.name.endswith("_total")]
     assert {s.labels["napi_id"] for s in samples} == ids
     assert sum(s.value for s in samples) == sum(PER_CPU.values())
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPUs")
+def test_udp_rx_cpus_are_the_senders_cpu(veth):
+    truth, last, fams, err = serve_and_watch(veth, proto="udp")
+    got = rows(last)
+    assert sum(t["datagrams"] for t in truth.values()) == sum(PER_CPU.values())
+    total: dict[str, int] = {}
+    for inode, t in truth.items():
+        cpus = got[inode]["rx_cpus"]
+        assert sum(cpus.values()) == t["datagrams"]
+        for cpu, n in cpus.items():
+            total[cpu] = total.get(cpu, 0) + n
+        assert got[inode]["napi_ids"] is None and got[inode]["rx_queues"] is None
+    assert total == {str(c): n for c, n in PER_CPU.items()}
+    assert "UDP" in last["rx_note"]

@@ -93,7 +93,7 @@ def rx_fields(rx, unknown: frozenset) -> dict:
     paths = None
     if rx is not None:
         paths = [{**{f: None if f in unknown else v for f, v in zip(RX_FIELDS, key)},
-                  "conns": n}
+                  "count": n}
                  for key, n in sorted(rx.items(), key=lambda kv: (-kv[1], str(kv[0]))) if n]
     return {"rx_cpus": _counts(rx_by(rx, "cpu", unknown)),
             "napi_ids": _counts(rx_by(rx, "napi_id", unknown)),

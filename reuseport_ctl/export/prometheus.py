@@ -70,8 +70,8 @@ WORKER_METRICS = (
 # A value the kernel did not record (no NAPI id on loopback/veth) has no series.
 RX_METRICS = (
     ("reuseport_ctl_worker_rx_cpu", "cpu", "cpu",
-     "TCP connections to this member by the CPU that received them (SO_INCOMING_CPU), "
-     "counted in the kernel since the watch began."),
+     "Connections (TCP: SO_INCOMING_CPU of each) or datagrams (UDP) to this member by "
+     "the CPU that received them, counted in the kernel since the watch began."),
     ("reuseport_ctl_worker_rx_napi", "napi_id", "napi_id",
      "TCP connections to this member by the NAPI id they arrived through "
      "(SO_INCOMING_NAPI_ID; one per receive queue of a NAPI driver)."),

@@ -31,6 +31,9 @@ from .conns import ConnsProbe
 from .wakeup import WakeupProbe
 
 OWN_NETNS = "/proc/thread-self/ns/net"
+UDP_RX_UNKNOWN = {
+    "napi_id": "UDP: an unconnected socket records the NAPI id of its first datagram only",
+    "rx_queue": "UDP: no datagram's rx queue is kept in the socket"}
 
 
 @dataclass
@@ -133,6 +136,9 @@ class ProbeSession:
                 lambda name: self._wakeup.attach(name, wk_name, eagain))
             self.strategies["wakeups"] = self._wakeups_strategy(wk)
             self.strategies["live"] = self._attach_conns(chosen)
+            if proto == "udp" and self._wakeup.data_ready != "none":
+                # where datagrams arrived: the CPU their data-ready ran on
+                self.rx_unknown = dict(UDP_RX_UNKNOWN)
             self._base: ProbeTotals | None = None
             self.rebase()               # every probe is attached: the common start
         except BaseException:
@@ -197,8 +203,9 @@ class ProbeSession:
         except Exception as e:                  # bcc raises plain Exception
             return Strategy("none", f"the live-connection probe did not attach ({e})")
         self.rx_unknown = dict(self._conns.rx_unknown)
-        return Strategy("raw_tracepoint", "children ESTABLISHED now, per listener, since the "
-                        "probe attached", "raw tracepoints inet_sock_set_state + sk_data_ready")
+        return Strategy("raw_tracepoint", "children ESTABLISHED now, and where each arrived (CPU, "
+                        "NAPI id, rx queue), per listener, since the probe attached",
+                        "raw tracepoints inet_sock_set_state + sk_data_ready")
 
     @property
     def counts_eagain(self) -> bool:
@@ -241,6 +248,9 @@ class ProbeSession:
         live = rx = None
         if self._conns is not None:
             live, rx = self._conns.read(), self._conns.read_rx()
+        elif self.proto == "udp" and self.rx_unknown is not None:
+            rx = {(cookie, cpu, None, None): n
+                  for (cookie, cpu), n in self._wakeup.read_rx_cpus().items()}
         return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain,
                            accepted, thread_wakeups, live, rx)
 

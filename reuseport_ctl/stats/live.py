@@ -285,9 +285,9 @@ def rx_note(proto: str, unknown: Optional[Mapping[str, str]],
     """One line saying why an arrival field is null: the protocol, the
     kernel, or the device the connections came through."""
     if unknown is None:
-        return ("where datagrams arrived is not counted (UDP has no connection to keep it)"
-                if proto == "udp" else "where connections arrived is not counted "
-                "(the live-connection probe is off)")
+        return (f"where {'datagrams' if proto == 'udp' else 'connections'} arrived is not "
+                f"counted (its probe is off: "
+                f"{'data-ready' if proto == 'udp' else 'live connections'})")
     parts = [f"{k}: {why}" for k, why in sorted(unknown.items())]
     for name, device in (("napi_id", NO_NAPI_DEVICE), ("rx_queue", NO_QUEUE_DEVICE)):
         if name in unknown:
@@ -295,7 +295,8 @@ def rx_note(proto: str, unknown: Optional[Mapping[str, str]],
         i = RX_FIELDS.index(name)
         n = sum(c for r in rows if r.rx for k, c in r.rx.items() if k[i] is None)
         if n:
-            parts.append(f"{name}: {n:,} connection{'' if n == 1 else 's'} {device}")
+            unit = "connection" if proto == "tcp" else "datagram"
+            parts.append(f"{name}: {n:,} {unit}{'' if n == 1 else 's'} {device}")
     return "; ".join(parts) or None
 
 
