@@ -141,20 +141,16 @@ def table(frame: Frame, g: GroupInfo) -> Table:
         t.add_column("live", justify="right")
     if frame.dispatcher:
         t.add_column("conns", justify="right")
-    # where its connections arrived: CPU always (when counted); NAPI id and
-    # queue only when some connection had one
-    rx = {f: [rx_by(r.rx, f, frame.rx_unknown) for r in frame.rows]
-          for f in ("cpu", "napi_id", "rx_queue")}
-    rx_cols = [f for f, vals in rx.items()
-               if any(v is not None for v in vals) or (f == "cpu" and has_live)]
-    for f in rx_cols:
-        t.add_column({"cpu": "rx cpu", "napi_id": "napi", "rx_queue": "rx queue"}[f],
-                     no_wrap=True)
+    # where its connections arrived, by CPU (NAPI ids and queues: arrivals())
+    rx_cpus = [rx_by(r.rx, "cpu", frame.rx_unknown) for r in frame.rows]
+    has_rx = any(v is not None for v in rx_cpus)
+    if has_rx:
+        t.add_column("rx cpu", no_wrap=True)
     widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
     for i, r in enumerate(frame.rows):
         extra = ([_f(r.live, "{:,}")] if has_live else []) + \
             ([_f(r.conns, "{:,}")] if frame.dispatcher else []) + \
-            [_counts(rx[f][i]) for f in rx_cols]
+            ([_counts(rx_cpus[i])] if has_rx else [])
         t.add_row(
             _slot(r), _who(r), _f(r.cpu_percent, "{:.0f}"),
             _bar(r.share, widest) if r.share is not None else "-",
@@ -166,9 +162,31 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     return t
 
 
+def arrivals(frame: Frame) -> Optional[Table]:
+    """Per member, the NAPI ids and rx queues its connections came through,
+    when any is known (a NAPI driver; a kernel that keeps the queue)."""
+    cols = [(f, title) for f, title in (("napi_id", "napi id"), ("rx_queue", "rx queue"))
+            if any(rx_by(r.rx, f, frame.rx_unknown) is not None for r in frame.rows)]
+    if not cols:
+        return None
+    t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False,
+              title="arrived through", title_justify="left", title_style="")
+    t.add_column("slot", justify="right")
+    for _, title in cols:
+        t.add_column(title, no_wrap=True)
+    for r in frame.rows:
+        if not r.child:
+            t.add_row(str(r.slot), *(_counts(rx_by(r.rx, f, frame.rx_unknown))
+                                     for f, _ in cols))
+    return t
+
+
 def render(frame: Frame, g: GroupInfo, note: Optional[str] = None,
            events: tuple[str, ...] = (), keys: bool = False) -> RenderableType:
     parts: list[RenderableType] = [header(frame, g, note), table(frame, g)]
+    more = arrivals(frame)
+    if more is not None:
+        parts.append(more)
     foot = list(events[-3:])
     if keys:
         foot.append("q quits")

@@ -104,7 +104,7 @@ class Watch:
         from rich.live import Live
         console = Console(stderr=self._stderr)
         if not console.is_terminal:
-            console.width = 120             # a pipe has no width: do not cut the columns
+            console.width = 140             # a pipe has no width: do not cut the columns
         # No refresh thread: run --watch forks restarted workers from this process.
         self.live = self._stack.enter_context(
             Live(self._render(), console=console, auto_refresh=False,
