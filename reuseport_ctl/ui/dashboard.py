@@ -165,12 +165,12 @@ def table(frame: Frame, g: GroupInfo) -> Table:
 def arrivals(frame: Frame) -> Optional[Table]:
     """Per member, the NAPI ids and rx queues its connections came through,
     when any is known (a NAPI driver; a kernel that keeps the queue)."""
-    cols = [(f, title) for f, title in (("napi_id", "napi id"), ("rx_queue", "rx queue"))
+    cols = [(f, title) for f, title in (("napi_id", "arrived via napi id"),
+                                        ("rx_queue", "rx queue"))
             if any(rx_by(r.rx, f, frame.rx_unknown) is not None for r in frame.rows)]
     if not cols:
         return None
-    t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False,
-              title="arrived through", title_justify="left", title_style="")
+    t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
     t.add_column("slot", justify="right")
     for _, title in cols:
         t.add_column(title, no_wrap=True)
