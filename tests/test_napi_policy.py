@@ -102,3 +102,26 @@ def test_napi_policy_without_napi_ids_leaves_it_to_the_kernel(veth):  # noqa: F8
     assert sum(map(len, got)) == CONNS
     assert {i for ids in got for i in ids} == {0}      # SO_INCOMING_NAPI_ID: none
     assert no_napi == CONNS and sum(selections) == 0 and order == {}
+
+
+def test_status_says_how_many_had_no_napi_id(netns, cli):
+    import json
+    socks = []
+    for _ in range(MEMBERS):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind(("127.0.0.1", PORT))
+        s.listen(64)
+        socks.append(s)
+    try:
+        cli("attach", "--port", PORT, "--policy", "napi", check=True)
+        for _ in range(5):              # loopback: no NAPI
+            socket.create_connection(("127.0.0.1", PORT)).close()
+        d = json.loads(cli("status", "--port", PORT, "--json", check=True).stdout)
+        text = cli("status", "--port", PORT, check=True).stdout
+    finally:
+        cli("detach", "--port", PORT)
+        for s in socks:
+            s.close()
+    assert d["policy"] == "napi" and d["no_napi"] == 5 and d["total"] == 0
+    assert "5 connections came with no NAPI id" in text
