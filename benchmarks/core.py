@@ -164,34 +164,28 @@ def sample(roles: dict[str, tuple[psutil.Process, bool]], active: bool) -> Tick:
                 psutil.cpu_times(percpu=True), _all_times())
 
 
+def _numbered(entries: list, threads: bool, worker: str, leader: str) -> dict:
+    """The leader (v[1]) by name and its workers numbered: its threads
+    (k[1] is a tid) or its processes."""
+    mine = [(k, v) for k, v in entries if (k[1] is not None) == threads]
+    names = {k: f"{worker} {i + 1}" for i, k in enumerate(sorted(k for k, v in mine if not v[1]))}
+    names.update({k: leader for k, v in mine if v[1]})
+    return names
+
+
 def _label(role: str, kind: str, entries: list) -> dict:
     """Stable names across rounds: (pid, tid) -> label."""
     names = {}
     if kind == "wrk":
-        ths = sorted(k for k, v in entries if k[1] is not None and not v[1])
-        for i, k in enumerate(ths):
-            names[k] = f"wrk thread {i + 1}"
-        for k, v in entries:
-            if k[1] is not None and v[1]:
-                names[k] = "wrk main thread"
+        names = _numbered(entries, True, "wrk thread", "wrk main thread")
     elif kind == "load":
-        kids = sorted(k for k, v in entries if k[1] is None and not v[1])
-        for i, k in enumerate(kids):
-            names[k] = f"load process {i + 1}"
-        for k, v in entries:
-            if k[1] is None and v[1]:
-                names[k] = "load parent"
+        names = _numbered(entries, False, "load process", "load parent")
     elif kind == "run":
         for k, v in entries:
             if k[1] is None:
                 names[k] = "run supervisor" if v[1] else f"run {v[0].replace('rpctl-', '')}"
     elif kind == "nginx":
-        kids = sorted(k for k, v in entries if k[1] is None and not v[1])
-        for i, k in enumerate(kids):
-            names[k] = f"nginx worker {i + 1}"
-        for k, v in entries:
-            if k[1] is None and v[1]:
-                names[k] = "nginx master"
+        names = _numbered(entries, False, "nginx worker", "nginx master")
     elif kind == "harness":
         for k, v in entries:
             if k[1] is None and v[1]:

@@ -127,8 +127,8 @@ class Follower:
         return self._step_ebpf(live)
 
     def _step_ebpf(self, live) -> list[Event]:
-        from .policies.selector import (LEAST_MAX_SLOTS, MAX_SLOTS, put_in_slot,
-                                        read_fallbacks, sockarray_cookies)
+        from .policies.selector import LEAST_MAX_SLOTS, MAX_SLOTS, read_fallbacks
+        from .policies.sockarray import put_in_slot, sockarray_cookies
         meta, events = self.meta, []
         n = len(meta.slots)
         cookies = sockarray_cookies(self._fds["socks"], n)

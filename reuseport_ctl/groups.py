@@ -108,26 +108,31 @@ def _norm_host(host: str) -> str:
 def find_group(port: int, proto: str = "tcp", pid: int | None = None,
                host: str | None = None, require_reuseport: bool = True,
                slots: dict[int, int] | None = None,
-               found: list | None = None) -> ReuseportGroup:
+               found: list | None = None,
+               procs: owners.ProcessTable | None = None) -> ReuseportGroup:
     """The one reuseport group on `port`, narrowed by `pid` (any process that
     holds one of its sockets) and `host` (its local address). With
     require_reuseport=False a listener without SO_REUSEPORT (one socket
     shared by pre-forked workers, or a single process) is returned too, its
     `reuseport` False: there is nothing to steer, but it can be watched.
     slots: a pinned policy's table, inode -> slot (pins.pinned_slots()):
-    members it has keep their slot; the others follow, not in_policy."""
+    members it has keep their slot; the others follow, not in_policy.
+    found, procs: the port's sockets (diag.listeners) and the process table
+    (owners.process_table), when the caller has just read them."""
     if not 0 < port < 65536:
         raise UserError(f"port {port} is not a port number (1-65535).")
     if pid is not None and not owners.pid_exists(pid):
         raise UserError(f"no process {pid}.")
     what = "listening TCP" if proto == "tcp" else "bound UDP"
 
-    if found is None:               # (a caller that has just asked sock_diag passes it)
+    if found is None:
         found = diag.listeners(port, proto)
     if not found:
         raise UserError(f"nothing is listening on {proto} port {port} (no {what} socket "
                         f"in this network namespace).")
-    held = owners.holders({s.inode for s in found})
+    if procs is None:
+        procs = owners.process_table()
+    held = procs.holders({s.inode for s in found})
 
     cands: dict[tuple, _Candidate] = {}
     for s in found:

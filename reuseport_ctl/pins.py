@@ -249,7 +249,8 @@ def judge(pin_netns: int, pin_cookie: int, here: tuple[int, int], live_cookie: i
 def _open_sockets(path: Path, meta: Meta | None) -> int | None:
     if meta is None or "socks" not in meta.maps or not (path / "map_socks").exists():
         return None
-    from .policies.selector import MAX_SLOTS, sockarray_cookies
+    from .policies.selector import MAX_SLOTS
+    from .policies.sockarray import sockarray_cookies
     fd = open_pinned(path, "map_socks")
     try:
         return sum(c is not None for c in sockarray_cookies(fd, min(MAX_SLOTS, len(meta.slots))))
@@ -539,12 +540,9 @@ def _empty_sockarray(path: Path | None, old: Meta | None) -> int | None:
     if path is None or old is None or "socks" not in old.maps \
             or not (path / "map_socks").exists():
         return None
+    from .policies.sockarray import empty_slots
     fd = open_pinned(path, "map_socks")
-    for slot in range(len(old.slots)):
-        try:
-            bpf.map_delete(fd, bpf.u32(slot))
-        except OSError:
-            pass                                     # already empty (socket closed)
+    empty_slots(fd, len(old.slots))
     return fd
 
 
@@ -552,12 +550,13 @@ def _refill_sockarray(fd: int | None, old: Meta | None, socks) -> None:
     """Undo _empty_sockarray: put each still-open socket back in its old slot."""
     if fd is None or old is None:
         return
+    from .policies.sockarray import put_in_slot
     by_inode = {os.fstat(s.fileno()).st_ino: s for s in socks}
     for s in old.slots:
         sock = by_inode.get(s["inode"])
         if sock is not None and s["slot"] not in old.vacant:
             try:
-                bpf.map_update(fd, bpf.u32(s["slot"]), bpf.u64(sock.fileno()))
+                put_in_slot(fd, s["slot"], sock)
             except OSError:
                 pass
 
@@ -715,7 +714,8 @@ def _state(pin: Pin, listening) -> PolicyState:
     live = {s.inode: s for s in listening if s.endpoint == meta.addr}
     fallbacks = None
     if meta.kind == "ebpf" and (path / "map_socks").exists():
-        from .policies.selector import read_fallbacks, sockarray_cookies
+        from .policies.selector import read_fallbacks
+        from .policies.sockarray import sockarray_cookies
         fd = open_pinned(path, "map_socks")
         try:
             cookies = sockarray_cookies(fd, len(meta.slots))

@@ -200,16 +200,28 @@ def test_stall_spec_and_schedule():
             parse_stall(bad, workers=4)
 
 
-def test_stall_rows_without_and_with(netns, cli):
+def test_stall_rows_without_and_with(netns, cli, tmp_path):
     """--stall runs each setup twice; the stalled worker really was stopped
-    (its stopped time is reported) and the run still completes every connection."""
+    (its stopped time is reported) and the run still completes every connection;
+    --plot draws the latency CDFs."""
+    png = tmp_path / "cdf.png"
     p = cli("bench", "--models", "reuseport", "--policies", "none", "--workers", 2,
             "--conns", 6000, "--concurrency", 4, "--work-us", 0, "--repeat", 1,
-            "--short-connections", "--no-probes", "--stall", "0:60@150", "--json", timeout=60)
+            "--short-connections", "--no-probes", "--stall", "0:60@150", "--json",
+            "--plot", png, timeout=60)
     doc = points(p)
+    assert png.read_bytes()[:8] == PNG
     assert [d["stall"] for d in doc] == [None, "0:60@150"]
     calm, stalled = doc
     assert calm["stalled_ms"] == 0 and stalled["stalled_ms"] >= 40
     assert all(d["conns"] == 6000 and d["errors"] == 0 for d in doc)
     # a connection hashed to the stopped worker waited for it
     assert stalled["max_ms"] >= 30
+
+
+def test_median_cdf_over_repeats():
+    a = [[50.0, 1.0], [99.0, 10.0], [100.0, 90.0]]
+    b = [[50.0, 2.0], [99.0, 30.0], [100.0, 100.0]]
+    c = [[50.0, 3.0], [99.0, 20.0], [100.0, 95.0]]
+    assert B.median_cdf([a, b, c]) == [[50.0, 2.0], [99.0, 20.0], [100.0, 95.0]]
+    assert B.median_cdf([a, []]) == a and B.median_cdf([]) == []

@@ -44,8 +44,7 @@ def frames_between(lines, t0: float, t1: float):
 
 
 def check_against_truth(port: int, pids: list[int], watch_args=()):
-    w = Watcher("--port", port, "--json", "--interval", 0.25, "--duration", 6, *watch_args)
-    try:
+    with Watcher("--port", port, "--json", "--interval", 0.25, "--duration", 6, *watch_args) as w:
         w.started()
         conns = open_served(port, 17)
         truth1 = steady(port, pids)
@@ -59,8 +58,6 @@ def check_against_truth(port: int, pids: list[int], watch_args=()):
         time.sleep(1.0)
         t2e = time.time()
         code, lines, err = w.finish()
-    finally:
-        w.kill()
     assert code == 0, err
     assert sum(truth1.values()) == 17 and sum(truth2.values()) == 11
     for truth, a, b in ((truth1, t1, t1e), (truth2, t2, t2e)):

@@ -88,3 +88,24 @@ def test_members_are_numbered_by_serving_pid_then_inode_or_by_the_pinned_table()
     pinned = groups.number_members(keys, {502: 0, 503: 1})
     assert [(n, i, ok) for n, i, ok in pinned][:2] == [(0, 502, True), (1, 503, True)]
     assert all(not ok for _, _, ok in pinned[2:])  # not in the policy: after, flagged
+
+
+def test_one_walk_gives_the_holders_and_a_dispatchers_children(proc, monkeypatch):
+    # a dispatcher 40 holds the listener; its children 41, 42 (and 42's child
+    # 43) hold connections; 50 is another server
+    proc.process(40, 1, "node", fds={3: 900})
+    proc.process(41, 40, "node", fds={5: 901})
+    proc.process(42, 40, "node", fds={5: 902})
+    proc.process(43, 42, "node")
+    proc.process(50, 1, "other", fds={3: 950})
+    reads = []
+    real = owners._fd_links
+    monkeypatch.setattr(owners, "_fd_links", lambda pid: reads.append(pid) or real(pid))
+    table = owners.process_table(parents=True)
+    assert sorted(reads) == [40, 41, 42, 43, 50]            # each fd table read once
+    assert table.holders({900, 902}) == {900: [owners.Holder(40, 3, 900)],
+                                         902: [owners.Holder(42, 5, 902)]}
+    assert table.descendants([40]) == [41, 42, 43]
+    assert table.descendants([42]) == [43] and table.descendants([50]) == []
+    assert owners.process_table().parents == {}             # parents only when asked for
+    assert owners.holders({950}) == {950: [owners.Holder(50, 3, 950)]}

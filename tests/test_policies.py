@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 
 import pytest
 
@@ -78,63 +79,62 @@ def closing(socks):
         s.close()
 
 
+@contextmanager
+def steered(policy: str, n: int, proto: str = "tcp", host: str = HOST):
+    """A group of n sockets steered by policy: (socks, port, selector); both
+    closed at the end, also when an assertion fails."""
+    socks, port = group(n, proto, host)
+    sel = attach_policy(parse_policy(policy), socks)
+    try:
+        yield socks, port, sel
+    finally:
+        sel.close()                 # (again, if the test closed it: a no-op)
+        closing(socks)
+
+
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_round_robin_is_exact(netns, proto):
-    socks, port = group(4, proto)
-    sel = attach_policy(parse_policy("round-robin"), socks)
-    got = drive(socks, port, 202, proto)
-    assert sum(got) == 202
-    assert max(got) - min(got) <= 1, got
-    assert sel.selections() == got          # the program's own counters agree
-    sel.close()
-    closing(socks)
+    with steered("round-robin", 4, proto) as (socks, port, sel):
+        got = drive(socks, port, 202, proto)
+        assert sum(got) == 202
+        assert max(got) - min(got) <= 1, got
+        assert sel.selections() == got          # the program's own counters agree
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_weighted_follows_weights(netns, proto):
-    socks, port = group(3, proto)
-    sel = attach_policy(parse_policy("weighted:3,1,0"), socks)
-    got = drive(socks, port, 400, proto)
-    # a counter over the smooth weighted table: exact per full cycle of 4
-    assert got == [300, 100, 0], got
-    sel.close()
-    closing(socks)
+    with steered("weighted:3,1,0", 3, proto) as (socks, port, sel):
+        got = drive(socks, port, 400, proto)
+        # a counter over the smooth weighted table: exact per full cycle of 4
+        assert got == [300, 100, 0], got
 
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_drain_gives_drained_worker_nothing(netns, proto):
-    socks, port = group(3, proto)
-    sel = attach_policy(parse_policy("drain:1"), socks)
-    got = drive(socks, port, 300, proto)
-    assert got[1] == 0 and got[0] > 0 and got[2] > 0, got
-    sel.close()
-    # after detach the kernel's hash reaches the drained socket again
-    got = drive(socks, port, 300, proto)
-    assert got[1] > 0, got
-    closing(socks)
+    with steered("drain:1", 3, proto) as (socks, port, sel):
+        got = drive(socks, port, 300, proto)
+        assert got[1] == 0 and got[0] > 0 and got[2] > 0, got
+        sel.close()
+        # after detach the kernel's hash reaches the drained socket again
+        got = drive(socks, port, 300, proto)
+        assert got[1] > 0, got
 
 
 @pytest.mark.parametrize("name", ["hash", "threshold", "consistent", "mod", "kernel"])
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_hash_policies_are_uniform(netns, name, proto):
-    socks, port = group(4, proto)
-    sel = attach_policy(parse_policy(name), socks)
-    got = drive(socks, port, 800, proto)
-    assert sum(got) == 800
-    assert chi_square_uniform_ok(got), got
-    if sel.selections() is not None:
-        assert sel.selections() == got
-    sel.close()
-    closing(socks)
+    with steered(name, 4, proto) as (socks, port, sel):
+        got = drive(socks, port, 800, proto)
+        assert sum(got) == 800
+        assert chi_square_uniform_ok(got), got
+        if sel.selections() is not None:
+            assert sel.selections() == got
 
 
 def test_ipv6_group(netns):
-    socks, port = group(4, "tcp", host="::1")
-    sel = attach_policy(parse_policy("round-robin"), socks)
-    got = drive(socks, port, 100, "tcp", host="::1")
-    assert max(got) - min(got) <= 1 and sum(got) == 100
-    sel.close()
-    closing(socks)
+    with steered("round-robin", 4, "tcp", host="::1") as (socks, port, sel):
+        got = drive(socks, port, 100, "tcp", host="::1")
+        assert max(got) - min(got) <= 1 and sum(got) == 100
 
 
 def test_mod_keeps_a_flow_on_one_socket(netns):
@@ -153,53 +153,43 @@ def test_mod_keeps_a_flow_on_one_socket(netns):
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
 def test_cpu_follows_the_clients_cpu(netns):
-    socks, port = group(2, "udp")
-    sel = attach_policy(parse_policy("cpu"), socks)
     old = os.sched_getaffinity(0)
-    try:
-        for cpu in (0, 1):
-            os.sched_setaffinity(0, {cpu})
-            got = drive(socks, port, 50, "udp")
-            assert got[cpu % 2] == 50, (cpu, got)
-    finally:
-        os.sched_setaffinity(0, old)
-    sel.close()
-    closing(socks)
+    with steered("cpu", 2, "udp") as (socks, port, sel):
+        try:
+            for cpu in (0, 1):
+                os.sched_setaffinity(0, {cpu})
+                got = drive(socks, port, 50, "udp")
+                assert got[cpu % 2] == 50, (cpu, got)
+        finally:
+            os.sched_setaffinity(0, old)
 
 
 def test_least_loaded_fills_queues_evenly(netns):
     # nobody accepts: each new connection must go to the shortest accept queue
-    socks, port = group(4, "tcp")
-    sel = attach_policy(parse_policy("least-loaded"), socks)
-    got_q = []
-    clients = []
-    for _ in range(40):
-        c = socket.socket()
-        c.connect((HOST, port))
-        clients.append(c)
-    got = sel.selections()
-    assert sum(got) == 40 and max(got) - min(got) <= 1, got
-    got_q = [0] * 4
-    _drain(socks, got_q, "tcp")
-    assert got_q == got
-    for c in clients:
-        c.close()
-    sel.close()
-    closing(socks)
+    with steered("least-loaded", 4, "tcp") as (socks, port, sel):
+        clients = []
+        for _ in range(40):
+            c = socket.socket()
+            c.connect((HOST, port))
+            clients.append(c)
+        got = sel.selections()
+        assert sum(got) == 40 and max(got) - min(got) <= 1, got
+        got_q = [0] * 4
+        _drain(socks, got_q, "tcp")
+        assert got_q == got
+        for c in clients:
+            c.close()
 
 
 def test_least_loaded_udp_spreads_by_receive_memory(netns):
     # nobody reads: each datagram goes to the socket with the least queued
-    socks, port = group(3, "udp")
-    sel = attach_policy(parse_policy("least-loaded"), socks)
-    for i in range(30):
-        c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        c.sendto(b"x", (HOST, port))
-        c.close()
-    got = sel.selections()
-    assert sum(got) == 30 and max(got) - min(got) <= 1, got
-    sel.close()
-    closing(socks)
+    with steered("least-loaded", 3, "udp") as (socks, port, sel):
+        for i in range(30):
+            c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            c.sendto(b"x", (HOST, port))
+            c.close()
+        got = sel.selections()
+        assert sum(got) == 30 and max(got) - min(got) <= 1, got
 
 
 def test_reattach_after_close_works_at_once(netns):
@@ -213,14 +203,11 @@ def test_reattach_after_close_works_at_once(netns):
 
 
 def test_mod_hashes_ipv4_clients_of_a_dual_stack_group(netns):
-    socks, port = group(4, "udp", host="::")
-    sel = attach_policy(parse_policy("mod"), socks)
-    got = drive(socks, port, 400, "udp", host="127.0.0.1")
-    assert sum(got) == 400 and chi_square_uniform_ok(got), got
-    got6 = drive(socks, port, 400, "udp", host="::1")
-    assert sum(got6) == 400 and chi_square_uniform_ok(got6), got6
-    sel.close()
-    closing(socks)
+    with steered("mod", 4, "udp", host="::") as (socks, port, sel):
+        got = drive(socks, port, 400, "udp", host="127.0.0.1")
+        assert sum(got) == 400 and chi_square_uniform_ok(got), got
+        got6 = drive(socks, port, 400, "udp", host="::1")
+        assert sum(got6) == 400 and chi_square_uniform_ok(got6), got6
 
 
 def test_bad_group_sizes():

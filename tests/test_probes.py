@@ -76,45 +76,34 @@ def paced_connections(port: int, n: int, pids=(), pause: float = 0.01) -> None:
 
 # --- exact counts ---------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", ["kernel", "round-robin"])
-def test_tcp_counts_match_connections(netns, strategies, policy):
+@pytest.mark.parametrize("proto,policy", [("tcp", "kernel"), ("tcp", "round-robin"),
+                                          ("udp", "kernel")])
+def test_counts_match_connections_and_datagrams(netns, strategies, proto, policy):
+    """TCP: one listener lookup per SYN (the handshake's ACK and every later
+    segment find the request/established socket in the ehash first) and one
+    data-ready on the chosen listener per completed handshake. UDP: one of
+    each per datagram."""
     n = 40
-    with group("tcp", policy=policy) as sup:
+    served = "accepts" if proto == "tcp" else "datagrams"
+    # UDP at concurrency 1: each datagram is read before the next arrives.
+    # (Since 6.15 UDP calls sk_data_ready only when the receive queue was
+    # empty, so a backlog would show fewer data-ready events.)
+    concurrency = 4 if proto == "tcp" else 1
+    with group(proto, policy=policy) as sup:
         sup.start()
         sup.wait_ready()
-        with ProbeSession(sup.port, "tcp", sup.pids().values(), strategies) as ps:
-            r = run_load(HOST, sup.port, "tcp", conns=n, concurrency=4)
+        with ProbeSession(sup.port, proto, sup.pids().values(), strategies) as ps:
+            r = run_load(HOST, sup.port, proto, conns=n, concurrency=concurrency)
             assert r.ok == n
-            t = settled_read(ps, lambda t: sum(counter(sup, "accepts")) == n)
-            # One listener lookup per SYN: the handshake's ACK and every later
-            # segment find the request/established socket in the ehash first.
+            t = settled_read(ps, lambda t: sum(counter(sup, served)) == n)
             assert t.lookups == n
-            assert t.lookups_by_class == {"tcp4": n, "tcp6": 0}
-            # One data-ready on the chosen listener per completed handshake.
+            assert t.lookups_by_class == {f"{proto}4": n, f"{proto}6": 0}
             assert sum(t.data_ready.values()) == n
             ready = per_slot(sup, t.data_ready)
-            assert ready == counter(sup, "accepts")
+            assert ready == counter(sup, served)
             if policy == "round-robin":
                 # The selector's own counters name the same sockets.
                 assert sup.selections() == ready == [n // WORKERS] * WORKERS
-
-
-def test_udp_counts_match_datagrams(netns, strategies):
-    n = 40
-    with group("udp") as sup:
-        sup.start()
-        sup.wait_ready()
-        with ProbeSession(sup.port, "udp", sup.pids().values(), strategies) as ps:
-            # Concurrency 1: each datagram is read before the next arrives.
-            # (Since 6.15 UDP calls sk_data_ready only when the receive queue
-            # was empty, so a backlog would show fewer data-ready events.)
-            r = run_load(HOST, sup.port, "udp", conns=n, concurrency=1)
-            assert r.ok == n
-            t = settled_read(ps, lambda t: sum(counter(sup, "datagrams")) == n)
-            assert t.lookups == n
-            assert t.lookups_by_class == {"udp4": n, "udp6": 0}
-            assert sum(t.data_ready.values()) == n
-            assert per_slot(sup, t.data_ready) == counter(sup, "datagrams")
 
 
 # --- wakeups per data-ready ------------------------------------------------------

@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from reuseport_ctl.kernel.sockets import port_holders
+from reuseport_ctl.verify.isolation import as_nobody
 from test_workers import http_conn
 
 EXE = shutil.which("reuseport-ctl", path=os.path.dirname(sys.executable)) or "reuseport-ctl"
@@ -46,26 +47,19 @@ def stop_run(p: subprocess.Popen, sig=signal.SIGTERM) -> dict:
 
 
 def _squatter(proto: str, port: int, reuseport: bool):
-    """A socket on the port held by a child running as nobody."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            s = socket.socket(type=socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
-            s.bind(("127.0.0.1", port))
-            if proto == "tcp":
-                s.listen()
-            os.write(w, b"1")
-            signal.pause()
-        finally:
-            os._exit(0)
-    os.close(w)
-    assert os.read(r, 1) == b"1"
-    os.close(r)
-    return pid
+    """A socket on the port held by a child running as nobody, until the
+    returned release() (verify's as_nobody)."""
+    def bind():
+        s = socket.socket(type=socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
+        s.bind(("127.0.0.1", port))
+        if proto == "tcp":
+            s.listen()
+        bind.keep = s
+        return {"port": port}
+    got, release = as_nobody(bind, hold=True)
+    assert got == {"port": port}, got
+    return release
 
 
 # --- output -------------------------------------------------------------------
@@ -177,12 +171,11 @@ def test_user_nobody(netns):
 
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_port_owned_by_another_uid(netns, cli, proto):
-    squatter = _squatter(proto, 8080, reuseport=True)
+    release = _squatter(proto, 8080, reuseport=True)
     try:
         p = cli("run", "--workers", 2, "--port", 8080, "--proto", proto, "--duration", 1)
     finally:
-        os.kill(squatter, signal.SIGKILL)
-        os.waitpid(squatter, 0)
+        release()
     assert p.returncode == 1
     assert p.stderr.strip() == (
         "reuseport-ctl: port 8080 is owned by uid 65534; the kernel's SO_REUSEPORT "

@@ -51,7 +51,8 @@ def group(proto="tcp", workers=WORKERS, policy="kernel") -> Supervisor:
 
 class Watcher:
     """A `reuseport-ctl watch ...` process; started() returns once it has
-    attached its probes (its first stderr line)."""
+    attached its probes (its first stderr line). As a context manager, it is
+    killed at the end of the block if it still runs."""
 
     def __init__(self, *args, preexec=None, **kw):
         self.p = subprocess.Popen([EXE, "watch", *map(str, args)], stdout=subprocess.PIPE,
@@ -86,6 +87,12 @@ class Watcher:
         if self.p.poll() is None:
             self.p.kill()
             self.p.communicate()
+
+    def __enter__(self) -> "Watcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill()
 
 
 def held_bpf_ids(pid: int) -> set[tuple[str, int]]:
@@ -149,9 +156,8 @@ def test_ndjson_accounts_for_every_connection(netns, strategies, proto):
     with group(proto) as sup:
         sup.start()
         sup.wait_ready()
-        w = Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
-                    "--duration", 3)
-        try:
+        with Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
+                     "--duration", 3) as w:
             said = w.started()
             assert f"watching {proto} 127.0.0.1:{sup.port} ({WORKERS} workers" in said
             # UDP one at a time: since 6.15 a datagram queued behind another
@@ -161,8 +167,6 @@ def test_ndjson_accounts_for_every_connection(netns, strategies, proto):
             assert r.ok == n
             settle(lambda: sum(counters(sup, field)), n)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
         assert code == 0, err
         assert len(lines) >= 4                      # ~3 s at 0.5 s, each on its own line
         for d in lines:
@@ -203,8 +207,7 @@ def test_spurious_wakeups_of_another_server_are_opt_in(netns, strategies, spurio
         sup.wait_ready()
         args = ["--spurious"] if spurious else []
         before_ids = set(bpf.prog_names())
-        w = Watcher("--port", sup.port, "--json", "--interval", 0.5, "--duration", 3, *args)
-        try:
+        with Watcher("--port", sup.port, "--json", "--interval", 0.5, "--duration", 3, *args) as w:
             w.started()
             loaded = {name for i, name in bpf.prog_names().items() if i not in before_ids}
             eagain0 = counters(sup, "eagain")
@@ -212,8 +215,6 @@ def test_spurious_wakeups_of_another_server_are_opt_in(netns, strategies, spurio
             assert r.ok == n
             settle(lambda: sum(counters(sup, "accepts")), n)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
         assert code == 0, err
         assert "rp_wk_raw" in loaded or "rp_wk_tp" in loaded       # wakeups are on
         assert ("rp_ea_tp" in loaded) == spurious
@@ -241,9 +242,8 @@ def test_a_listener_shared_without_reuseport(netns, strategies, proto, model, sp
         sup.start()
         sup.wait_ready()
         args = ["--spurious"] if spurious else []
-        w = Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
-                    "--duration", 3, *args)
-        try:
+        with Watcher("--port", sup.port, "--proto", proto, "--json", "--interval", 0.5,
+                     "--duration", 3, *args) as w:
             said = w.started()
             assert f"({WORKERS} workers" in said
             accepts0 = counters(sup, field)
@@ -254,8 +254,6 @@ def test_a_listener_shared_without_reuseport(netns, strategies, proto, model, sp
             settle(lambda: sum(counters(sup, field)), n)
             time.sleep(0.3)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
         assert code == 0, err
         last = lines[-1]
         assert sorted(x["pid"] for x in last["workers"]) == sorted(sup.pids().values())
@@ -345,15 +343,12 @@ def nginx(netns, tmp_path):
 def test_watching_nginx_shows_its_workers_and_shares(nginx, strategies):
     port, master, workers = nginx
     n = 300
-    w = Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3)
-    try:
+    with Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3) as w:
         said = w.started()
         assert "(2 workers" in said
         r = run_load(HOST, port, "tcp", conns=n, concurrency=4)
         assert r.ok == n
         code, lines, err = w.finish()
-    finally:
-        w.kill()
     assert code == 0, err
     last = lines[-1]
     check_line(last, port, "tcp")
@@ -373,8 +368,8 @@ def test_watching_nginx_without_reuseport(netns, tmp_path, strategies):
     a second port, whose connections must not be counted."""
     port, other, n = 18183, 18184, 200
     with start_nginx(port, tmp_path, reuseport=False, also=other) as (p, workers):
-        w = Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3, "--spurious")
-        try:
+        with Watcher("--port", port, "--json", "--interval", 0.5, "--duration", 3,
+                     "--spurious") as w:
             said = w.started()
             assert "(2 workers" in said
             assert run_load(HOST, other, "tcp", conns=50, concurrency=4).ok == 50
@@ -382,8 +377,6 @@ def test_watching_nginx_without_reuseport(netns, tmp_path, strategies):
             assert r.ok == n
             time.sleep(0.3)
             code, lines, err = w.finish()
-        finally:
-            w.kill()
     assert code == 0, err
     last = lines[-1]
     check_line(last, port, "tcp")
@@ -401,8 +394,7 @@ def test_wait_then_a_group_appears_and_a_worker_restarts(netns, strategies):
     join), a worker is killed and restarted (its row goes, the new one comes),
     and the view stays up throughout."""
     port = 18282
-    w = Watcher("--port", port, "--json", "--interval", 0.3, "--wait", "--duration", 6)
-    try:
+    with Watcher("--port", port, "--json", "--interval", 0.3, "--wait", "--duration", 6) as w:
         said = w.started(until=b"waiting")
         assert "nothing listens on tcp port 18282 yet; waiting" in said
         time.sleep(0.7)
@@ -422,8 +414,6 @@ def test_wait_then_a_group_appears_and_a_worker_restarts(netns, strategies):
             final = set(sup.pids().values())
             time.sleep(1.0)
             code, lines, err = w.finish(timeout=30)
-    finally:
-        w.kill()
     assert code == 0, err
     assert "Traceback" not in err
     for d in lines:
@@ -574,3 +564,30 @@ def test_a_kernel_without_data_ready_says_what_is_still_shown(netns):
             assert all(r.accepts is None and r.data_ready is None for r in f.rows)
             if chosen["lookup"].name != "none":
                 assert f.lookups == 10
+
+
+PIDNS_SCRIPT = """
+R={exe}
+$R run --workers 2 --port 8080 --duration 60 >/dev/null 2>&1 &
+$R watch --port 8080 --wait --json --interval 0.5 --duration 12 >{out} 2>{err} &
+w=$!
+while ! grep -q watching {err}; do sleep 0.2; done
+$R load --port 8080 --conns 100 >/dev/null
+wait $w
+"""
+
+
+def test_in_a_pid_namespace_of_its_own_wakeups_are_unknown_not_zero(netns, tmp_path):
+    """In a container's pid namespace the kernel's pids (what BPF sees) are
+    not the pids /proc shows: wakeups are said to be not counted (null), and
+    the per-socket counts stay exact."""
+    exe = os.path.join(os.path.dirname(sys.executable), "reuseport-ctl")
+    out, err = tmp_path / "out", tmp_path / "err"
+    script = PIDNS_SCRIPT.format(exe=exe, out=out, err=err)
+    subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", script],
+                   check=True, timeout=90)
+    last = json.loads(out.read_text().splitlines()[-1])
+    assert last["wakeups_strategy"] == "none" and last["wakeups"] is None
+    assert all(r["wakeups"] is None for r in last["workers"])
+    assert last["data_ready"] == 100 and sum(r["accepts"] for r in last["workers"]) == 100
+    assert "pid namespace of its own" in err.read_text()

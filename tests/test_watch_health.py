@@ -98,8 +98,7 @@ def test_a_process_outside_the_server_joining_the_group_is_named(netns, tmp_path
     with group("tcp", workers=2) as sup:
         sup.start()
         sup.wait_ready()
-        w = Watcher("--port", sup.port, "--json", "--interval", INTERVAL)
-        try:
+        with Watcher("--port", sup.port, "--json", "--interval", INTERVAL) as w:
             w.started()
             lines_until(w, lambda d: len(d["workers"]) == 2)
             # an unrelated process: its parent exits at once (setsid -f), so it
@@ -126,8 +125,6 @@ def test_a_process_outside_the_server_joining_the_group_is_named(netns, tmp_path
                 assert len(rows) == 3 and sum(1 for r in rows if not r["outside"]) == 2
             finally:
                 os.kill(joiner, signal.SIGKILL)
-        finally:
-            w.kill()
 
 
 def test_a_sick_member_of_our_own_group_is_named_too(netns):

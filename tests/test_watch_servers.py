@@ -35,14 +35,11 @@ def haproxy_thread(row: dict, pid: int) -> int:
 def watch_lines(port: int, load, *args) -> list[dict]:
     """Run `watch --json` around load() (once the probes are attached), and
     return its lines, the last one taken after load() returned."""
-    w = Watcher("--port", port, "--json", "--interval", 0.5, *args)
-    try:
+    with Watcher("--port", port, "--json", "--interval", 0.5, *args) as w:
         w.started()
         load()
         time.sleep(1.2)                     # at least one line after the load
         code, lines, err = w.finish(signal.SIGTERM)
-    finally:
-        w.kill()
     assert code == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     return lines
@@ -206,16 +203,13 @@ def test_every_total_starts_when_the_watch_does(netns, strategies):
                                   stdout=subprocess.PIPE, text=True)
         try:
             time.sleep(1.0)                 # the load is steady before the watch begins
-            w = Watcher("--port", sup.port, "--json", "--interval", 2, "--spurious")
-            try:
+            with Watcher("--port", sup.port, "--json", "--interval", 2, "--spurious") as w:
                 w.started()
                 deadline = time.monotonic() + 30
                 line = b""
                 while not line.endswith(b"\n") and time.monotonic() < deadline:
                     line += w.p.stdout.readline()
                 code, lines, err = w.finish(signal.SIGTERM)
-            finally:
-                w.kill()
         finally:
             client.kill()
             out, _ = client.communicate()

@@ -1,10 +1,47 @@
 """CLI plumbing shared by the verbs (no commands here)."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import Callable, Optional
+
+import click
 
 from ..errors import UserError
+
+
+def proto_option(default: str = "tcp", help: Optional[str] = None):
+    """--proto tcp|udp (--help lists the default first)."""
+    other = "udp" if default == "tcp" else "tcp"
+    return click.option("--proto", type=click.Choice([default, other]), default=default,
+                        show_default=True, help=help)
+
+
+def json_option(help: str = "Print the report as one JSON object."):
+    """--json, passed as as_json."""
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def plot_option(help: str):
+    """--plot FILE (check it with check_output_path before the work starts)."""
+    return click.option("--plot", type=click.Path(dir_okay=False), default=None, help=help)
+
+
+host_netns_option = click.option(
+    "--host-netns", is_flag=True,
+    help="Run in the caller's network namespace instead of a private one.")
+
+
+def print_report(rep, as_json: bool, render: Callable, width: int,
+                 plot: Optional[str] = None) -> None:
+    """An experiment's report: JSON, or rendered for the terminal (`width`
+    columns when piped), then where its plot went."""
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+        return
+    console(width=width).print(render(rep))
+    if plot:
+        click.echo(f"plot: {plot}")
 
 
 def check_output_path(path: Optional[str], option: str = "--plot",
@@ -57,13 +94,14 @@ def in_range(lo: int, hi: int | None = None):
     return check
 
 
-def console(stderr: bool = False):
+def console(stderr: bool = False, width: int = 200):
     """A rich Console that fits the terminal, and never cuts a table when the
-    output is a file or a pipe (which has no width: rich would assume 80)."""
+    output is a file or a pipe (which has no width: rich would assume 80):
+    then it is `width` columns, the verb's widest table."""
     from rich.console import Console
     c = Console(stderr=stderr)
     if not c.is_terminal:
-        c.width = 200
+        c.width = width
     return c
 
 

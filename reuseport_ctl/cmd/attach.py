@@ -13,7 +13,7 @@ import click
 
 from .. import pins
 from ..signals import Stopped
-from ._common import console, in_range
+from ._common import console, in_range, json_option, proto_option
 from ..kernel.owners import process_name
 from ..policies import help_text as policy_names
 from ..ui.attach_view import (render_attach, render_detach, render_follow_event,
@@ -62,11 +62,17 @@ socket on the port is not in the policy (run attach --follow to keep it in
 force). Pins whose network namespace is gone are reported and removed.
 """
 
-proto_opt = click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp",
-                         show_default=True)
 port_opt = click.option("--port", type=int, required=True, callback=in_range(1, 65535),
                         help="The group's local port.")
-json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+json_opt = json_option("Print one JSON object.")
+
+
+def which_group(fn):
+    """--pid, --host and --proto: which group on the port."""
+    fn = proto_option()(fn)
+    fn = click.option("--host", help="The group's local address (when several groups match).")(fn)
+    return click.option("--pid", type=int,
+                        help="A process of the server (when several groups match).")(fn)
 
 
 def _with_names(d: dict) -> dict:
@@ -77,9 +83,7 @@ def _with_names(d: dict) -> dict:
 
 @click.command("attach", epilog=ATTACH_EPILOG)
 @port_opt
-@click.option("--pid", type=int, help="A process of the server (when several groups match).")
-@click.option("--host", help="The group's local address (when several groups match).")
-@proto_opt
+@which_group
 @click.option("--policy", required=True,
               help="One of: " + policy_names(steering_only=True) + " (detach goes back to "
                    "the kernel's own hash).")
@@ -143,9 +147,7 @@ def _follow(port: int, proto: str, stop: threading.Event, as_json: bool) -> None
 
 @click.command("detach", epilog=DETACH_EPILOG)
 @port_opt
-@click.option("--pid", type=int, help="A process of the server (when several groups match).")
-@click.option("--host", help="The group's local address (when several groups match).")
-@proto_opt
+@which_group
 @click.option("--force", is_flag=True,
               help="Also remove a program that reuseport-ctl did not attach.")
 @json_opt
@@ -161,7 +163,7 @@ def detach(port, pid, host, proto, force, as_json):
 @click.command("status", epilog=STATUS_EPILOG)
 @click.option("--port", type=int, callback=in_range(1, 65535),
               help="The group's local port (default: every pin).")
-@proto_opt
+@proto_option()
 @json_opt
 def status(port, proto, as_json):
     """The attached policy, how often its program chose each slot, and

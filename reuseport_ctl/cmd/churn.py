@@ -1,14 +1,15 @@
 """reuseport-ctl churn: workers join and leave under load; count the damage."""
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
 from ..errors import UserError
-from ._common import check_output_path, with_step_progress
+from ._common import (check_output_path, host_netns_option, json_option, plot_option,
+                      print_report, with_step_progress)
 from ..experiments import churn as ex
+from ..ui.churn_view import render
 
 EPILOG = """\b
 Examples:
@@ -54,11 +55,9 @@ everything runs in a private network namespace.
               help="Client connections in flight.")
 @click.option("--timeout", type=float, default=1.0, show_default=True,
               help="The client's timeout per connection, seconds.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG plot here.")
-@click.option("--host-netns", is_flag=True,
-              help="Run in the caller's network namespace instead of a private one.")
+@json_option()
+@plot_option("Write a PNG plot here.")
+@host_netns_option
 def churn(workers, duration, add_every, remove_every, sequence, linger, modes, queued,
           queued_modes, host, port, backlog, concurrency, timeout, as_json, plot, host_netns):
     """Workers join and leave a reuseport group under steady load; count every
@@ -88,18 +87,7 @@ def churn(workers, duration, add_every, remove_every, sequence, linger, modes, q
     if plot:
         from ..ui.churn_plot import write_plot
         write_plot(rep, plot)
-    if as_json:
-        click.echo(json.dumps(rep, indent=2))
-    else:
-        from rich.console import Console
-
-        from ..ui.churn_view import render
-        console = Console()
-        if not console.is_terminal:
-            console.width = 140
-        console.print(render(rep))
-        if plot:
-            click.echo(f"plot: {plot}")
+    print_report(rep, as_json, render, width=140, plot=plot)
 
 
 def _run(cfg: ex.ChurnConfig, netns: str, quiet: bool) -> dict:

@@ -6,11 +6,11 @@ import os
 import sys
 
 import click
-from rich.console import Console
 
 from ..kernel import features
 from ..probes.strategy import choose
 from ..ui.doctor_view import COMPACT_BELOW, doctor_report, render_doctor
+from ._common import console, json_option
 
 EPILOG = """\b
 Examples:
@@ -29,24 +29,22 @@ a header tree for bcc is prepared.
 
 
 @click.command("doctor", epilog=EPILOG)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@json_option()
 def doctor(as_json):
     """Probe every kernel facility reuseport-ctl uses, say what still works
     without each missing one, and show the attach strategy of every probe."""
-    console = Console()
+    out = console(width=160)        # piped: the wide table, nothing cut or squeezed
     if as_json or not sys.stdout.isatty():
         facs = features.probe_all()
     else:
-        with console.status("probing the kernel…"):
+        with out.status("probing the kernel…"):
             facs = features.probe_all()
     report = doctor_report(os.uname().release, features.CORE, facs, choose(facs),
                            features.header_tree_info())
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        if not console.is_terminal:
-            console.width = 160     # piped: the wide table, nothing cut or squeezed
-        console.print(render_doctor(report, compact=console.width < COMPACT_BELOW))
+        out.print(render_doctor(report, compact=out.width < COMPACT_BELOW))
     sys.exit(0 if report["core_ok"] else 1)
 
 

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import UserError
-from ._common import in_range, seconds
+from ._common import in_range, json_option, proto_option, seconds
 from ..load.client import run_load
 from ..ui.load_view import render_load
 
@@ -36,7 +36,7 @@ other.
 @click.option("--host", default="127.0.0.1", show_default=True, help="Server address or name.")
 @click.option("--port", type=int, required=True, callback=in_range(1, 65535),
               help="Server port.")
-@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@proto_option()
 @click.option("--conns", type=int, default=None, callback=in_range(1, 10**9),
               help="Connections (TCP) or datagrams (UDP) to make  [default: 1000, or no "
                    "limit with --duration].")
@@ -55,7 +55,7 @@ other.
               callback=seconds(0, 3600),
               help="Seconds to wait for each reply.")
 @click.option("--path", default="/", show_default=True, help="HTTP path to GET.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@json_option("Print the result as one JSON object.")
 def load(host, port, proto, conns, duration, concurrency, processes, requests_per_conn,
          timeout, path, as_json):
     """Drive a server with the built-in load client and report rate, errors

@@ -2,15 +2,16 @@
 its sockets over loses what."""
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
 from ..errors import UserError
 from ..signals import Stopped
-from ._common import check_output_path, console, in_range, with_step_progress
+from ._common import (check_output_path, host_netns_option, in_range, json_option, plot_option,
+                      print_report, with_step_progress)
 from ..experiments import reload as ex
+from ..ui.reload_view import render
 
 EPILOG = """\b
 Examples:
@@ -87,11 +88,9 @@ rebinding server (HAProxy -sf without expose-fd listeners, gunicorn
               help="Measure a real server on --port instead: CMD reloads it.")
 @click.option("--migrate-req", type=click.IntRange(0, 1), default=None,
               help="With --exec: net.ipv4.tcp_migrate_req for the run (restored after).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
-@click.option("--plot", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG plot (failures per 10k per mode and load) here.")
-@click.option("--host-netns", is_flag=True,
-              help="Run in the caller's network namespace instead of a private one.")
+@json_option()
+@plot_option("Write a PNG plot (failures per 10k per mode and load) here.")
+@host_netns_option
 def reload(modes, loads, workers, reloads, duration, queued, linger, keepalive_requests,
            host, port, backlog, concurrency, timeout, udp_timeout, command, migrate_req,
            as_json, plot, host_netns):
@@ -142,17 +141,11 @@ def reload(modes, loads, workers, reloads, duration, queued, linger, keepalive_r
 
 
 def _report(rep: dict, as_json: bool, plot) -> None:
-    if plot and rep["runs"]:
+    plot = plot if rep["runs"] else None
+    if plot:
         from ..ui.reload_plot import write_plot
         write_plot(rep, plot)
-    if as_json:
-        click.echo(json.dumps(rep, indent=2))
-    else:
-        from ..ui.reload_view import render
-        out = console()
-        out.print(render(rep))
-        if plot and rep["runs"]:
-            click.echo(f"plot: {plot}")
+    print_report(rep, as_json, render, width=200, plot=plot)
     if rep["interrupted"]:
         raise Stopped(rep["interrupted"])      # after printing the steps done
 

@@ -2,13 +2,14 @@
 gains or loses a member, per selection policy, measured and in theory."""
 from __future__ import annotations
 
-import json
 import os
 
 import click
 
 from ..errors import UserError
-from ._common import check_output_path, in_range, with_progress
+from ._common import (check_output_path, host_netns_option, in_range, json_option, plot_option,
+                      print_report, proto_option, with_progress)
+from ..ui.remap_view import render_remap
 
 EPILOG = """\b
 Examples:
@@ -31,18 +32,15 @@ def machine_label() -> str:
               help="Group sizes LO-HI: joins LO→HI, then leaves HI→LO, one socket at a time.")
 @click.option("--flows", type=int, default=2000, show_default=True, callback=in_range(1, 10**6),
               help="Fixed flows (source ports) sent in every round.")
-@click.option("--proto", type=click.Choice(["udp", "tcp"]), default="udp", show_default=True,
-              help="udp: one datagram per flow; tcp: one connection per flow.")
+@proto_option("udp", help="udp: one datagram per flow; tcp: one connection per flow.")
 @click.option("--change", "changes", default="join,leave", show_default=True,
               help="Which membership changes to report: join, leave or both.")
 @click.option("--remove", default="last", show_default=True,
               help="Which slot leaves: last, first or a slot number.")
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG plot of moved fraction against N.")
-@click.option("--host-netns", is_flag=True,
-              help="Run in the caller's network namespace instead of a private one.")
-def remap(policies, sizes, flows, proto, changes, remove, as_json, plot_path, host_netns):
+@json_option("Print the rows as a JSON list.")
+@plot_option("Write a PNG plot of moved fraction against N.")
+@host_netns_option
+def remap(policies, sizes, flows, proto, changes, remove, as_json, plot, host_netns):
     """Measure how many flows move to another socket when one socket joins or
     leaves a SO_REUSEPORT group, for the kernel's default selection and the
     hash policies, beside the fraction each policy's mapping predicts.
@@ -50,7 +48,7 @@ def remap(policies, sizes, flows, proto, changes, remove, as_json, plot_path, ho
     A fixed set of flows is sent to a live group, the group changes by one
     socket, the same flows are sent again; a flow moved if another socket
     received it. Runs in a private network namespace."""
-    check_output_path(plot_path)
+    check_output_path(plot)
     from ..experiments import remap as rx
     lo, hi = rx.parse_sizes(sizes)
     change_list = [c.strip() for c in changes.split(",") if c.strip()]
@@ -65,21 +63,11 @@ def remap(policies, sizes, flows, proto, changes, remove, as_json, plot_path, ho
     rows = with_progress(lambda progress: rx.run_remap(
         pols, lo, hi, flows, proto, change_list, remove, progress=progress),
         rx.steps(pols, lo, hi, change_list), "remap")
-    if plot_path:
+    if plot:
         from ..ui.remap_plot import plot_remap
-        plot_remap(rows, plot_path, machine_label())
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    from rich.console import Console
-
-    from ..ui.remap_view import render_remap
-    console = Console()
-    if not console.is_terminal:
-        console.width = 120
-    console.print(render_remap(rows, f"{machine_label()} · {proto} · "))
-    if plot_path:
-        console.print(f"plot: {plot_path}")
+        plot_remap(rows, plot, machine_label())
+    print_report(rows, as_json, lambda r: render_remap(r, f"{machine_label()} · {proto} · "),
+                 width=120, plot=plot)
 
 
 COMMANDS = [remap]

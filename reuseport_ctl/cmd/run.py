@@ -13,7 +13,7 @@ from ..kernel.process import usable_cpus
 from ..policies import help_text as policy_names
 from ..policies import parse_policy
 from ..signals import Stopped
-from ._common import bind_address, in_range
+from ._common import bind_address, console, in_range, json_option, proto_option
 from ..workers.supervisor import MODELS, RunConfig, Supervisor, client_host, parse_cpus
 
 EPILOG = """\b
@@ -33,7 +33,7 @@ Examples:
               help="Address to bind: IPv4 or IPv6, specific or wildcard (0.0.0.0, ::).")
 @click.option("--port", "-p", type=int, callback=in_range(0, 65535), default=8080, show_default=True,
               help="Port to bind; 0 lets the kernel pick one.")
-@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@proto_option()
 @click.option("--model", "-m", type=click.Choice(MODELS), default="reuseport", show_default=True,
               help="How workers share the traffic.")
 @click.option("--policy", default="kernel", show_default=True,
@@ -49,7 +49,7 @@ Examples:
               help="Without --load: stop after this many seconds [default: at Ctrl-C or SIGTERM].")
 @click.option("--load", "load_n", type=int, callback=in_range(1, 10**9), default=None, metavar="N",
               help="Once the workers are up, make N connections (or datagrams) and stop.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@json_option("Print the summary as one JSON object.")
 @click.option("--watch", "watch", is_flag=True,
               help="Without --load: show the live `watch` dashboard while serving (q quits).")
 def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration, load_n,
@@ -101,13 +101,8 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     else:
-        from rich.console import Console
-
         from ..ui.summary import summary
-        console = Console()
-        if not console.is_terminal:
-            console.width = 100     # a file or pipe has no width: do not cut the columns
-        console.print(summary(rep))
+        console(width=100).print(summary(rep))
     if failed is not None:
         raise failed
     if sup.stop_signal:
@@ -124,12 +119,12 @@ def _serve(sup: Supervisor, duration, live: bool) -> None:
     from rich.live import Live
 
     from ..ui.summary import live_line
-    console = Console(stderr=True)
-    if not (live and console.is_terminal):
+    err = Console(stderr=True)
+    if not (live and err.is_terminal):
         return sup.serve(duration)
     t0 = time.monotonic()
     # No refresh thread: we fork restarted workers from this process.
-    with Live(console=console, auto_refresh=False, transient=True) as view:
+    with Live(console=err, auto_refresh=False, transient=True) as view:
         sup.serve(duration, on_tick=lambda s: view.update(
             live_line(s.report(), time.monotonic() - t0), refresh=True))
 

@@ -2,12 +2,12 @@
 UDP sockets on one local port, and whether this kernel has the 4-tuple hash."""
 from __future__ import annotations
 
-import json
-
 import click
 
 from ..errors import UserError
-from ._common import check_output_path, in_range, seconds, with_progress
+from ._common import (check_output_path, host_netns_option, in_range, json_option, plot_option,
+                      print_report, seconds, with_progress)
+from ..ui.udp_lookup_view import render_udp_lookup
 
 EPILOG = """\b
 Examples:
@@ -48,19 +48,16 @@ def _ns(spec: str) -> list[int]:
 @click.option("--early-demux", is_flag=True,
               help="Leave net.ipv4.udp_early_demux as it is (by default it is off for the run).")
 @click.option("--no-probe", is_flag=True, help="Do not attach the lookup latency probe.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
-              help="Write a PNG plot of µs per datagram against N.")
-@click.option("--host-netns", is_flag=True,
-              help="Run in the caller's network namespace instead of a private one.")
-def udp_lookup(n_spec, path, seconds, rounds, early_demux, no_probe, as_json, plot_path,
-               host_netns):
+@json_option("Print the result as one JSON object.")
+@plot_option("Write a PNG plot of µs per datagram against N.")
+@host_netns_option
+def udp_lookup(n_spec, path, seconds, rounds, early_demux, no_probe, as_json, plot, host_netns):
     """Measure what a received UDP datagram costs when one local port holds N
     connected UDP sockets (one reuseport group, each connected to its own
     client 4-tuple, plus one unconnected socket), for datagrams from a
     connected peer and from a new client, and say whether this kernel hashes
     connected UDP sockets by 4-tuple (Linux 6.13+)."""
-    check_output_path(plot_path)
+    check_output_path(plot)
     from ..experiments import udp_lookup as ux
     ns = _ns(n_spec)
     paths = ux.PATHS if path == "both" else (path,)
@@ -70,21 +67,10 @@ def udp_lookup(n_spec, path, seconds, rounds, early_demux, no_probe, as_json, pl
     out = with_progress(lambda progress: ux.run_udp_lookup(
         ns, seconds, rounds, paths, probe=not no_probe, early_demux=early_demux,
         progress=progress), ux.steps(ns, paths, rounds), "udp-lookup")
-    if plot_path:
+    if plot:
         from ..ui.udp_lookup_view import plot_udp_lookup
-        plot_udp_lookup(out, plot_path)
-    if as_json:
-        click.echo(json.dumps(out, indent=2))
-        return
-    from rich.console import Console
-
-    from ..ui.udp_lookup_view import render_udp_lookup
-    console = Console()
-    if not console.is_terminal:
-        console.width = 120
-    console.print(render_udp_lookup(out))
-    if plot_path:
-        console.print(f"plot: {plot_path}")
+        plot_udp_lookup(out, plot)
+    print_report(out, as_json, render_udp_lookup, width=120, plot=plot)
 
 
 COMMANDS = [udp_lookup]

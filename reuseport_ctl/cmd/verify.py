@@ -11,6 +11,7 @@ from rich.console import Console
 
 from ..errors import UserError
 from ..ui import verify_view as V
+from ._common import json_option
 
 EPILOG = """\b
 Examples:
@@ -35,8 +36,7 @@ if any check failed.
 
 @click.command("verify", epilog=EPILOG)
 @click.option("--tap", is_flag=True, help="Print TAP (prove-compatible) instead of a table.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print a JSON list of {name, selftest, status, detail, seconds}.")
+@json_option("Print a JSON list of {name, selftest, status, detail, seconds}.")
 @click.option("--junit", "junit", type=click.Path(dir_okay=False), metavar="FILE",
               help="Also write JUnit XML to FILE.")
 @click.option("--only", "only", multiple=True, metavar="PATTERN",

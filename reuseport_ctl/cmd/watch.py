@@ -9,6 +9,7 @@ import click
 
 from ..kernel import diag
 from ..signals import Stopped
+from ._common import json_option, proto_option
 from ..watching import (ForeignSource, Stop, Watch, check_options, loop, nothing_listening,
                         require_probe_caps)
 
@@ -43,7 +44,7 @@ attached. q, Ctrl-C or SIGTERM quits and detaches every probe.
 
 @click.command(epilog=EPILOG)
 @click.option("--port", "-p", type=int, required=True, help="The group's local port.")
-@click.option("--proto", type=click.Choice(["tcp", "udp"]), default="tcp", show_default=True)
+@proto_option()
 @click.option("--host", default=None, help="The group's local address (when several match).")
 @click.option("--pid", type=int, default=None,
               help="A process of the server (when several groups match).")
@@ -51,8 +52,7 @@ attached. q, Ctrl-C or SIGTERM quits and detaches every probe.
               help="Seconds between updates.")
 @click.option("--duration", "-d", type=float, default=None,
               help="Stop after this many seconds [default: at q, Ctrl-C or SIGTERM].")
-@click.option("--json", "as_json", is_flag=True,
-              help="One JSON object per interval, one per line (NDJSON), instead of the view.")
+@json_option("One JSON object per interval, one per line (NDJSON), instead of the view.")
 @click.option("--prometheus", metavar="[ADDR:]PORT", default=None,
               help="Serve the numbers as Prometheus metrics on ADDR:PORT/metrics "
                    "(ADDR defaults to 127.0.0.1).")

@@ -208,10 +208,10 @@ SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema",
           "title": "reuseport-ctl bench --json", "type": "array", "items": POINT_SCHEMA}
 
 
-def check_schema(doc) -> list[str]:
-    """A small hand check of SCHEMA (required keys, types, enums, minimums):
-    the problems found, [] when doc conforms."""
-    return _check(doc, SCHEMA, "$")
+def check_schema(doc, schema: dict = SCHEMA) -> list[str]:
+    """A small hand check of a JSON schema (required keys, types, enums,
+    minimums), SCHEMA by default: the problems found, [] when doc conforms."""
+    return _check(doc, schema, "$")
 
 
 _TYPES = {"object": dict, "array": list, "string": str, "null": type(None),
@@ -538,6 +538,7 @@ class Row:
     saturated: list[str]        # named in a majority of repeats
     errors: int
     stall: Optional[str] = None     # the stall this row ran under (None: none)
+    latency_cdf: list = field(default_factory=list)  # [[percentile, ms], ...]: median of the repeats'
     cpu: dict = field(default_factory=dict)   # medians, % of one core: client (per process), busiest
                                 # worker, acceptor (None), machine (all CPUs, everyone's)
 
@@ -576,12 +577,23 @@ def summarize(result: BenchResult) -> list[Row]:
             counts=[p.counts for p in ps],
             saturated=[s for s, k in sat_votes.items() if 2 * k > len(ps)],
             errors=sum(p.errors for p in ps), stall=stall,
+            latency_cdf=median_cdf([p.latency_cdf for p in ps]),
             cpu={"client": statistics.median(p.cpu["client"] for p in ps),
                  "worker": statistics.median(max(p.cpu["workers"], default=0.0) for p in ps),
                  "acceptor": (statistics.median(p.cpu["acceptor"] for p in ps)
                               if ps[0].cpu["acceptor"] is not None else None),
                  "machine": statistics.median(p.cpu["machine"] for p in ps)}))
     return rows
+
+
+def median_cdf(cdfs: Sequence[list]) -> list[list[float]]:
+    """[[q, ms], ...]: at each percentile q, the median of the repeats' latencies
+    (every repeat samples the same percentiles, load.latency.CDF_QS)."""
+    cdfs = [c for c in cdfs if c]
+    if not cdfs:
+        return []
+    return [[q, statistics.median(c[i][1] for c in cdfs)]
+            for i, (q, _) in enumerate(min(cdfs, key=len))]
 
 
 def imbalances(rows: Sequence[Row], threshold: float = IMBALANCED) -> dict[str, list[Row]]:
@@ -617,5 +629,5 @@ def stall_table(rows: Sequence[Row]) -> list[dict]:
 
 __all__ = ["BenchConfig", "BenchResult", "Point", "Row", "Setup", "Spread", "SCHEMA",
            "DEFAULT_MODELS", "DEFAULT_POLICIES", "DEFAULT_CONCURRENCY", "DEFAULT_WORK_US",
-           "check_schema", "environment", "stall_table", "STALL_POLICIES", "imbalances", "parse_int_list", "run_bench",
+           "check_schema", "environment", "median_cdf", "stall_table", "STALL_POLICIES", "imbalances", "parse_int_list", "run_bench",
            "saturated", "setups_for", "split_policies", "summarize", "worst", "POLICY_NAMES"]

@@ -54,6 +54,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from ..closing import Closing
 from ..errors import UserError
 from ..kernel import children
 from ..kernel import sockets as ksock
@@ -197,7 +198,7 @@ class _Member:
     joined: float
 
 
-class Group:
+class Group(Closing):
     """A reuseport group whose workers join and leave at run time.
 
         with Group("127.0.0.1", 0, 1024, program) as g:
@@ -214,12 +215,6 @@ class Group:
         self._leaving: list[tuple[int, socket.socket]] = []    # (pid, ctl) finishing up
         self._me = os.getpid()
         self._closed = False
-
-    def __enter__(self) -> "Group":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def live(self) -> list[int]:
         """Live slots, oldest first."""

@@ -23,6 +23,7 @@ from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, Gaug
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector
 
+from ..closing import Closing
 from ..errors import UserError
 from ..stats.live import Frame, GroupInfo, rx_by
 
@@ -186,7 +187,7 @@ def _gauge(name: str, help_: str, labels: list[str], value: float) -> GaugeMetri
     return m
 
 
-class Exporter:
+class Exporter(Closing):
     """The HTTP endpoint; close() stops the server thread and frees the port."""
 
     def __init__(self, addr: str, port: int):
@@ -212,12 +213,6 @@ class Exporter:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
-
-    def __enter__(self) -> "Exporter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 def _endpoint(addr: str, port: int) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import socket
 
-import psutil
 from pyroute2 import DiagSocket
 from pyroute2.netlink.diag import SS_CLOSE_WAIT, SS_ESTABLISHED
 
@@ -31,22 +30,6 @@ def established(port: int) -> set[int]:
                 if m["idiag_sport"] == port and m["idiag_inode"]:
                     out.add(m["idiag_inode"])
     return out
-
-
-def descendants(pids) -> list[int]:
-    """Every process below `pids` in the process tree (children, theirs...),
-    from one pass over the process table."""
-    kids: dict[int, list[int]] = {}
-    for p in psutil.process_iter(["ppid"]):
-        kids.setdefault(p.info["ppid"], []).append(p.pid)
-    out: set[int] = set()
-    todo = list(pids)
-    while todo:
-        for k in kids.get(todo.pop(), ()):
-            if k not in out:
-                out.add(k)
-                todo.append(k)
-    return sorted(out - set(pids))
 
 
 def held_by(port: int, pids) -> dict[int, int]:

@@ -71,18 +71,61 @@ def _fd_links(pid: int):
                 continue  # closed meanwhile
 
 
+@dataclass
+class ProcessTable:
+    """One walk over the process table: the sockets every process holds and,
+    if asked for, each one's parent. A watch interval reads it once for both
+    the group's holders and a dispatcher's children."""
+    sockets: dict[int, list[tuple[int, int]]]   # pid -> (fd, inode) of each socket it holds
+    parents: dict[int, int]                     # pid -> parent pid ({} unless asked for)
+
+    def holders(self, inodes: set[int]) -> dict[int, list[Holder]]:
+        """inode -> the (pid, fd) pairs that hold it, ordered by pid, then fd."""
+        out: dict[int, list[Holder]] = {i: [] for i in inodes}
+        for pid in sorted(self.sockets):
+            for fd, ino in self.sockets[pid]:
+                if ino in out:
+                    out[ino].append(Holder(pid, fd, ino))
+        for hs in out.values():
+            hs.sort(key=lambda h: (h.pid, h.fd))
+        return out
+
+    def descendants(self, pids) -> list[int]:
+        """Every process below `pids` (children, theirs...), ascending."""
+        kids: dict[int, list[int]] = {}
+        for pid, ppid in self.parents.items():
+            kids.setdefault(ppid, []).append(pid)
+        out: set[int] = set()
+        todo = list(pids)
+        while todo:
+            for k in kids.get(todo.pop(), ()):
+                if k not in out:
+                    out.add(k)
+                    todo.append(k)
+        return sorted(out - set(pids))
+
+
+def process_table(pids: list[int] | None = None, parents: bool = False) -> ProcessTable:
+    """The sockets of every process (or of `pids`), and with parents=True
+    each one's parent, in one pass over /proc."""
+    sockets: dict[int, list[tuple[int, int]]] = {}
+    parent: dict[int, int] = {}
+    for pid in (pids if pids is not None else _pids()):
+        if parents:
+            parent[pid] = parent_pid(pid)
+        held = []
+        for fd, target in _fd_links(pid):
+            m = _SOCKET.fullmatch(target)
+            if m:
+                held.append((fd, int(m.group(1))))
+        sockets[pid] = held
+    return ProcessTable(sockets, parent)
+
+
 def holders(inodes: set[int], pids: list[int] | None = None) -> dict[int, list[Holder]]:
     """inode -> the (pid, fd) pairs that hold it, over every process (or `pids`).
     Each list is ordered by pid, then fd."""
-    out: dict[int, list[Holder]] = {i: [] for i in inodes}
-    for pid in (pids if pids is not None else _pids()):
-        for fd, target in _fd_links(pid):
-            m = _SOCKET.fullmatch(target)
-            if m and int(m.group(1)) in out:
-                out[int(m.group(1))].append(Holder(pid, fd, int(m.group(1))))
-    for hs in out.values():
-        hs.sort(key=lambda h: (h.pid, h.fd))
-    return out
+    return process_table(pids).holders(inodes)
 
 
 def epoll_watched(pid: int) -> set[int]:

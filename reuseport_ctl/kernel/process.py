@@ -121,6 +121,16 @@ def pid_ns() -> int:
     return os.stat("/proc/self/ns/pid").st_ino
 
 
+PROC_PID_INIT_INO = 0xEFFFFFFC      # the initial pid namespace's inode, fixed by the kernel
+
+
+def in_initial_pid_ns() -> bool:
+    """BPF programs see tasks by the kernel's (the initial namespace's) pids;
+    in a container's own pid namespace /proc shows other numbers, and the
+    two cannot be matched from inside."""
+    return pid_ns() == PROC_PID_INIT_INO
+
+
 def alive(pid: int, start: int) -> bool:
     return pid > 0 and start_time(pid) == start
 

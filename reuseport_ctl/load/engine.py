@@ -102,6 +102,16 @@ class _Flow:
         if worker is not None:
             tally.per_worker[worker] += 1
 
+    def _recv(self) -> bytes | str | None:
+        """What the socket has (b"": the peer closed), None for nothing yet
+        (EAGAIN), or the error kind when it failed."""
+        try:
+            return self.sock.recv(65536)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            return kind_of(e.errno)
+
     def on_timeout(self) -> str:
         return "timeout"
 
@@ -166,12 +176,9 @@ class TcpFlow(_Flow):
 
     def _read(self, now: float) -> Optional[str]:
         while True:                 # edge-triggered: until EAGAIN or an outcome
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                return kind_of(e.errno)
+            data = self._recv()
+            if not isinstance(data, bytes):
+                return data
             if self.draining:       # response done, waiting for the server's FIN
                 if not data:
                     return "ok"
@@ -246,12 +253,9 @@ class UdpFlow(_Flow):
     def on_event(self, ev: int, now: float) -> Optional[str]:
         if not ev & ~EPOLLOUT:
             return None
-        try:
-            data = self.sock.recv(65536)
-        except BlockingIOError:
-            return None
-        except OSError as e:
-            return kind_of(e.errno)
+        data = self._recv()
+        if not isinstance(data, bytes):
+            return data
         worker = None
         if data.startswith(b"worker:"):
             worker = data[7:data.find(b"\n") if b"\n" in data else None].strip().decode("latin-1")

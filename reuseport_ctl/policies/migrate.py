@@ -15,6 +15,7 @@ from typing import Optional
 
 from ..errors import UserError
 from ..kernel import bpf
+from .sockarray import SockArray
 
 MAX_SLOTS = 16          # bpf/migrate.c unrolls its scans over the slots: keep it small
 
@@ -24,7 +25,6 @@ class MigrateProgram:
     BPF object churn makes. migrate=False loads it as a plain SELECT program
     (steering only; the kernel never runs it for migration)."""
 
-    # TODO(issue 13): share the socket-array fill/empty/close code with policies.selector.Selector.
     MODE_MIGRATE, MODE_REFUSE = 0, 1
 
     def __init__(self, migrate: bool = True, refuse: bool = False,
@@ -38,13 +38,13 @@ class MigrateProgram:
         self.table: list[int] = []
         self.target = "shortest accept queue"
         self._bpf = None
-        self._fds: list[int] = []
+        self._fds: list[int] = []             # a program loaded without bcc
+        self.socks: Optional[SockArray] = None
         self.prog_fd = -1
         self._member: Optional[socket.socket] = None
         try:
-            self.socks_fd = self._own(bpf.create_map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8,
-                                                  max_slots, "rp_mig_socks"))
-            cflags = [f"-DSOCKS_FD={self.socks_fd}", f"-DMAX_SLOTS={max_slots}"]
+            self.socks = SockArray(max_slots, "rp_mig_socks")
+            cflags = [f"-DSOCKS_FD={self.socks.fd}", f"-DMAX_SLOTS={max_slots}"]
             try:
                 cflags += ["-DLEAST=1"] + btf.offset_macros({
                     "SELECTED_SK_OFF": ("sk_reuseport_kern", "selected_sk"),
@@ -63,10 +63,6 @@ class MigrateProgram:
             self.close()
             raise
 
-    def _own(self, fd: int) -> int:
-        self._fds.append(fd)
-        return fd
-
     def _load(self) -> int:
         try:
             return self._bpf.load_func(b"rp_migrate", bpf.PROG_TYPE_SK_REUSEPORT,
@@ -76,13 +72,13 @@ class MigrateProgram:
         except Exception as e:
             raise UserError(f"the kernel refused the select-or-migrate program ({e}).") from None
         try:
-            return self._own(bpf.prog_load(bpf.PROG_TYPE_SK_REUSEPORT,
-                                           self._bpf.dump_func(b"rp_migrate"),
-                                           expected_attach_type=self.attach_type,
-                                           name="rp_migrate"))
+            fd = bpf.prog_load(bpf.PROG_TYPE_SK_REUSEPORT, self._bpf.dump_func(b"rp_migrate"),
+                               expected_attach_type=self.attach_type, name="rp_migrate")
         except OSError as e:
             raise UserError(f"the kernel refused the select-or-migrate program "
                             f"({e.strerror}).") from None
+        self._fds.append(fd)
+        return fd
 
     @property
     def kind(self) -> str:
@@ -99,7 +95,7 @@ class MigrateProgram:
 
     def put(self, slot: int, sock: socket.socket) -> None:
         """Put a listening member in the socket array (not yet steered to)."""
-        bpf.map_update(self.socks_fd, bpf.u32(slot), bpf.u64(sock.fileno()))
+        self.socks.put(slot, sock)
 
     def enable(self, slot: int) -> None:
         if slot not in self.table:
@@ -145,16 +141,15 @@ class MigrateProgram:
                 except OSError:
                     continue
         self._member = None
-        if self._fds:
-            for slot in range(self.max_slots):
-                try:
-                    bpf.map_delete(self.socks_fd, bpf.u32(slot))
-                except OSError:
-                    pass
+        if self.socks is not None:
+            self.socks.empty()
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
+        if self.socks is not None:
+            self.socks.close()
+            self.socks = None
         self.prog_fd = -1

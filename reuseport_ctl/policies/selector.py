@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..kernel import bpf
 from ..kernel import reuseport
 from . import Policy, cbpf
+from .sockarray import SockArray
 from .tables import slot_table
 
 MAX_SLOTS = 256
@@ -42,7 +43,7 @@ class Selector:
     member: socket.socket | None = None      # a group socket to detach through
     links: dict[str, int] = field(default_factory=dict)   # least-conns: raw tracepoint links
     _bpf: object = None                       # the bcc.BPF that owns prog and maps
-    _own_fds: list[int] = field(default_factory=list)
+    _socks: SockArray | None = None           # eBPF: the socket array we made
 
     def selections(self) -> list[int] | None:
         fd = self.maps.get("selections")
@@ -56,9 +57,9 @@ class Selector:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
-        for fd in self._own_fds:
-            os.close(fd)
-        self._own_fds.clear()
+        if self._socks is not None:
+            self._socks.close()
+            self._socks = None
         self.maps.clear()
         self.prog_fd = None
 
@@ -67,16 +68,8 @@ class Selector:
         if self.member is not None and self.policy.kind != "none":
             reuseport.detach_if_any(self.member)
         self.member = None
-        # A socket sits in one REUSEPORT_SOCKARRAY at a time, and the kernel
-        # frees a dropped array only later: empty it now so the group can be
-        # steered again at once.
-        socks_fd = self.maps.get("socks")
-        if socks_fd is not None:
-            for slot in range(self.n):
-                try:
-                    bpf.map_delete(socks_fd, bpf.u32(slot))
-                except OSError:
-                    pass
+        if self._socks is not None:
+            self._socks.empty(self.n)
         self.release()
 
 
@@ -99,21 +92,6 @@ def read_napi_order(napi_fd: int) -> dict[int, int]:
     that modulo the table's length)."""
     return {struct.unpack("=I", k)[0]: struct.unpack("=I", v)[0]
             for k, v in bpf.map_items(napi_fd, 4, 4)}
-
-
-def sockarray_cookies(socks_fd: int, n: int) -> list[int | None]:
-    """The socket cookie in each of the first n slots of a
-    REUSEPORT_SOCKARRAY (what a user-space lookup returns), None where the
-    slot is empty: the kernel removes a socket's entry when it closes."""
-    out: list[int | None] = []
-    for slot in range(n):
-        raw = bpf.map_lookup(socks_fd, bpf.u32(slot), 8)
-        out.append(struct.unpack("=Q", raw)[0] if raw else None)
-    return out
-
-
-def put_in_slot(socks_fd: int, slot: int, sock: socket.socket) -> None:
-    bpf.map_update(socks_fd, bpf.u32(slot), bpf.u64(sock.fileno()))
 
 
 def write_table(table_fd: int, config_fd: int, table: list[int]) -> None:
@@ -189,17 +167,10 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None, nodes=Non
     if policy.name == "least-conns" and socks[0].type != socket.SOCK_STREAM:
         raise UserError("least-conns counts TCP connections; a UDP group has none: use "
                         "least-loaded or round-robin.")
-    socks_fd = bpf.create_map(bpf.MAP_TYPE_REUSEPORT_SOCKARRAY, 4, 8, max_slots, "rp_socks")
-    sel._own_fds.append(socks_fd)
-    sel.maps["socks"] = socks_fd
-    for slot, s in enumerate(socks):
-        try:
-            bpf.map_update(socks_fd, bpf.u32(slot), bpf.u64(s.fileno()))
-        except OSError as e:
-            raise UserError(f"cannot put slot {slot} in the socket array ({e.strerror}): "
-                            f"every member must be a bound/listening SO_REUSEPORT "
-                            f"socket of one group.") from None
-    cflags = [f"-DSOCKS_FD={socks_fd}", f"-DPOLICY={POLICY_MACRO[policy.name]}",
+    sel._socks = SockArray(max_slots, "rp_socks")
+    sel.maps["socks"] = sel._socks.fd
+    sel._socks.fill(socks)
+    cflags = [f"-DSOCKS_FD={sel._socks.fd}", f"-DPOLICY={POLICY_MACRO[policy.name]}",
               f"-DMAX_SLOTS={max_slots}", f"-DTABLE_SIZE={TABLE_SIZE}"]
     if least:
         from ..kernel.btf import offset_macros

@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+from ..closing import Closing
 from ..errors import UserError
-from ..kernel import diag, features
+from ..kernel import diag, features, process
 from .lookup import LookupProbe
 from .programs import PROTO_NUMBERS, netns_inum
 from .strategy import CHAINS, Strategy, choose
@@ -34,6 +35,10 @@ OWN_NETNS = "/proc/thread-self/ns/net"
 UDP_RX_UNKNOWN = {
     "napi_id": "UDP: an unconnected socket records the NAPI id of its first datagram only",
     "rx_queue": "UDP: no datagram's rx queue is kept in the socket"}
+PIDNS_NOTE = ("this tool runs in a pid namespace of its own (a container's): the kernel "
+              "names woken tasks by the host's pids, which cannot be matched to the pids "
+              "seen here; run it in the host's pid namespace (docker --pid=host) to count "
+              "wakeups")
 
 
 @dataclass
@@ -95,7 +100,7 @@ def socket_cookies(port: int, proto: str) -> dict[int, int]:
     return {s.cookie: s.inode for s in diag.listeners(port, proto)}
 
 
-class ProbeSession:
+class ProbeSession(Closing):
     def __init__(self, port: int, proto: str = "tcp", pids: Iterable[int] = (),
                  strategies: dict | None = None, *, netns: str = OWN_NETNS,
                  selections: Optional[Callable[[], Optional[list[int]]]] = None,
@@ -130,6 +135,8 @@ class ProbeSession:
             self.strategies["lookup"] = self._chain("lookup", chosen.get("lookup"),
                                                     self._lookup.attach)
             wk = chosen.get("wakeups")
+            if wk is not None and wk.name != "none" and not process.in_initial_pid_ns():
+                wk, eagain = Strategy("none", PIDNS_NOTE), False
             wk_name = wk.name if wk is not None else "none"
             self.strategies["data_ready"] = self._chain(
                 "data_ready", chosen.get("data_ready"),
@@ -261,12 +268,6 @@ class ProbeSession:
         if self._conns is not None:
             self._conns.close()
             self._conns = None
-
-    def __enter__(self) -> "ProbeSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 __all__ = ["ProbeTotals", "ProbeSession", "socket_cookies", "default_strategies"]

@@ -104,3 +104,60 @@ def _latency_panel(ax, rows, first: bool) -> None:
 
 def _ordinal(k: int) -> str:
     return {0: "1st", 1: "2nd", 2: "3rd"}.get(k, f"{k + 1}th")
+
+
+def plot_stall_cdf(result, path: str) -> str:
+    """bench --stall: one panel per setup, its request latency without
+    (dashed) and with (solid) the stall, as the fraction of requests slower
+    than x (log-log: the tail, where a stalled worker shows, gets the room).
+    The curves are the medians of the repeats at each percentile (Row.latency_cdf)."""
+    from .plotting import pyplot, save
+    plt = pyplot()
+    rows = [r for r in result.rows if r.latency_cdf]
+    labels = list(dict.fromkeys(r.label for r in rows))
+    points = sorted({(r.work_us, r.concurrency) for r in rows})
+    ncols = 2 if len(labels) > 1 else 1
+    nrows = max(1, math.ceil(len(labels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True,
+                             figsize=(5.2 * ncols, 2.6 * nrows + 1.2))
+    cmap = plt.get_cmap("tab10")
+    stall = result.config["stall"]
+    ms = int(stall.split(":")[1].split("@")[0])
+    for k, label in enumerate(labels):
+        ax = axes[k // ncols][k % ncols]
+        for r in (r for r in rows if r.label == label):
+            qs = [(q, v) for q, v in r.latency_cdf if q < 100 and v > 0]
+            c = cmap(points.index((r.work_us, r.concurrency)) % 10)
+            name = ("stalled" if r.stall else "calm") + (
+                f" c={r.concurrency} {r.work_us} µs" if len(points) > 1 else "")
+            ax.plot([v for _, v in qs], [1 - q / 100 for q, _ in qs], color=c,
+                    ls="-" if r.stall else "--", lw=1.4 if r.stall else 1.0, label=name,
+                    drawstyle="steps-post")     # no latency between two samples invented
+        ax.axvline(ms, color="firebrick", lw=0.7, ls=":")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_yticks(_TAIL)
+        ax.set_yticklabels([f"p{100 * (1 - y):g}" for y in _TAIL])
+        ax.grid(lw=0.3, alpha=0.6)
+        ax.set_title(label, fontsize=9)
+        ax.legend(fontsize=7, frameon=False, loc="lower left")
+        if k % ncols == 0:
+            ax.set_ylabel("slower than x")
+        if k // ncols == nrows - 1:
+            ax.set_xlabel("request latency, ms (client)")
+    for k in range(len(labels), nrows * ncols):
+        axes[k // ncols][k % ncols].set_visible(False)
+    env, cfg = result.env, result.config
+    kind = "short connections" if cfg["requests_per_conn"] == 1 else \
+        f"keep-alive ×{cfg['requests_per_conn']}"
+    slot, every = stall.split(":")[0], stall.split("@")[1]
+    fig.suptitle(f"reuseport-ctl bench --stall · kernel {env['kernel']} · {env['cpus']} CPUs · "
+                 f"{cfg['workers']} workers, {kind}\nlatency CDF (tail up): worker {slot} "
+                 f"stopped {ms} ms in every {every} ms (dotted line: {ms} ms); "
+                 f"median of {cfg['repeat']} repeat(s)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    save(fig, path)
+    return path
+
+
+_TAIL = (0.5, 0.1, 0.01, 0.001, 0.0001)     # p50 .. p99.99 on the "slower than" axis

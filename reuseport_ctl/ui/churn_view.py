@@ -1,10 +1,12 @@
 """The churn report as rich tables: the same numbers --json prints."""
 from __future__ import annotations
 
-from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from .report import count as _n
+from .report import report_table, served_by
 
 HOW = {
     "off": "tcp_migrate_req=0, no program",
@@ -15,40 +17,30 @@ HOW = {
 }
 
 
-def _n(v: int, bad: bool = True) -> Text:
-    return Text(f"{v:,}", style="bold red" if v and bad else "dim" if not v else "")
-
-
 def queued_table(rep: dict) -> Table:
     rows = rep["queued"]
-    k = rows[0]["k"] if rows else 0
-    t = Table(title=f"exact case: {k} clients queued on a listener that stops, "
-                    f"a second worker joins",
-              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t = report_table(f"exact case: {rows[0]['k'] if rows else 0} clients queued on a listener "
+                     f"that stops, a second worker joins")
     t.add_column("mode", no_wrap=True)
     t.add_column("how")
-    t.add_column("queued", justify="right")
-    t.add_column("served", justify="right")
-    t.add_column("reset", justify="right")
-    t.add_column("timeout", justify="right")
-    t.add_column("migrated", justify="right")
+    for name in ("queued", "served", "reset", "timeout", "migrated"):
+        t.add_column(name, justify="right")
     t.add_column("served by", justify="left")
     for r in rows:
-        by = ", ".join(f"w{w}: {n}" for w, n in r["served_by"].items()) or "-"
         t.add_row(r["mode"], HOW.get(r["mode"], ""), str(r["queued"]), _n(r["ok"], bad=False),
-                  _n(r["reset"]), _n(r["timeout"]), str(r["migrated"]), by)
+                  _n(r["reset"]), _n(r["timeout"]), str(r["migrated"]), served_by(r))
     return t
 
 
 def churn_table(rep: dict) -> Table:
     c = rep["config"]
     sched = ", ".join(c["schedule"]) or "none"
-    t = Table(title=f"churn under steady load: {c['workers']} workers, {c['duration']:g} s per "
-                    f"mode, concurrency {c['concurrency']}, linger {c['linger'] * 1000:g} ms",
-              caption=f"schedule: {sched}\nqueued: children in leaving listeners' accept queues "
-                      f"at their close; rst/10k: resets per 10k connections; migr: TcpExt "
-                      f"TCPMigrateReqSuccess",
-              title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t = report_table(f"churn under steady load: {c['workers']} workers, {c['duration']:g} s "
+                     f"per mode, concurrency {c['concurrency']}, linger "
+                     f"{c['linger'] * 1000:g} ms",
+                     f"schedule: {sched}\nqueued: children in leaving listeners' accept queues "
+                     f"at their close; rst/10k: resets per 10k connections; migr: TcpExt "
+                     f"TCPMigrateReqSuccess")
     t.add_column("mode", no_wrap=True)
     for name in ("conns", "leaves", "reset", "refused", "timeout", "other"):
         t.add_column(name, justify="right", no_wrap=True)

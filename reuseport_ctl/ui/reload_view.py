@@ -1,10 +1,12 @@
 """The reload report as rich tables: the same numbers --json prints."""
 from __future__ import annotations
 
-from rich import box
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from .report import count as _n
+from .report import report_table, served_by
 
 HOW = {
     "inherit": "new process inherits the sockets (fork/exec)",
@@ -16,44 +18,33 @@ HOW = {
 }
 
 
-def _n(v, bad: bool = True) -> Text:
-    if v is None:
-        return Text("-", style="dim")
-    if isinstance(v, float):
-        return Text(f"{v:,.1f}", style="bold red" if v and bad else "dim" if not v else "")
-    return Text(f"{v:,}", style="bold red" if v and bad else "dim" if not v else "")
-
-
 def queued_table(rep: dict) -> Table:
     rows = rep["queued"]
     k = rows[0]["k"] if rows else 0
-    t = Table(title=f"exact case: {k} connections (datagrams) queued on the old server's socket, "
-                    f"which does not accept (read); the server is replaced",
-              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    t = report_table(f"exact case: {k} connections (datagrams) queued on the old server's "
+                     f"socket, which does not accept (read); the server is replaced")
     for name, just in (("proto", "left"), ("mode", "left"), ("how", "left"),
                        ("served", "right"), ("lost", "right"), ("at close", "right"),
                        ("migrated", "right"), ("served by", "left")):
         t.add_column(name, justify=just, no_wrap=name != "how")
     for r in rows:
-        by = ", ".join(f"w{w}: {n}" for w, n in r["served_by"].items()) or "-"
         t.add_row(r["proto"], r["mode"], HOW.get(r["mode"], ""), _n(r["ok"], bad=False),
                   _n(r["lost"]), _n(r["queued_at_close"], bad=False),
-                  _n(r.get("migrated"), bad=False), by)
+                  _n(r.get("migrated"), bad=False), served_by(r))
     return t
 
 
 def runs_table(rep: dict) -> Table:
     c = rep["config"]
-    t = Table(title=f"under steady load: {c['workers']} workers replaced {c['reloads']} times in "
-                    f"{c['duration']:g} s per run, concurrency {c['concurrency']}, keep-alive "
-                    f"{c['keepalive_requests']} requests per connection",
-              caption="per 10k: connections (UDP: datagrams); lost: a datagram or its echo "
-                      f"not back within {c['udp_timeout']:g} s; handover: one reload, all "
-                      "workers; at close: the old sockets' queues when let go (rebind: "
-                      "orphaned or dropped; inherit/pass: served by the new process); migr: "
-                      "TcpExt TCPMigrateReqSuccess",
-              title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False, collapse_padding=True)
+    t = report_table(
+        f"under steady load: {c['workers']} workers replaced {c['reloads']} times in "
+        f"{c['duration']:g} s per run, concurrency {c['concurrency']}, keep-alive "
+        f"{c['keepalive_requests']} requests per connection",
+        "per 10k: connections (UDP: datagrams); lost: a datagram or its echo "
+        f"not back within {c['udp_timeout']:g} s; handover: one reload, all "
+        "workers; at close: the old sockets' queues when let go (rebind: "
+        "orphaned or dropped; inherit/pass: served by the new process); migr: "
+        "TcpExt TCPMigrateReqSuccess")
     t.add_column("load", no_wrap=True)
     t.add_column("mode", no_wrap=True)
     for name in ("conns", "reset/10k", "refused/10k", "timeout/10k", "lost/10k",
@@ -76,16 +67,15 @@ def runs_table(rep: dict) -> Table:
 def external_table(rep: dict) -> Table:
     c = rep["config"]
     mig = "unchanged" if c["migrate_req"] is None else str(c["migrate_req"])
-    t = Table(title=f"port {c['port']} reloaded {c['reloads']} times in {c['duration']:g} s by: "
-                    f"{c['command']}  (tcp_migrate_req {mig})",
-              caption="of them reused: failures on a keep-alive connection already answered "
-                      "(the server closed it idle as the next request went out; HTTP clients "
-                      "retry those); closed/bound: the port's listeners as sock_diag saw them "
-                      "-- kept (0 closed, 0 bound) or rebound; queue seen: the accept queues last sampled "
-                      "(every ~10 ms) on the sockets that closed; the server may still have "
-                      "accepted them before the close",
-              title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD,
-              pad_edge=False, collapse_padding=True)
+    t = report_table(
+        f"port {c['port']} reloaded {c['reloads']} times in {c['duration']:g} s by: "
+        f"{c['command']}  (tcp_migrate_req {mig})",
+        "of them reused: failures on a keep-alive connection already answered "
+        "(the server closed it idle as the next request went out; HTTP clients "
+        "retry those); closed/bound: the port's listeners as sock_diag saw them "
+        "-- kept (0 closed, 0 bound) or rebound; queue seen: the accept queues last "
+        "sampled (every ~10 ms) on the sockets that closed; the server may still have "
+        "accepted them before the close")
     t.add_column("load", no_wrap=True)
     for name in ("conns", "reset/10k", "refused/10k", "timeout/10k", "failed/10k",
                  "of them reused", "closed", "bound", "queue seen", "command ms"):

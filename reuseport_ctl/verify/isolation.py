@@ -41,7 +41,7 @@ def _bind(s: socket.socket, proto: str, addr) -> None:
         s.listen()
 
 
-def _as_nobody(body, hold: bool = False):
+def as_nobody(body, hold: bool = False):
     """Run body() in a child process as uid/gid nobody; returns its JSON
     result. hold: the child reports, then waits for release() before exiting
     (so its sockets stay bound meanwhile); returns (result, release)."""
@@ -92,7 +92,7 @@ def uid_anti_hijack(ctx):
             def intruder():
                 with _sock(proto) as s:
                     return {"err": _err(lambda: _bind(s, proto, ("127.0.0.1", port)))}
-            got = _as_nobody(intruder)
+            got = as_nobody(intruder)
             expect_eq(got.get("err", got), "EADDRINUSE",
                       f"{proto}: uid {NOBODY} binding root's group 127.0.0.1:{port}")
 
@@ -102,7 +102,7 @@ def uid_anti_hijack(ctx):
                 _bind(a, proto, ("127.0.0.1", 0))
                 p = a.getsockname()[1]
                 return {"port": p, "err": _err(lambda: _bind(b, proto, ("127.0.0.1", p)))}
-        got = _as_nobody(own_group)
+        got = as_nobody(own_group)
         expect_eq(got.get("err", got), "success", f"{proto}: uid {NOBODY} joining its own group")
 
         def holder():
@@ -110,7 +110,7 @@ def uid_anti_hijack(ctx):
             _bind(s, proto, ("127.0.0.1", 0))
             holder.keep = s
             return {"port": s.getsockname()[1]}
-        got, release = _as_nobody(holder, hold=True)
+        got, release = as_nobody(holder, hold=True)
         try:
             if "port" not in got:
                 raise RuntimeError(got.get("error"))

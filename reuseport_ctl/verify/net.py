@@ -11,6 +11,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ..closing import Closing
 # the steering setsockopts live in kernel/reuseport.py; the checks take them from here
 from ..kernel.reuseport import attach_cbpf, attach_ebpf, detach  # noqa: F401
 
@@ -40,7 +41,7 @@ V4MAPPED = Family("v4-mapped", socket.AF_INET6, "::", socket.AF_INET, "127.0.0.1
 FAMILIES = (IPV4, IPV6, V4MAPPED)
 
 
-class Pool:
+class Pool(Closing):
     """Every socket a check opens, closed together."""
 
     def __init__(self):
@@ -54,12 +55,6 @@ class Pool:
         for s in self.socks:
             s.close()
         self.socks.clear()
-
-    def __enter__(self) -> "Pool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # --- the group ------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Optional
 
+from ..closing import Closing
 from ..errors import UserError
 from ..stats.live import GroupInfo, LiveState, Observation, WorkerObs, degraded_note, step
 from .sources import CpuSampler
@@ -32,7 +33,7 @@ def say(msg: str) -> None:
     print(f"reuseport-ctl: {msg}", file=sys.stderr, flush=True)
 
 
-class Watch:
+class Watch(Closing):
     """The probe session, the source of rows and the outputs of one watch;
     close() (or the with block) detaches every probe and stops the exporter."""
 
@@ -41,7 +42,7 @@ class Watch:
     def __init__(self, source, interval: float, as_json: bool = False,
                  prometheus: Optional[str] = None, strategies: Optional[dict] = None,
                  transient: bool = False, stderr: bool = False, spurious: bool = False):
-        from ..probes.session import ProbeSession
+        from ..probes.session import PIDNS_NOTE, ProbeSession
 
         self.source, self.interval, self.as_json = source, interval, as_json
         self._stack = ExitStack()
@@ -69,6 +70,8 @@ class Watch:
             names = {k: st.get(k).name if st.get(k) else "none"
                      for k in ("lookup", "data_ready", "wakeups")}
             self.note = degraded_note(names["data_ready"], names["lookup"], source.own)
+            if names["data_ready"] != "none" and st["wakeups"].reason == PIDNS_NOTE:
+                self.note = f"wakeups are not counted: {PIDNS_NOTE}."
             eagain = source.own or self.session.counts_eagain
             self.state = LiveState(interval=interval,
                                    counted=(names["data_ready"] != "none",
@@ -231,9 +234,3 @@ class Watch:
 
     def close(self) -> None:
         self._stack.close()
-
-    def __enter__(self) -> "Watch":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -107,15 +107,18 @@ class ForeignSource:
         self.pinned: Optional[pins.PolicyState] = None   # the pinned policy, read each find()
         self._dispatcher = False
         self._children: set[int] = set()    # pids seen holding the listener's connections
+        self._procs: Optional[owners.ProcessTable] = None   # read by the last find()
 
     def _find_group(self) -> ReuseportGroup:
         # A pinned policy numbers the members (its socket array's slots), so
         # watch, status and attach show the same slot for the same socket.
-        # One sock_diag dump serves both.
+        # One sock_diag dump serves both; one walk over the process table
+        # serves the group's holders and a dispatcher's children (TCP).
         found = diag.listeners(self.port, self.proto)
         self.pinned = pins.policy_state(self.port, self.proto, listening=found)
+        self._procs = owners.process_table(parents=self.proto == "tcp")
         return find_group(self.port, self.proto, pid=self.pid, host=self.host,
-                          require_reuseport=False, found=found,
+                          require_reuseport=False, found=found, procs=self._procs,
                           slots=self.pinned.slots if self.pinned is not None else None)
 
     def find(self, first: bool = False) -> Optional[list[WorkerObs]]:
@@ -136,10 +139,10 @@ class ForeignSource:
     def _with_children(self, rows: list[WorkerObs]) -> list[WorkerObs]:
         """A dispatcher's rows: the listener's, then one per child holding
         (or once seen holding) the port's connections."""
-        if self.proto != "tcp" or self.group is None:
+        if self.proto != "tcp" or self.group is None or self._procs is None:
             return rows
         holders = sorted({p for m in self.group.members for p in (m.holders or (m.pid,))})
-        kids = conns.descendants(holders)
+        kids = self._procs.descendants(holders)
         held = conns.held_by(self.port, [*holders, *kids])
         now = {k for k in kids if held.get(k)}
         if now:
