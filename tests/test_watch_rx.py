@@ -101,23 +101,20 @@ def serve_and_watch(peer: str, *watch_args, proto: str = "tcp"):
     server = subprocess.Popen([sys.executable, str(HERE / "rx_server.py"), SERVER, str(PORT),
                                str(MEMBERS), proto], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
-    w = None
     try:
         assert server.stdout.readline().strip() == "ready"
-        w = Watcher("--port", PORT, "--proto", proto, "--json", "--interval", 0.2, "--prometheus", "127.0.0.1:0",
-                    *watch_args)
-        said = w.started()
-        url = re.search(r"Prometheus metrics on (http://\S+/metrics)", said).group(1)
-        for cpu, n in PER_CPU.items():
-            (connect_from if proto == "tcp" else send_from)(peer, cpu, n)
-        time.sleep(0.6)                 # a frame after the last connection
-        fams = scrape(url)
-        code, lines, err = w.finish(signal.SIGINT)
+        with Watcher("--port", PORT, "--proto", proto, "--json", "--interval", 0.2,
+                     "--prometheus", "127.0.0.1:0", *watch_args) as w:
+            said = w.started()
+            url = re.search(r"Prometheus metrics on (http://\S+/metrics)", said).group(1)
+            for cpu, n in PER_CPU.items():
+                (connect_from if proto == "tcp" else send_from)(peer, cpu, n)
+            time.sleep(0.6)             # a frame after the last connection
+            fams = scrape(url)
+            code, lines, err = w.finish(signal.SIGINT)
         assert code == 128 + signal.SIGINT, err
         out, _ = server.communicate("", timeout=10)
     finally:
-        if w is not None:
-            w.kill()
         server.kill()
     truth = {int(i): d for i, d in json.loads(out.splitlines()[-1]).items()}
     return truth, lines[-1], fams, err
