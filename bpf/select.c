@@ -13,6 +13,7 @@
 //                      (-DPORT, the struct sock offsets, -DNETNS_INUM, ...)
 //   queue also:        -DSKB_OFF, -DQUEUE_MAPPING_OFF (from BTF)
 //   numa also:         -DNODE_DIR (entries of `table` that are the node directory)
+//   napi also:         -DSKB_OFF, -DNAPI_ID_OFF (BTF), -DMIN_NAPI_ID, -DNAPI_MAX
 #include <uapi/linux/bpf.h>
 #include "common.h"      // load_of(); the slot bound
 
@@ -24,6 +25,7 @@
 #define P_QUEUE     6   // the skb's receive queue % n
 #define P_NUMA      7   // the receiving CPU's NUMA node -> one of that node's slots
 #define P_CONNS     8   // fewest live connections (conns.h counts them)
+#define P_NAPI      9   // the skb's NAPI id -> the index it was given (rp_napi)
 
 // Per slot: how often this program chose it (read by status/watch).
 BPF_ARRAY(rp_selections, u64, MAX_SLOTS);
@@ -33,6 +35,7 @@ BPF_ARRAY(rp_selections, u64, MAX_SLOTS);
 BPF_ARRAY(rp_table, u32, TABLE_SIZE);
 // [0] entries used in `table`, [1] round-robin counter,
 // [2] rp_selections that failed (slot empty: the kernel's hash decided instead)
+// [3] napi: packets that came with no NAPI id (the kernel's hash decided)
 BPF_ARRAY(rp_config, u64, 4);
 
 #if POLICY == P_JUMP
@@ -99,6 +102,41 @@ static __always_inline u32 rx_queue(struct sk_reuseport_md *md)
 }
 #endif
 
+#if POLICY == P_NAPI
+// NAPI id -> its index into `table`, in the order the ids first appear: the
+// first packet from a NAPI instance (one receive queue of a NAPI driver)
+// gives it the next index, so with as many members as queues every member
+// is fed by one NAPI id -- what busy polling wants (socket(7),
+// SO_INCOMING_NAPI_ID: one worker per receive queue). User space may fill
+// it in advance; it reads it to show which member each NAPI id feeds.
+BPF_HASH(rp_napi, u32, u32, NAPI_MAX);
+
+// skb->napi_id (struct sk_reuseport_md has no field for it; read as queue
+// reads queue_mapping). Below MIN_NAPI_ID it is no NAPI id: the same union
+// holds the sender's CPU on transmit, and loopback or veth without GRO
+// receive without NAPI.
+static __always_inline u32 napi_id(struct sk_reuseport_md *md)
+{
+    u64 skb = 0;
+    u32 id = 0;
+    bpf_probe_read_kernel(&skb, sizeof(skb), (void *)md + SKB_OFF);
+    if (skb)
+        bpf_probe_read_kernel(&id, sizeof(id), (void *)(skb + NAPI_ID_OFF));
+    return id >= MIN_NAPI_ID ? id : 0;
+}
+
+static __always_inline u32 napi_index(u32 id, u64 *counter)
+{
+    u32 *known = rp_napi.lookup(&id);
+    if (known)
+        return *known;
+    u32 next = __sync_fetch_and_add(counter, 1);
+    rp_napi.insert(&id, &next);         // another CPU may have given it one first:
+    known = rp_napi.lookup(&id);        // then that one holds
+    return known ? *known : next;
+}
+#endif
+
 int rp_select(struct sk_reuseport_md *md)
 {
     u32 k_len = 0, k_rr = 1, k_fail = 2;
@@ -151,6 +189,19 @@ int rp_select(struct sk_reuseport_md *md)
     }
 #elif POLICY == P_QUEUE
     idx = rx_queue(md) % n;
+#elif POLICY == P_NAPI
+    u32 k_nonapi = 3;
+    u32 id = napi_id(md);
+    if (!id) {
+        u64 *none = rp_config.lookup(&k_nonapi);
+        if (none)
+            __sync_fetch_and_add(none, 1);
+        return SK_PASS;             // no NAPI id to steer by: the kernel's hash decides
+    }
+    u64 *order = rp_config.lookup(&k_rr);
+    if (!order)
+        return SK_PASS;
+    idx = napi_index(id, order) % n;
 #elif POLICY == P_NUMA
     // table[node] = count << 16 | first: that node's slots are listed at
     // table[first .. first + count) (user space fills it from the CPU -> node

@@ -41,6 +41,7 @@
 // them: every such call of a watched process).
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/ptrace.h>
+#include "sock.h"      // sk_in_netns()
 
 #define RP_TCP_LISTEN   10
 #define RP_EAGAIN       11
@@ -81,6 +82,20 @@ BPF_HASH(rp_wakeups, struct rp_wk_key, u64, MAX_TIDS);  // -> wakeups
 BPF_HASH(rp_eagain, u32, u64, MAX_PIDS);       // pid -> accept/recvfrom returning EAGAIN
 BPF_HASH(rp_done, u32, u64, MAX_PIDS);         // pid -> accept/recvfrom returning >= 0
 
+#if PROTO == 17
+// UDP: the CPU each datagram was received on, per listener. A datagram's
+// data-ready is called from the softirq that queued it (once per datagram:
+// 500 queued unread, 500 data-ready, measured on 6.18), so the CPU running
+// it is the receive CPU. (An unconnected UDP socket keeps no per-datagram
+// CPU or NAPI id of its own: SO_INCOMING_CPU is not updated for it.)
+struct rp_rx_cpu_key {
+    u64 cookie;
+    u32 cpu;
+    u32 pad;
+};
+BPF_HASH(rp_rx_cpu, struct rp_rx_cpu_key, u64, 4096);  // -> datagrams
+#endif
+
 static __always_inline void add(void *map_lookup_ret)
 {
     if (map_lookup_ret)
@@ -111,14 +126,8 @@ static __always_inline int watched(const void *sk, u64 *cookie)
     bpf_probe_read_kernel(&proto, sizeof(proto), (void *)sk + SK_PROTOCOL_OFF);
     if (proto != PROTO)
         return 0;
-#if NETNS_INUM
-    u64 net = 0;
-    u32 inum = 0;
-    bpf_probe_read_kernel(&net, sizeof(net), (void *)sk + SKC_NET_OFF);
-    bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NET_INUM_OFF));
-    if (inum != NETNS_INUM)
+    if (!sk_in_netns(sk))
         return 0;
-#endif
     bpf_probe_read_kernel(cookie, sizeof(*cookie), (void *)sk + SKC_COOKIE_OFF);
     return 1;
 }
@@ -162,6 +171,10 @@ static __always_inline void data_ready(const void *sk)
         return;
     }
     add(rp_ready.lookup_or_try_init(&cookie, &init));
+#if PROTO == 17
+    struct rp_rx_cpu_key rx = {.cookie = cookie, .cpu = bpf_get_smp_processor_id()};
+    add(rp_rx_cpu.lookup_or_try_init(&rx, &init));
+#endif
     m->cookie = cookie;
     m->active = 1;
 }

@@ -781,6 +781,7 @@ class Status:
     in_force: bool = True
     divergence: str | None = None
     fallbacks: int | None = None
+    no_napi: int | None = None   # napi: packets without a NAPI id (the kernel's hash decided)
     follower: int | None = None
     note: str = ""
     hints: dict = field(default_factory=dict)
@@ -855,11 +856,24 @@ def status(port: int, proto: str = "tcp") -> Status:
     return Status(port=port, proto=proto, policy=meta.policy, kind=meta.kind,
                   created=meta.created, pinned=str(path), slots=slots, netns=pin.netns,
                   in_force=st.in_force, divergence=st.divergence, fallbacks=st.fallbacks,
+                  no_napi=_no_napi(path) if meta.policy == "napi" else None,
                   follower=st.follower, note="; ".join(notes),
                   pinned_host=str(fs.host_path(path) if fs else path),
                   hints={"detach": hint("detach", port, proto),
                          "follow": hint("attach", port, proto, "--policy", meta.policy,
                                         "--follow")})
+
+
+def _no_napi(path: Path) -> int | None:
+    """The napi policy's count of packets that had no NAPI id to steer by."""
+    if not (path / "map_config").exists():
+        return None
+    from .policies.selector import read_no_napi
+    fd = open_pinned(path, "map_config")
+    try:
+        return read_no_napi(fd)
+    finally:
+        os.close(fd)
 
 
 def status_all() -> tuple[list[Pin], list[Pin], str]:

@@ -369,3 +369,28 @@ def test_probe_totals_minus_a_baseline():
     assert d.thread_wakeups == {(7, 11, 11): 20, (7, 11, 12): 10}
     none = ProbeTotals(2.0, None, {}, None, {}, {}, {}, {})
     assert none.minus(none).lookups is None
+
+
+def test_rx_by_says_unknown_rather_than_zero():
+    from reuseport_ctl.stats.live import rx_by
+    rx = {(0, 283, None): 3, (1, None, None): 2}
+    assert rx_by(rx, "cpu") == {0: 3, 1: 2}
+    assert rx_by(rx, "napi_id") == {283: 3}                 # the ones that had one
+    assert rx_by({(0, None, None): 5}, "napi_id") is None   # none had one: unknown, not {0: 5}
+    assert rx_by(rx, "rx_queue") is None
+    assert rx_by({}, "napi_id") == {}                       # nothing arrived yet
+    assert rx_by({}, "rx_queue", frozenset({"rx_queue"})) is None   # the kernel cannot tell
+    assert rx_by(None, "cpu") is None                       # not counted
+
+
+def test_rx_note_names_the_kernel_and_the_device():
+    from reuseport_ctl.stats.live import WorkerRow, rx_note
+    row = WorkerRow(pid=1, slot=0, inode=1, tids=(), cpu_percent=None, cpu_seconds=None,
+                    accepts=3, accepts_per_s=None, share=None, history=(), data_ready=3,
+                    data_ready_per_s=None, wakeups=None, wakeups_per_event=None,
+                    spurious_wakeups=None, queue_len=0, rx={(0, None, 0): 3})
+    note = rx_note("tcp", {}, [row])
+    assert note.startswith("napi_id: 3 connections arrived through a device without NAPI ids")
+    note = rx_note("tcp", {"rx_queue": "no sk_rx_queue_mapping"}, [row])
+    assert "rx_queue: no sk_rx_queue_mapping" in note
+    assert "not counted" in rx_note("udp", None, [])

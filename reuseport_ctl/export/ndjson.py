@@ -11,7 +11,7 @@ import math
 import os
 from typing import Optional, TextIO
 
-from ..stats.live import Frame, GroupInfo
+from ..stats.live import RX_FIELDS, Frame, GroupInfo, rx_by
 
 
 def _num(x: Optional[float], digits: int = 4):
@@ -52,6 +52,7 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
         "policy_note": frame.policy_note,
         "drops": frame.drops,
         "warnings": list(frame.warnings),
+        "rx_note": frame.rx_note,
         "joined": [_ref(r) for r in frame.joined],
         "left": [_ref(r) for r in frame.left],
         "workers": [{
@@ -76,8 +77,28 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
             "stuck": r.stuck,
             "stopped": r.stopped,
             "outside": r.outside,
+            **rx_fields(r.rx, frame.rx_unknown),
         } for r in frame.rows],
     }
+
+
+def _counts(d: Optional[dict]) -> Optional[dict]:
+    return None if d is None else {str(k): n for k, n in d.items()}
+
+
+def rx_fields(rx, unknown: frozenset) -> dict:
+    """Where a member's connections arrived: per CPU, NAPI id and rx queue,
+    and the joint paths (the CPU, NAPI id and queue of the same connections);
+    null where not known (frame's rx_note says why)."""
+    paths = None
+    if rx is not None:
+        paths = [{**{f: None if f in unknown else v for f, v in zip(RX_FIELDS, key)},
+                  "count": n}
+                 for key, n in sorted(rx.items(), key=lambda kv: (-kv[1], str(kv[0]))) if n]
+    return {"rx_cpus": _counts(rx_by(rx, "cpu", unknown)),
+            "napi_ids": _counts(rx_by(rx, "napi_id", unknown)),
+            "rx_queues": _counts(rx_by(rx, "rx_queue", unknown)),
+            "rx_paths": paths}
 
 
 def _ref(r) -> dict:

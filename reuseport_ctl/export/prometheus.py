@@ -25,7 +25,7 @@ from prometheus_client.registry import Collector
 
 from ..closing import Closing
 from ..errors import UserError
-from ..stats.live import Frame, GroupInfo
+from ..stats.live import Frame, GroupInfo, rx_by
 
 DEFAULT_ADDR = "127.0.0.1"
 GROUP_LABELS = ["port", "proto"]
@@ -65,6 +65,20 @@ WORKER_METRICS = (
     ("reuseport_ctl_worker_stuck", "gauge",
      "1 while connections (datagrams) queue for this worker and it takes none, or its "
      "process is stopped.", "stuck"),
+)
+
+# where connections arrived, per member: name, field (stats/live.RX_FIELDS), label, help.
+# A value the kernel did not record (no NAPI id on loopback/veth) has no series.
+RX_METRICS = (
+    ("reuseport_ctl_worker_rx_cpu", "cpu", "cpu",
+     "Connections (TCP: SO_INCOMING_CPU of each) or datagrams (UDP) to this member by "
+     "the CPU that received them, counted in the kernel since the watch began."),
+    ("reuseport_ctl_worker_rx_napi", "napi_id", "napi_id",
+     "TCP connections to this member by the NAPI id they arrived through "
+     "(SO_INCOMING_NAPI_ID; one per receive queue of a NAPI driver)."),
+    ("reuseport_ctl_worker_rx_queue", "rx_queue", "queue",
+     "TCP connections to this member by the receive queue they arrived on "
+     "(sk_rx_queue_mapping; only on kernels with CONFIG_SOCK_RX_QUEUE_MAPPING)."),
 )
 
 
@@ -157,6 +171,13 @@ class FrameCollector(Collector):
                 if v is not None:
                     fam.add_metric([*g, "child" if r.child else str(r.slot), str(r.pid),
                                     ",".join(map(str, r.tids))], v)
+            yield fam
+        for name, field, label, help_ in RX_METRICS:
+            fam = CounterMetricFamily(name, help_, labels=[*WORKER_LABELS, label])
+            for r in frame.rows:
+                for value, n in (rx_by(r.rx, field, frame.rx_unknown) or {}).items():
+                    fam.add_metric([*g, str(r.slot), str(r.pid), ",".join(map(str, r.tids)),
+                                    str(value)], n)
             yield fam
 
 

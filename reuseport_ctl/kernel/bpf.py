@@ -131,6 +131,28 @@ def map_delete(map_fd: int, key: bytes) -> None:
     bpf(MAP_DELETE_ELEM, attr)
 
 
+def map_items(map_fd: int, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of a hash map: BPF_MAP_GET_NEXT_KEY from no key
+    (the first), then each key's value (an entry deleted meanwhile is skipped)."""
+    out: list[tuple[bytes, bytes]] = []
+    key: bytes | None = None
+    while True:
+        nbuf = ctypes.create_string_buffer(key_size)
+        kbuf = ctypes.create_string_buffer(key, key_size) if key is not None else None
+        attr = struct.pack("=IxxxxQQQ", map_fd, ctypes.addressof(kbuf) if kbuf else 0,
+                           ctypes.addressof(nbuf), 0)
+        try:
+            bpf(MAP_GET_NEXT_KEY, attr)
+        except BPFError as e:
+            if e.errno == errno.ENOENT:
+                return out
+            raise
+        key = nbuf.raw
+        value = map_lookup(map_fd, key, value_size)
+        if value is not None:
+            out.append((key, value))
+
+
 def u32(v: int) -> bytes:
     return struct.pack("=I", v)
 

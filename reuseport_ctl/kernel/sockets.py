@@ -241,6 +241,15 @@ def discard_queued(sock: socket.socket, limit: int = 1 << 20) -> int:
 
 SO_INCOMING_CPU = 49
 SO_INCOMING_NAPI_ID = 56
+KERNEL_MAX = "/sys/devices/system/cpu/kernel_max"       # NR_CPUS - 1
+
+
+def min_napi_id() -> int:
+    """The smallest NAPI id (the kernel's MIN_NAPI_ID, NR_CPUS + 1): an skb's
+    napi_id shares a union with the sender's CPU, and sk_napi_id is copied
+    from it, so a smaller value is no NAPI id (getsockopt reports it as 0)."""
+    with open(KERNEL_MAX) as f:
+        return int(f.read()) + 2
 
 
 def incoming(sock: socket.socket) -> tuple[int, int]:

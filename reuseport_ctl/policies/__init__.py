@@ -6,7 +6,7 @@ connection or datagram.
     hash, threshold, consistent, round-robin, weighted:W1,W2,..,
     least-loaded, drain:K, eBPF (bcc): one SK_REUSEPORT program over a
     queue, numa,           REUSEPORT_SOCKARRAY keyed by worker slot
-    least-conns            (least-conns also counts live connections, bpf/conns.h)
+    least-conns, napi      (least-conns also counts live connections, bpf/conns.h)
 
 parse_policy() turns the user's spelling into a Policy; selector.attach_policy()
 loads and attaches it to a group and returns the Selector that owns every BPF
@@ -21,7 +21,7 @@ from ..errors import UserError
 
 CBPF = ("cpu", "mod")
 EBPF = ("hash", "threshold", "consistent", "round-robin", "weighted", "least-loaded", "drain",
-        "queue", "numa", "least-conns")
+        "queue", "numa", "least-conns", "napi")
 NAMES = ("kernel",) + CBPF + EBPF
 SPELLING = {"weighted": "weighted:W1,W2,..", "drain": "drain:K"}
 

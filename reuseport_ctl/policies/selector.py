@@ -23,11 +23,12 @@ LEAST_MAX_SLOTS = 64       # bpf/select.c: the verifier unrolls least-loaded's s
 TABLE_SIZE = 1024
 POLICY_MACRO = {"hash": 1, "threshold": 2, "consistent": 3, "round-robin": 4,
                 "weighted": 4, "least-loaded": 5, "drain": 1, "queue": 6, "numa": 7,
-                "least-conns": 8}
+                "least-conns": 8, "napi": 9}
 SCANS = ("least-loaded", "least-conns")     # policies whose program scans every slot
 # least-conns: its raw tracepoint programs (bpf/conns.h) -> where they attach
 CONNS_PROGRAMS = {"lc_ready": ("rp_lc_ready", "sk_data_ready"),
                   "lc_state": ("rp_lc_state", "inet_sock_set_state")}
+NAPI_MAX = 1024            # napi: NAPI ids remembered (one per receive queue seen)
 NODE_DIR = 64              # numa: table[0..NODE_DIR) is the node directory
 assert NODE_DIR + 2 * MAX_SLOTS <= TABLE_SIZE   # numa's table fits for every group
 
@@ -77,6 +78,20 @@ def read_fallbacks(config_fd: int) -> int:
     so the kernel's hash decided: config[2] in bpf/select.c."""
     raw = bpf.map_lookup(config_fd, bpf.u32(2), 8)
     return struct.unpack("=Q", raw)[0] if raw else 0
+
+
+def read_no_napi(config_fd: int) -> int:
+    """napi: packets that came with no NAPI id, so the kernel's hash decided
+    (config[3] in bpf/select.c)."""
+    raw = bpf.map_lookup(config_fd, bpf.u32(3), 8)
+    return struct.unpack("=Q", raw)[0] if raw else 0
+
+
+def read_napi_order(napi_fd: int) -> dict[int, int]:
+    """napi: NAPI id -> the order it first appeared in (its table index is
+    that modulo the table's length)."""
+    return {struct.unpack("=I", k)[0]: struct.unpack("=I", v)[0]
+            for k, v in bpf.map_items(napi_fd, 4, 4)}
 
 
 def write_table(table_fd: int, config_fd: int, table: list[int]) -> None:
@@ -175,6 +190,12 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None, nodes=Non
         from ..kernel.btf import offset_macros
         cflags += offset_macros({"SKB_OFF": ("sk_reuseport_kern", "skb"),
                                  "QUEUE_MAPPING_OFF": ("sk_buff", "queue_mapping")})
+    if policy.name == "napi":
+        from ..kernel.btf import offset_macros
+        from ..kernel.sockets import min_napi_id
+        cflags += offset_macros({"SKB_OFF": ("sk_reuseport_kern", "skb"),
+                                 "NAPI_ID_OFF": ("sk_buff", "napi_id")})
+        cflags += [f"-DMIN_NAPI_ID={min_napi_id()}", f"-DNAPI_MAX={NAPI_MAX}"]
     if policy.name == "numa":
         cflags.append(f"-DNODE_DIR={NODE_DIR}")
     b = compile_program(program_source("select.c"), cflags, inline=inline)
@@ -186,6 +207,8 @@ def _attach_ebpf(sel: Selector, socks: list[socket.socket], cpus=None, nodes=Non
     sel.prog_fd = fn.fd
     for name in ("selections", "table", "config"):
         sel.maps[name] = b[f"rp_{name}".encode()].map_fd
+    if policy.name == "napi":
+        sel.maps["napi"] = b[b"rp_napi"].map_fd
     if policy.name == "least-conns":
         sel.maps["live"] = b[b"rp_lc_live"].map_fd
         for name, (fn_name, tp) in CONNS_PROGRAMS.items():     # data-ready side first

@@ -32,6 +32,9 @@ from .conns import ConnsProbe
 from .wakeup import WakeupProbe
 
 OWN_NETNS = "/proc/thread-self/ns/net"
+UDP_RX_UNKNOWN = {
+    "napi_id": "UDP: an unconnected socket records the NAPI id of its first datagram only",
+    "rx_queue": "UDP: no datagram's rx queue is kept in the socket"}
 PIDNS_NOTE = ("this tool runs in a pid namespace of its own (a container's): the kernel "
               "names woken tasks by the host's pids, which cannot be matched to the pids "
               "seen here; run it in the host's pid namespace (docker --pid=host) to count "
@@ -57,6 +60,9 @@ class ProbeTotals:
                                         # (listener cookie, pid, tid) -> wakeups
     live: Optional[dict[int, int]] = None   # listener cookie -> connections ESTABLISHED
                                         # now (a level, not a total); None: not counted
+    rx: Optional[dict[tuple, int]] = None   # (listener cookie, cpu, napi id, rx queue) ->
+                                        # connections that arrived so (None in a field:
+                                        # not recorded); None: not counted
 
     def minus(self, base: "ProbeTotals") -> "ProbeTotals":
         """These totals less an earlier read's (counts since that read)."""
@@ -76,7 +82,8 @@ class ProbeTotals:
                            sub(self.wakeups, base.wakeups),
                            sub(self.accept_eagain, base.accept_eagain),
                            sub(self.accepted, base.accepted),
-                           sub(self.thread_wakeups, base.thread_wakeups), self.live)
+                           sub(self.thread_wakeups, base.thread_wakeups), self.live,
+                           None if self.rx is None else sub(self.rx, base.rx or {}))
 
 
 def default_strategies() -> dict[str, Strategy]:
@@ -113,6 +120,9 @@ class ProbeSession(Closing):
         self._eagain = eagain
         self._uncookied = 0
         self._own_netns = netns_inum(netns) == netns_inum(OWN_NETNS)
+        # where connections arrived: what this kernel cannot tell, and why
+        # ({"napi_id" | "rx_queue": why}); None: arrivals are not counted
+        self.rx_unknown: Optional[dict[str, str]] = None
         chosen = dict(strategies) if strategies is not None else default_strategies()
         self._lookup = LookupProbe(port, proto, netns)
         self._conns: Optional[ConnsProbe] = None
@@ -133,6 +143,9 @@ class ProbeSession(Closing):
                 lambda name: self._wakeup.attach(name, wk_name, eagain))
             self.strategies["wakeups"] = self._wakeups_strategy(wk)
             self.strategies["live"] = self._attach_conns(chosen)
+            if proto == "udp" and self._wakeup.data_ready != "none":
+                # where datagrams arrived: the CPU their data-ready ran on
+                self.rx_unknown = dict(UDP_RX_UNKNOWN)
             self._base: ProbeTotals | None = None
             self.rebase()               # every probe is attached: the common start
         except BaseException:
@@ -193,11 +206,13 @@ class ProbeSession(Closing):
         if chosen.get("live") is not None and chosen["live"].name == "none":
             return chosen["live"]
         try:
-            self._conns = ConnsProbe(self.port, self.netns)
+            self._conns = ConnsProbe(self.port, self.netns, rx=True)
         except Exception as e:                  # bcc raises plain Exception
             return Strategy("none", f"the live-connection probe did not attach ({e})")
-        return Strategy("raw_tracepoint", "children ESTABLISHED now, per listener, since the "
-                        "probe attached", "raw tracepoints inet_sock_set_state + sk_data_ready")
+        self.rx_unknown = dict(self._conns.rx_unknown)
+        return Strategy("raw_tracepoint", "children ESTABLISHED now, and where each arrived (CPU, "
+                        "NAPI id, rx queue), per listener, since the probe attached",
+                        "raw tracepoints inet_sock_set_state + sk_data_ready")
 
     @property
     def counts_eagain(self) -> bool:
@@ -237,9 +252,14 @@ class ProbeSession(Closing):
         wakeups: dict[int, int] = {}
         for (_, pid, _), n in thread_wakeups.items():
             wakeups[pid] = wakeups.get(pid, 0) + n
-        live = self._conns.read() if self._conns is not None else None
+        live = rx = None
+        if self._conns is not None:
+            live, rx = self._conns.read(), self._conns.read_rx()
+        elif self.proto == "udp" and self.rx_unknown is not None:
+            rx = {(cookie, cpu, None, None): n
+                  for (cookie, cpu), n in self._wakeup.read_rx_cpus().items()}
         return ProbeTotals(time.monotonic(), lookups, by_class, latency, ready, wakeups, eagain,
-                           accepted, thread_wakeups, live)
+                           accepted, thread_wakeups, live, rx)
 
     def close(self) -> None:
         """Detach everything; idempotent."""

@@ -240,6 +240,13 @@ class WakeupProbe:
         done = items(b"rp_done") if self.eagain_tps else {}
         return items(b"rp_ready"), wakeups, eagain, done
 
+    def read_rx_cpus(self) -> dict[tuple[int, int], int]:
+        """UDP: (listener cookie, cpu) -> datagrams received on that CPU
+        (bpf/wakeup.c rp_rx_cpu; {} for TCP or with data-ready off)."""
+        if self._bpf is None or self.proto != "udp" or self.data_ready == "none":
+            return {}
+        return {(k.cookie, k.cpu): v.value for k, v in self._bpf[b"rp_rx_cpu"].items()}
+
     def close(self) -> None:
         if self._bpf is not None:
             self._bpf.cleanup()         # detaches every probe, frees programs and maps

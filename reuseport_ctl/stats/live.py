@@ -57,6 +57,9 @@ class WorkerObs:
     outside: Optional[str] = None       # why its process is not the server's, or None
     live: Optional[int] = None          # connections ESTABLISHED now on its socket(s),
                                         # counted in the kernel (None: not counted)
+    rx: Optional[Mapping[tuple, int]] = None    # (cpu, napi id, rx queue) -> connections
+                                        # that arrived so since the watch began (None in a
+                                        # field: not recorded); None: not counted
 
     @property
     def key(self) -> tuple:
@@ -96,6 +99,8 @@ class Observation:
     dispatcher: bool = False            # the listener's connections are held by children
     policy: Optional[str] = None        # the policy on the group now (None: unchanged)
     policy_note: Optional[str] = None   # the pinned policy is not in force: why, in a line
+    rx_unknown: Optional[Mapping[str, str]] = None  # RX_FIELDS this kernel cannot tell ->
+                                        # why; None: arrivals are not counted at all
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,7 @@ class WorkerRow:
     stopped: bool = False               # its process is stopped (SIGSTOP, a debugger)
     outside: Optional[str] = None       # not in the server's process tree: why
     live: Optional[int] = None          # connections ESTABLISHED now (kernel-counted)
+    rx: Optional[Mapping[tuple, int]] = None    # (cpu, napi id, rx queue) -> arrivals
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,8 @@ class Frame:
     drops: Optional[int] = None         # over every row, since the watch began
     warnings: tuple[str, ...] = ()      # member health, one line each (stats/health.py)
     policy_note: Optional[str] = None   # the pinned policy is not in force: why
+    rx_unknown: frozenset = frozenset() # RX_FIELDS this kernel cannot tell at all
+    rx_note: Optional[str] = None       # why an arrival field is unknown (null), in a line
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,51 @@ def degraded_note(data_ready: str, lookup: str, own: bool) -> Optional[str]:
             f"{', '.join(still)}.")
 
 
+# --- where connections arrived ---------------------------------------------------
+
+RX_FIELDS = ("cpu", "napi_id", "rx_queue")      # the fields of a WorkerObs.rx key
+NO_NAPI_DEVICE = ("arrived through a device without NAPI ids (loopback, veth without GRO): "
+                  "SO_INCOMING_NAPI_ID says 0 for them")
+NO_QUEUE_DEVICE = "arrived with no rx queue recorded (loopback, veth)"
+
+
+def rx_by(rx: Optional[Mapping[tuple, int]], name: str,
+          unknown: frozenset = frozenset()) -> Optional[dict[int, int]]:
+    """One field's counts ({value: connections}) from a row's arrivals; None
+    when it is not known: not counted, this kernel cannot tell, or not one
+    of the row's connections had it (never a made-up 0)."""
+    if rx is None or name in unknown:
+        return None
+    i = RX_FIELDS.index(name)
+    out: dict[int, int] = {}
+    for key, n in rx.items():
+        if key[i] is not None and n:
+            out[key[i]] = out.get(key[i], 0) + n
+    if not out and any(rx.values()):
+        return None
+    return dict(sorted(out.items()))
+
+
+def rx_note(proto: str, unknown: Optional[Mapping[str, str]],
+            rows: Sequence["WorkerRow"]) -> Optional[str]:
+    """One line saying why an arrival field is null: the protocol, the
+    kernel, or the device the connections came through."""
+    if unknown is None:
+        return (f"where {'datagrams' if proto == 'udp' else 'connections'} arrived is not "
+                f"counted (its probe is off: "
+                f"{'data-ready' if proto == 'udp' else 'live connections'})")
+    parts = [f"{k}: {why}" for k, why in sorted(unknown.items())]
+    for name, device in (("napi_id", NO_NAPI_DEVICE), ("rx_queue", NO_QUEUE_DEVICE)):
+        if name in unknown:
+            continue
+        i = RX_FIELDS.index(name)
+        n = sum(c for r in rows if r.rx for k, c in r.rx.items() if k[i] is None)
+        if n:
+            unit = "connection" if proto == "tcp" else "datagram"
+            parts.append(f"{name}: {n:,} {unit}{'' if n == 1 else 's'} {device}")
+    return "; ".join(parts) or None
+
+
 # --- the step ---------------------------------------------------------------------
 
 def _ref(w: WorkerObs) -> RowRef:
@@ -324,7 +377,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
             history=tuple(s.history), data_ready=ready, data_ready_per_s=ready_rate,
             wakeups=wakeups, wakeups_per_event=per_event(wakeups, ready),
             spurious_wakeups=spurious, queue_len=w.queue_len, child=w.child, conns=w.conns,
-            live=w.live))
+            live=w.live, rx=None if w.child else w.rx))
 
     health = {h.key: h for h in assess(state.health, samples)}
     rows = [_with_health(r, health.get(k)) for r, k in zip(rows, keys)]
@@ -356,7 +409,9 @@ def step(state: LiveState, obs: Observation) -> Frame:
         jain=jain(counts) if counted and sum(counts) else None,
         max_min_ratio=max_min_ratio(counts) if counted and sum(counts) else None, joined=tuple(joined),
         left=left, dispatcher=obs.dispatcher, drops=sum(dropped) if dropped else None,
-        warnings=warnings, policy_note=obs.policy_note)
+        warnings=warnings, policy_note=obs.policy_note,
+        rx_unknown=frozenset(obs.rx_unknown or ()),
+        rx_note=rx_note(state.proto, obs.rx_unknown, rows))
     state.prev = obs
     return frame
 

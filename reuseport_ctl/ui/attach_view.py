@@ -124,6 +124,9 @@ def render_status(d: dict) -> Group:
         if d.get("fallbacks"):
             extra = f"; {d['fallbacks']:,} {unit} found their slot empty (the kernel's hash " \
                     f"decided)"
+        if d.get("no_napi"):
+            extra += f"; {d['no_napi']:,} {unit} came with no NAPI id (loopback, veth " \
+                     f"without GRO): the kernel's hash decided"
         parts.append(Text(f"{d['total']:,} selections by the program{extra}", style="dim"))
     else:
         parts.append(Text("a cBPF program keeps no counts", style="dim"))

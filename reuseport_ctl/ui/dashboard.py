@@ -22,7 +22,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..stats.live import Frame, GroupInfo, sparkline
+from ..stats.live import Frame, GroupInfo, rx_by, sparkline
 
 BAR = 10
 SPARK_WIDTH = 20
@@ -107,9 +107,18 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
         t.append(f"\npolicy {g.policy} is not in force: {frame.policy_note}", style="bold red")
     for w in frame.warnings:
         t.append(f"\n{w}", style="bold yellow")
+    if frame.rx_note and any(r.rx for r in frame.rows):
+        t.append(f"\narrivals: {frame.rx_note}", style="dim")
     if note:
         t.append(f"\n{note}", style="yellow")
     return t
+
+
+def _counts(d: Optional[dict]) -> str:
+    """'0:512 1:3' (value:connections, most first); '-' when unknown."""
+    if d is None:
+        return "-"
+    return " ".join(f"{k}:{n:,}" for k, n in sorted(d.items(), key=lambda kv: -kv[1])) or "0"
 
 
 def table(frame: Frame, g: GroupInfo) -> Table:
@@ -132,10 +141,16 @@ def table(frame: Frame, g: GroupInfo) -> Table:
         t.add_column("live", justify="right")
     if frame.dispatcher:
         t.add_column("conns", justify="right")
+    # where its connections arrived, by CPU (NAPI ids and queues: arrivals())
+    rx_cpus = [rx_by(r.rx, "cpu", frame.rx_unknown) for r in frame.rows]
+    has_rx = any(v is not None for v in rx_cpus)
+    if has_rx:
+        t.add_column("rx cpu", no_wrap=True)
     widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
-    for r in frame.rows:
+    for i, r in enumerate(frame.rows):
         extra = ([_f(r.live, "{:,}")] if has_live else []) + \
-            ([_f(r.conns, "{:,}")] if frame.dispatcher else [])
+            ([_f(r.conns, "{:,}")] if frame.dispatcher else []) + \
+            ([_counts(rx_cpus[i])] if has_rx else [])
         t.add_row(
             _slot(r), _who(r), _f(r.cpu_percent, "{:.0f}"),
             _bar(r.share, widest) if r.share is not None else "-",
@@ -147,9 +162,31 @@ def table(frame: Frame, g: GroupInfo) -> Table:
     return t
 
 
+def arrivals(frame: Frame) -> Optional[Table]:
+    """Per member, the NAPI ids and rx queues its connections came through,
+    when any is known (a NAPI driver; a kernel that keeps the queue)."""
+    cols = [(f, title) for f, title in (("napi_id", "arrived via napi id"),
+                                        ("rx_queue", "rx queue"))
+            if any(rx_by(r.rx, f, frame.rx_unknown) is not None for r in frame.rows)]
+    if not cols:
+        return None
+    t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
+    t.add_column("slot", justify="right")
+    for _, title in cols:
+        t.add_column(title, no_wrap=True)
+    for r in frame.rows:
+        if not r.child:
+            t.add_row(str(r.slot), *(_counts(rx_by(r.rx, f, frame.rx_unknown))
+                                     for f, _ in cols))
+    return t
+
+
 def render(frame: Frame, g: GroupInfo, note: Optional[str] = None,
            events: tuple[str, ...] = (), keys: bool = False) -> RenderableType:
     parts: list[RenderableType] = [header(frame, g, note), table(frame, g)]
+    more = arrivals(frame)
+    if more is not None:
+        parts.append(more)
     foot = list(events[-3:])
     if keys:
         foot.append("q quits")

@@ -107,7 +107,7 @@ class Watch(Closing):
         from rich.live import Live
         console = Console(stderr=self._stderr)
         if not console.is_terminal:
-            console.width = 120             # a pipe has no width: do not cut the columns
+            console.width = 140             # a pipe has no width: do not cut the columns
         # No refresh thread: run --watch forks restarted workers from this process.
         self.live = self._stack.enter_context(
             Live(self._render(), console=console, auto_refresh=False,
@@ -172,16 +172,35 @@ class Watch(Closing):
             live = {}
             for cookie, n in t.live.items():
                 live[inode(cookie)] = live.get(inode(cookie), 0) + n
+        rx: Optional[dict[int, dict[tuple, int]]] = None
+        if t.rx is not None:                    # (cookie, cpu, napi, queue) -> n, per inode
+            rx = {}
+            for (cookie, *where), n in t.rx.items():
+                mine = rx.setdefault(inode(cookie), {})
+                mine[tuple(where)] = mine.get(tuple(where), 0) + n
+
+        def arrivals(w: WorkerObs) -> Optional[dict[tuple, int]]:
+            # a member's own socket; a listener shared by processes (or none:
+            # a dispatcher's child) is not one process's
+            if rx is None or w.child or w.shared:
+                return None
+            out: dict[tuple, int] = {}
+            for i in w.inodes:
+                for k, n in rx.get(i, {}).items():
+                    out[k] = out.get(k, 0) + n
+            return out
         workers = [replace(w, cpu_percent=cpu[w.pid][0], cpu_seconds=cpu[w.pid][1],
                            nthreads=cpu[w.pid][2],
                            live=None if live is None or w.child
-                           else sum(live.get(i, 0) for i in w.inodes))
+                           else sum(live.get(i, 0) for i in w.inodes),
+                           rx=arrivals(w))
                    for w in workers]
         return Observation(ts=t.ts, wall=wall, workers=tuple(workers),
                            lookups=t.lookups, data_ready=ready, wakeups=wakeups,
                            accept_eagain=dict(t.accept_eagain), accepted=dict(t.accepted),
                            listening=listening, dispatcher=self.source.dispatcher(),
-                           policy=self.source.policy(), policy_note=self.source.policy_note())
+                           policy=self.source.policy(), policy_note=self.source.policy_note(),
+                           rx_unknown=self.session.rx_unknown)
 
     def tick(self, wait: bool) -> bool:
         """Observe, step, output. False when the group went away and --wait
