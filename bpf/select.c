@@ -137,6 +137,25 @@ static __always_inline u32 napi_index(u32 id, u64 *counter)
 }
 #endif
 
+// The slot whose METRIC(md, slot) is least, into idx. The scan starts at a
+// hash-chosen slot, so that members with equal figures (idle ones) share the
+// load instead of slot 0 taking it all.
+#define SCAN_FEWEST(T, METRIC)                              \
+    do {                                                    \
+        u32 start = md->hash % n;                           \
+        T best = (T)~0ULL;                                  \
+        for (u32 i = 0; i < LEAST_MAX_SLOTS; i++) {         \
+            u32 k = start + i;                              \
+            if (k >= LEAST_MAX_SLOTS)                       \
+                k -= LEAST_MAX_SLOTS;                       \
+            T v = METRIC(md, k);                            \
+            if (v < best) {                                 \
+                best = v;                                   \
+                idx = k;                                    \
+            }                                               \
+        }                                                   \
+    } while (0)
+
 int rp_select(struct sk_reuseport_md *md)
 {
     u32 k_len = 0, k_rr = 1, k_fail = 2;
@@ -158,35 +177,12 @@ int rp_select(struct sk_reuseport_md *md)
         return SK_PASS;
     idx = __sync_fetch_and_add(rr, 1) % n;
 #elif POLICY == P_LEAST
-    // Fewest queued wins; the scan starts at a hash-chosen slot, so idle
-    // members share the load instead of slot 0 taking it all. (Empty slots
-    // fail to select and are skipped; the slot found is used as is.)
-    u32 start = md->hash % n, best = ~0U;
-    for (u32 i = 0; i < LEAST_MAX_SLOTS; i++) {
-        u32 k = start + i;
-        if (k >= LEAST_MAX_SLOTS)
-            k -= LEAST_MAX_SLOTS;
-        u32 load = load_of(md, k);
-        if (load < best) {
-            best = load;
-            idx = k;
-        }
-    }
+    // Fewest queued wins. (Empty slots fail to select and are skipped; the
+    // slot found is used as is.)
+    SCAN_FEWEST(u32, load_of);
 #elif POLICY == P_CONNS
-    // Fewest live connections wins; ties go to the first in the scan, which
-    // starts at a hash-chosen slot: short connections still spread.
-    u32 start = md->hash % n;
-    u64 best = ~0ULL;
-    for (u32 i = 0; i < LEAST_MAX_SLOTS; i++) {
-        u32 k = start + i;
-        if (k >= LEAST_MAX_SLOTS)
-            k -= LEAST_MAX_SLOTS;
-        u64 c = conns_of(md, k);
-        if (c < best) {
-            best = c;
-            idx = k;
-        }
-    }
+    // Fewest live connections wins: short connections still spread (ties).
+    SCAN_FEWEST(u64, conns_of);
 #elif POLICY == P_QUEUE
     idx = rx_queue(md) % n;
 #elif POLICY == P_NAPI

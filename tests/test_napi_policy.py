@@ -21,15 +21,31 @@ CONNS = 40
 MEMBERS = 2
 
 
-def listeners(n: int) -> list[socket.socket]:
+def listeners(n: int, host: str = SERVER) -> list[socket.socket]:
     out = []
     for _ in range(n):
         s = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind((SERVER, PORT))
+        s.bind((host, PORT))
         s.listen(512)
         out.append(s)
     return out
+
+
+def steer(peer: str) -> tuple[list[list[int]], dict, int, list[int]]:
+    """CONNS connections from peer through the napi policy: per member the
+    NAPI ids it got, the policy's NAPI id order, its no-NAPI count and its
+    selections."""
+    socks = listeners(MEMBERS)
+    sel = attach_policy(parse_policy("napi"), socks)
+    try:
+        connect_all(peer, CONNS)
+        return (accepted(socks), read_napi_order(sel.maps["napi"]),
+                read_no_napi(sel.maps["config"]), sel.selections())
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
 
 
 def connect_all(peer: str, n: int) -> None:
@@ -62,18 +78,7 @@ def accepted(socks: list[socket.socket]) -> list[list[int]]:
 def test_napi_policy_feeds_each_member_from_one_napi(veth):  # noqa: F811
     sh("ethtool", "-K", "va", "gro", "on")
     sh("ip", "netns", "exec", veth, "ethtool", "-K", "vb", "tso", "off", "gso", "off")
-    socks = listeners(MEMBERS)
-    sel = attach_policy(parse_policy("napi"), socks)
-    try:
-        connect_all(veth, CONNS)
-        got = accepted(socks)
-        order = read_napi_order(sel.maps["napi"])
-        no_napi = read_no_napi(sel.maps["config"])
-        selections = sel.selections()
-    finally:
-        sel.close()
-        for s in socks:
-            s.close()
+    got, order, no_napi, selections = steer(veth)
     assert sum(map(len, got)) == CONNS and no_napi == 0
     assert sum(selections) == CONNS
     seen = {i for ids in got for i in ids}
@@ -87,18 +92,7 @@ def test_napi_policy_feeds_each_member_from_one_napi(veth):  # noqa: F811
 
 
 def test_napi_policy_without_napi_ids_leaves_it_to_the_kernel(veth):  # noqa: F811
-    socks = listeners(MEMBERS)
-    sel = attach_policy(parse_policy("napi"), socks)
-    try:
-        connect_all(veth, CONNS)
-        got = accepted(socks)
-        no_napi = read_no_napi(sel.maps["config"])
-        selections = sel.selections()
-        order = read_napi_order(sel.maps["napi"])
-    finally:
-        sel.close()
-        for s in socks:
-            s.close()
+    got, order, no_napi, selections = steer(veth)
     assert sum(map(len, got)) == CONNS
     assert {i for ids in got for i in ids} == {0}      # SO_INCOMING_NAPI_ID: none
     assert no_napi == CONNS and sum(selections) == 0 and order == {}
@@ -106,13 +100,7 @@ def test_napi_policy_without_napi_ids_leaves_it_to_the_kernel(veth):  # noqa: F8
 
 def test_status_says_how_many_had_no_napi_id(netns, cli):
     import json
-    socks = []
-    for _ in range(MEMBERS):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", PORT))
-        s.listen(64)
-        socks.append(s)
+    socks = listeners(MEMBERS, "127.0.0.1")
     try:
         cli("attach", "--port", PORT, "--policy", "napi", check=True)
         for _ in range(5):              # loopback: no NAPI
