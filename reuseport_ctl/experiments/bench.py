@@ -308,8 +308,8 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
         RunConfig(workers=cfg.workers, model=s.model,
                   policy=parse_policy(s.policy or "kernel")).validate()
     session, probe_note = _probe_session(cfg)
-    result = BenchResult(config=_config_dict(cfg), points=[], env=environment(),
-                         probe=probe_note)
+    result = BenchResult(config=config_dict(cfg, stall=str(cfg.stall) if cfg.stall else None),
+                         points=[], env=environment(), probe=probe_note)
     total, done = cfg.total_points, 0
     try:
         for rep in range(cfg.repeat):
@@ -336,10 +336,12 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
     return result
 
 
-def _config_dict(cfg: BenchConfig) -> dict:
+def config_dict(cfg, **extra) -> dict:
+    """A run's config as its JSON says it (bench's and --long-lived's):
+    the setups by label, and what else the caller adds."""
     d = asdict(cfg)
     d["setups"] = [s.label for s in cfg.setups]
-    d["stall"] = str(cfg.stall) if cfg.stall else None
+    d.update(extra)
     return d
 
 

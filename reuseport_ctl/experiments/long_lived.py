@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..load.held import ROUND_S, hold
 from ..policies import parse_policy
 from ..workers.supervisor import RunConfig, Supervisor, client_host
-from .bench import Setup, check_schema as _check_schema, environment
+from .bench import Setup, check_schema as _check_schema, config_dict, environment
 
 DEFAULT_CONNS = (2, 17)         # Envoy's cases over 3 workers: N < M, and N just above 5M
 DEFAULT_WORKERS = 3
@@ -251,7 +251,8 @@ def run_long(cfg: LongConfig, on_run: Optional[Callable[[int, int, Run], None]] 
         RunConfig(workers=cfg.workers, model="reuseport",
                   policy=parse_policy(s.policy or "kernel")).validate()
     probe, source = _probe(cfg)
-    result = LongResult(config=_config_dict(cfg), runs=[], env=environment(), source=source)
+    result = LongResult(config=config_dict(cfg, round_s=ROUND_S), runs=[], env=environment(),
+                        source=source)
     done = 0
     try:
         for rep in range(cfg.repeat):
@@ -274,11 +275,7 @@ def run_long(cfg: LongConfig, on_run: Optional[Callable[[int, int, Run], None]] 
     return result
 
 
-def _config_dict(cfg: LongConfig) -> dict:
-    d = asdict(cfg)
-    d["setups"] = [s.label for s in cfg.setups]
-    d["round_s"] = ROUND_S
-    return d
+
 
 
 def _probe(cfg: LongConfig):
