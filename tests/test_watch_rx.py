@@ -153,9 +153,16 @@ def test_rx_cpus_equal_so_incoming_cpu_and_napi_unknown_on_plain_veth(veth):
     # and the pinned client's CPU is where they arrived, every one
     assert total == {str(c): n for c, n in PER_CPU.items()}
     assert "without NAPI ids" in last["rx_note"]
-    # this kernel has no sk_rx_queue_mapping: the queue is null, and said why
+    # the queue (sk_rx_queue_mapping): veth records none of its own, and
+    # the peer's tx queue t arrives as rx queue t - 1 (tx queue 0 as none),
+    # as the queue policy sees it (docs/nic.md); the rest is null, said why
+    queues: set = set()
     for w in last["workers"]:
-        assert w["rx_queues"] is None
+        queues |= {p["rx_queue"] for p in w["rx_paths"]}
+        assert set(w["rx_queues"] or {}) <= {str(q) for q in range(QUEUES - 1)}
+    assert queues <= {None, *range(QUEUES - 1)}
+    assert "rx_queue: this kernel" not in last["rx_note"]
+    assert ("rx_queue:" in last["rx_note"]) == (None in queues), last["rx_note"]
     samples = [s for s in fams["reuseport_ctl_worker_rx_cpu"].samples
                if s.name.endswith("_total")]
     prom: dict[str, float] = {}

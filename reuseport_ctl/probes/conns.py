@@ -34,7 +34,9 @@ NO_NAPI, NO_QUEUE = 0, 0xFFFF          # bpf/conns.h: RP_NO_NAPI, RP_NO_QUEUE
 NO_CPU = 0xFFFFFFFF                    # skc_incoming_cpu -1: never set
 RX_FIELDS = {"SKC_INCOMING_CPU_OFF": ("sock", "__sk_common.skc_incoming_cpu")}
 NAPI_FIELD = {"SK_NAPI_ID_OFF": ("sock", "sk_napi_id")}               # CONFIG_NET_RX_BUSY_POLL
-QUEUE_FIELD = {"SK_RX_QUEUE_OFF": ("sock", "sk_rx_queue_mapping")}    # CONFIG_SOCK_RX_QUEUE_MAPPING
+# sk_rx_queue_mapping is a #define for __sk_common.skc_rx_queue_mapping (BTF
+# knows the member, not the macro); CONFIG_SOCK_RX_QUEUE_MAPPING (XPS selects it)
+QUEUE_FIELD = {"SK_RX_QUEUE_OFF": ("sock", "__sk_common.skc_rx_queue_mapping")}
 
 
 def cflags(port: int, netns: str) -> list[str]:
