@@ -4,13 +4,15 @@ Fast tests (no VM): kernel spec resolution, bad input, the virtiofsd shim's
 argument translation, the QEMU wrapper, the guest script, the KVM probe.
 VM tests (3 boots in all, ~40-100 s each under TCG): a 4-queue virtio-net NIC
 on two NUMA nodes (nic against ethtool; the queue, cpu and numa policies
-exact; nic --apply/--restore); doctor in the guest shows kprobes and the
+exact; nic --apply/--restore; watch's per-member rx queue, NAPI id and
+CPU equal to the queue proof's accepted sockets); doctor in the guest shows kprobes and the
 "kprobe" lookup strategy; the probes' kprobe test passes in the guest. They
 skip, with the reason, only where QEMU or the kernel package
 cannot be had.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -18,6 +20,8 @@ import subprocess
 import sys
 import time
 import uuid
+import zlib
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -452,6 +456,12 @@ def test_ethtool_output_parsers():
     assert _ethtool_x(x) == ([0, 1, 2, 3] * 4, "121c46")
 
 
+def guest_result(stdout: str) -> dict:
+    """tests/vm_nic_guest.py's last line: its JSON, zlib-compressed and in
+    base64 (what the guest prints reaches us up to 32 KiB only)."""
+    return json.loads(zlib.decompress(base64.b64decode(stdout.strip().splitlines()[-1])))
+
+
 def test_nic_queues_in_the_vm_match_ethtool_and_the_policies_are_exact():
     """One boot (4 vCPUs on two NUMA nodes, a 4-queue virtio-net NIC with
     RSS, TCG): `nic --json` equals `ethtool -l/-x`; the queue policy sends
@@ -462,7 +472,10 @@ def test_nic_queues_in_the_vm_match_ethtool_and_the_policies_are_exact():
     pinned to) and numa to a worker on that CPU's node; with `--rss-weights
     1,0,0,0` every connection arrives on queue 0 and goes to worker 0; each
     `--restore` leaves the indirection table and IRQ affinity byte for byte
-    as before. Nothing (QEMU, virtiofsd, the tap's namespace) is left."""
+    as before. watch, attached through the queue proof, shows per member
+    the rx queue, NAPI id and CPU its connections came through, equal to the
+    proof's ground truth connection for connection. Nothing (QEMU,
+    virtiofsd, the tap's namespace) is left."""
     vm_or_skip()
     if not os.path.exists("/dev/net/tun"):
         pytest.skip("no /dev/net/tun for the VM's NIC")
@@ -472,7 +485,7 @@ def test_nic_queues_in_the_vm_match_ethtool_and_the_policies_are_exact():
                sys.executable, "tests/vm_nic_guest.py", timeout=420)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "NIC: virtio-net-pci, 4 queues" in p.stderr
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r = guest_result(p.stdout)
     assert r["nic_rc"] == 0, r["nic_err"]
     n = r["nic"]["interfaces"][0]
     assert n["driver"] == "virtio_net" and n["name"] == r["iface"]
@@ -493,6 +506,10 @@ def test_nic_queues_in_the_vm_match_ethtool_and_the_policies_are_exact():
     assert len(set(pr["napi_of_queue"].values())) == 4
     for q, row in enumerate(pr["spread"]["queue_by_worker"]):
         assert sum(row) == row[q]                     # queue q -> worker q only
+    # watch, attached through the queue proof: per member, where its
+    # connections arrived (rx queue, NAPI id, CPU, with counts) is the proof's
+    # ground truth, from the connections the workers accepted
+    arrivals_match_the_proof(r)
     # IRQ of queue q on CPU 3 - q: cpu and numa, every connection checked
     # against its worker's CPU and against its queue's IRQ
     a = r["apply_cpus"]
@@ -520,10 +537,103 @@ def test_nic_queues_in_the_vm_match_ethtool_and_the_policies_are_exact():
     assert oq is not None and oq["exact"], (r["on_queue_err"], oq and oq["problems"])
     assert oq["by_worker"] == [8, 0, 0, 0] and oq["exact_count"] == oq["conns"] == 8
     took = time.monotonic() - started
-    print(f"NIC VM test: {took:.1f} s in all; guest: nic {r['t_nic']:.1f} s, queue proof "
-          f"{r['t_proof'] - r['t_nic']:.1f} s, cpu {r['t_cpu'] - r['t_proof']:.1f} s, numa "
-          f"{r['t_numa'] - r['t_cpu']:.1f} s, rss on queue 0 "
+    print(f"NIC VM test: {took:.1f} s in all; guest: nic {r['t_nic']:.1f} s (watch attached "
+          f"in {r['t_watch_attach']:.1f} s meanwhile, waited for "
+          f"{r['t_watch_ready'] - r['t_nic']:.1f} s), queue proof "
+          f"{r['t_watch_proof'] - r['t_watch_ready']:.1f} s, watch read "
+          f"{r['t_watch'] - r['t_watch_proof']:.1f} s, cpu {r['t_cpu'] - r['t_watch']:.1f} s, "
+          f"numa {r['t_numa'] - r['t_cpu']:.1f} s, rss on queue 0 "
           f"{r['t_on_queue'] - r['t_numa']:.1f} s; all {r['t_all']:.1f} s")
+    from reuseport_ctl.experiments.queue_proof import render
+    print(render(pr))
+    print(r["watch"]["dashboard"])
+    print(json.dumps(r["watch"]["workers"]))
+
+
+PROOF_CONNS = 4 * 2 + 16        # the queue proof's: calibration (2 per queue), spread
+
+
+def proof_arrivals(proof: dict) -> list[Counter]:
+    """The queue proof's ground truth, per worker (slot): (rx queue, NAPI id,
+    CPU) -> connections, from each accepted socket's SO_INCOMING_NAPI_ID and
+    SO_INCOMING_CPU; the queue is the one the calibration found for that NAPI
+    id (the only queue whose rx counter moved while it was the only one)."""
+    queue_of = {n: int(q) for q, n in proof["napi_of_queue"].items()}
+    out = [Counter() for _ in range(proof["workers"])]
+    for p in proof["phases"]:
+        for c in p["conns"]:
+            out[c["slot"]][(queue_of[c["napi"]], c["napi"], c["cpu"])] += 1
+    return out
+
+
+def arrivals_match_the_proof(r: dict) -> None:
+    """watch's per-member rx_paths, rx_queues, napi_ids and rx_cpus (as
+    `watch --json` writes them) against the proof, connection for connection.
+    Debian's 6.12 keeps sk_rx_queue_mapping (CONFIG_SOCK_RX_QUEUE_MAPPING=y,
+    selected by XPS): the queue is known, and must be the queue."""
+    assert r["watch_err"] == "" and r["watch"] is not None, r["watch_err"]
+    wt, pr = r["watch"], r["proof"]
+    assert wt["live"] == "raw_tracepoint"
+    assert isinstance(wt["btf_sk_rx_queue_mapping"], int), wt["btf_sk_rx_queue_mapping"]
+    assert wt["rx_unknown"] == {} and wt["rx_note"] is None, wt["rx_note"]
+    truth = proof_arrivals(pr)
+    assert sum(sum(t.values()) for t in truth) == PROOF_CONNS
+    by_inode = {m["inode"]: m for m in wt["workers"]}
+    assert sorted(by_inode) == sorted(wt["inodes"])                # one row per member
+    for slot, inode in enumerate(wt["inodes"]):
+        m, want = by_inode[inode], truth[slot]
+        assert m["slot"] == slot                   # watch numbers them as the policy does
+        got: Counter = Counter()
+        for p in m["rx_paths"]:
+            got[(p["rx_queue"], p["napi_id"], p["cpu"])] += p["count"]
+        assert got == want, (slot, m["rx_paths"], want)
+
+        def by(i: int) -> dict:
+            out: Counter = Counter()
+            for k, n in want.items():
+                out[str(k[i])] += n
+            return dict(out)
+        assert (m["rx_queues"], m["napi_ids"], m["rx_cpus"]) == (by(0), by(1), by(2)), slot
+        assert list(m["rx_queues"]) == [str(slot)]          # the queue policy: queue q only
+
+
+def _arrivals_case() -> dict:
+    """A guest result as vm_nic_guest.py prints it, reduced to what
+    arrivals_match_the_proof reads: 2 workers, 2 queues, PROOF_CONNS
+    connections."""
+    conns = [{"slot": 0, "napi": 11, "cpu": 0}, {"slot": 0, "napi": 11, "cpu": 0},
+             {"slot": 1, "napi": 12, "cpu": 1}, {"slot": 1, "napi": 12, "cpu": 0}]
+    proof = {"workers": 2, "napi_of_queue": {"0": 11, "1": 12},
+             "phases": [{"conns": conns[:4] * 4}, {"conns": conns * 2}]}
+    workers = [
+        {"slot": 0, "inode": 70, "rx_cpus": {"0": 12}, "napi_ids": {"11": 12},
+         "rx_queues": {"0": 12}, "rx_paths": [{"cpu": 0, "napi_id": 11, "rx_queue": 0,
+                                               "count": 12}]},
+        {"slot": 1, "inode": 71, "rx_cpus": {"0": 6, "1": 6}, "napi_ids": {"12": 12},
+         "rx_queues": {"1": 12}, "rx_paths": [{"cpu": 1, "napi_id": 12, "rx_queue": 1,
+                                               "count": 6},
+                                              {"cpu": 0, "napi_id": 12, "rx_queue": 1,
+                                               "count": 6}]}]
+    return {"watch_err": "", "proof": proof,
+            "watch": {"live": "raw_tracepoint", "btf_sk_rx_queue_mapping": 122,
+                      "rx_unknown": {}, "rx_note": None, "inodes": [70, 71],
+                      "workers": workers}}
+
+
+def test_nic_guest_arrivals_are_checked_connection_for_connection():
+    r = _arrivals_case()
+    arrivals_match_the_proof(r)
+    # one connection counted on the wrong CPU, a queue the kernel did not
+    # give, members swapped, the queue field missing: each one is caught
+    for spoil in (lambda w: w["workers"][1]["rx_paths"][0].update(count=5),
+                  lambda w: w["workers"][0]["rx_paths"][0].update(rx_queue=None),
+                  lambda w: w["inodes"].reverse(),
+                  lambda w: w["workers"][1]["rx_cpus"].update({"1": 7}),
+                  lambda w: w.update(btf_sk_rx_queue_mapping="no such member")):
+        bad = _arrivals_case()
+        spoil(bad["watch"])
+        with pytest.raises(AssertionError):
+            arrivals_match_the_proof(bad)
 
 
 # --- Vagrantfile ---------------------------------------------------------------------
