@@ -76,11 +76,14 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         pinned = parse_cpus(cpus, workers=n) if cpus else tuple(usable_cpus())
     cfg = RunConfig(workers=n, host=host,
                     port=port, proto=proto, model=model, policy=pol,
-                    cpus=pinned, user=user, backlog=backlog)
+                    cpus=pinned, user=user, backlog=backlog,
+                    pin=model == "reuseport" and pol.kind != "none")
     load = None
     failed = None
     with Supervisor(cfg) as sup:
         sup.start()
+        if sup.pin_note:
+            click.echo(f"reuseport-ctl: {sup.pin_note}", err=True)
         try:
             if sup.wait_ready():
                 if load_n is not None:
