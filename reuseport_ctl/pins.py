@@ -441,14 +441,13 @@ def _owned_refusal(verb: str, meta: Meta, proto: str, port: int) -> UserError:
     policy when it stops (a policy attached over it would go too) and
     reports its program's counts (detached under it, they would be wrong)."""
     pid = (meta.owner or {}).get("pid")
-    why = {"attach": "it detaches its policy when it stops, and any policy attached over "
-                     "it with it: stop that run, or start it again with the --policy you want",
-           "detach": "it reports that policy's counts and removes it when it stops: stop "
-                     f"that run (Ctrl-C, or kill {pid}) to give the group back to the "
-                     f"kernel's hash",
-           "run": "stop that run first"}[verb]
+    why = {"attach": "and the run detaches whatever program the group has when it stops: "
+                     "stop that run, or start it again with the --policy you want",
+           "detach": "which the run reports on and removes when it stops: stop that run "
+                     f"(Ctrl-C, or kill {pid}) to give the group back to the kernel's hash",
+           "run": "and that run is still going: stop it first"}[verb]
     return UserError(f"{proto} port {port} is steered by `reuseport-ctl run` (pid {pid}) with "
-                     f"policy {meta.policy}, and {why}.")
+                     f"policy {meta.policy}, {why}.")
 
 
 FOLLOW_DONE = signal.SIGUSR1      # to a follower: your policy is detached or replaced
