@@ -722,19 +722,22 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
 # --- a run's group: pinned while the run lasts ----------------------------------------
 
 @lockfile.serialised("run (pinning its policy)")
-def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> Path:
+def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> tuple[Path, str]:
     """Pin the policy `run` attached to its own group (the Selector `sel`
     over `socks`, slot i served by pids[i]) where attach would, with this
-    process as the record's owner; returns the pin directory. The port was
-    free when run bound it, so a pin already there is of a group that is
-    gone: it is replaced."""
+    process as the record's owner; returns the pin directory and a note
+    (what was removed on the way). The port was free when run bound it, so
+    a pin already there is of a group that is gone: it is replaced."""
     fs = bpffs.find(mount=True)
     base = fs.path / NAME
-    cur, _ = _mine(proto, port, base)
+    cur, cleaned = _mine(proto, port, base)
+    notes = [_stale_note(cleaned)] if cleaned else []
     if cur is not None:
         if cur.meta.owner and owner_of(cur.meta)["alive"]:
             raise _owned_refusal("run", cur.meta, proto, port)
         remove_pins(cur.path)
+        notes.append(f"removed the pins of {cur.meta.policy}, attached to a group on "
+                     f"{proto} port {port} that is gone")
     inodes = [os.fstat(s.fileno()).st_ino for s in socks]
     addr = {s.inode: s.endpoint for s in diag.listeners(port, proto)}
     here = _here()
@@ -756,7 +759,7 @@ def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> Path:
     except OSError as e:
         raise UserError(f"cannot pin the {policy} policy in {path} ({e.strerror}), so "
                         f"status and watch could not see it; run did not start.") from None
-    return path
+    return path, "; ".join(notes)
 
 
 def repin_run(path: Path, slot: int, pid: int) -> None:

@@ -178,3 +178,32 @@ def test_policy_kernel_pins_nothing_and_a_cbpf_udp_run_is_pinned(netns, cli):
     finally:
         stop_run(q, signal.SIGHUP)
     assert not _pin_path(proto="udp").exists()
+
+
+@pytest.mark.parametrize("how", [["--duration", "1"], ["--load", "40"]])
+def test_a_run_that_ends_by_itself_leaves_no_pin(netns, cli, how):
+    p = cli("run", "--workers", 2, "--port", PORT, "--policy", "round-robin", "--json", *how,
+            check=True)
+    rep = json.loads(p.stdout)
+    if "--load" in how:
+        assert rep["selections"] == [20, 20]
+    assert not _pin_path().exists()
+    _one_sentence(_status(cli), "no reuseport-ctl policy is attached")
+
+
+def test_a_new_run_replaces_the_pins_of_a_gone_group(netns, cli):
+    # an attach pin whose group is gone (its server stopped; nobody detached)
+    p = start_run("--workers", 2, "--port", PORT, "--json")
+    cli("attach", "--port", PORT, "--policy", "drain:0", check=True)
+    stop_run(p)
+    assert pins.read_meta(_pin_path()).policy == "drain:0"
+    q = cli("run", "--workers", 2, "--port", PORT, "--policy", "hash", "--duration", "1",
+            "--json", check=True)
+    assert "removed the pins of drain:0" in q.stderr and "Traceback" not in q.stderr
+    assert not _pin_path().exists()
+    # a killed run's stale pin: the next run removes it too
+    pid = _killed_run()
+    q = cli("run", "--workers", 2, "--port", PORT, "--policy", "hash", "--duration", "1",
+            "--json", check=True)
+    assert f"stale pin (round-robin of reuseport-ctl run pid {pid})" in q.stderr
+    assert not _pin_path().exists()

@@ -142,7 +142,7 @@ class Supervisor:
         self._me = os.getpid()
         self._started = self._stopped = False
         self.pinned = None                          # cfg.pin: the policy's pin directory
-        self.pin_note = ""                          # cfg.pin: why it could not be pinned
+        self.pin_note = ""                          # cfg.pin: not pinned, or what pinning removed
 
     # --- life cycle -----------------------------------------------------------
 
@@ -204,7 +204,8 @@ class Supervisor:
                              f"from another process will not see it.")
             return
         pids = [self.counters.slot(i).get(PID) for i in range(self.cfg.workers)]
-        self.pinned = pins.pin_run(self.selector, self.socks, pids, self.port, self.cfg.proto)
+        self.pinned, self.pin_note = pins.pin_run(self.selector, self.socks, pids, self.port,
+                                                  self.cfg.proto)
 
     def _unpin(self) -> None:
         if self.pinned is None:
