@@ -837,6 +837,7 @@ class PolicyState:
     fallbacks: int | None        # choices that found an empty slot (eBPF only)
     follower: int | None         # pid of a running `attach --follow`
     pinned: str
+    owner: dict | None = None    # a run's group: {"verb": "run", "pid", "alive"}
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -896,7 +897,8 @@ def _state(pin: Pin, listening) -> PolicyState:
                        in_force=not gone and not new and bool(live),
                        divergence=line,
                        slots=slots, gone=gone, skipped=skipped, new=new, fallbacks=fallbacks,
-                       follower=_follower_pid(meta), pinned=str(path))
+                       follower=_follower_pid(meta), pinned=str(path),
+                       owner=owner_of(meta))
 
 
 @dataclass

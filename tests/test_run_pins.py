@@ -83,6 +83,12 @@ def test_watch_from_another_process_reports_the_policy_in_force(netns, cli):
         last = json.loads(w.stdout.strip().splitlines()[-1])
         assert last["policy"] == "round-robin"
         assert last["policy_in_force"] is True and last["policy_note"] is None
+        assert last["policy_owner"] == {"verb": "run", "pid": p.pid, "alive": True}
+        # the dashboard's header names the run too
+        d = subprocess.run(["ip", "netns", "exec", netns, EXE, "watch", "--port", str(PORT),
+                            "--duration", "1"], capture_output=True, text=True, timeout=90)
+        assert d.returncode == 0, d.stderr
+        assert f"policy round-robin (run pid {p.pid})" in d.stdout + d.stderr
     finally:
         stop_run(p, signal.SIGINT)
     assert not _pin_path().exists()

@@ -82,7 +82,8 @@ class Watch(Closing):
                 lookup_strategy=names["lookup"], data_ready_strategy=names["data_ready"],
                 wakeups_strategy=names["wakeups"], kernel=platform.release(),
                 addr=source.addr(), own=source.own, reuseport=source.reuseport(),
-                listeners=source.listeners())
+                listeners=source.listeners(),
+                policy_owner=getattr(source, "policy_owner", lambda: None)())
             if prometheus is not None:
                 from ..export.prometheus import Exporter, parse_listen
                 self.exporter = self._stack.enter_context(Exporter(*parse_listen(prometheus)))
