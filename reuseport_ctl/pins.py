@@ -21,6 +21,17 @@ and that the policy skips (`vacant`), the follower (`attach --follow`) and
 the time. A cBPF policy has no program or maps to pin, only `meta`, so detach
 and status still know it is there (the kernel holds the cBPF program for the
 group).
+
+`run --policy P` (not kernel) pins its group's policy the same way, so
+`status` and `watch` from any other process see it: the record's `owner`
+names the run ({"verb": "run", "pid", "start", "pidns"}). The run keeps the
+record current as workers restart (same sockets, new pids) and removes every
+pin when it stops (its end, Ctrl-C, SIGTERM, SIGHUP); a run killed outright
+leaves them, and they are stale once its process is gone (removed by the
+next attach, detach, status or run, as a gone namespace's are). attach and
+detach refuse a group a run owns: the run detaches its policy when it ends
+and reports its program's counts, so another policy under it would be
+silently undone, or reported as the run's.
 """
 from __future__ import annotations
 
@@ -93,6 +104,7 @@ class Meta:
     vacant: list[int] = field(default_factory=list)   # slots the table skips (socket closed)
     follower: dict | None = None     # {"pid", "start", "pidns"} of `attach --follow`
     fallbacks_seen: int = 0          # config[2] when the follower last repaired the table
+    owner: dict | None = None        # {"verb": "run", "pid", "start", "pidns"}: a run's group
 
     @property
     def inodes(self) -> set[int]:
@@ -226,7 +238,7 @@ class Pin:
                 "addr": m.addr if m else None, "state": self.state,
                 "stale": self.state == "stale", "layout": self.layout,
                 "open_sockets": self.open_sockets, "follower": _follower_pid(m),
-                "name": self.name,
+                "owner": owner_of(m), "name": self.name,
                 "pinned": str(self.path)}
 
 
@@ -297,6 +309,8 @@ def pins_everywhere(base: Path | None = None, proto: str | None = None,
             live_cookie = cookies.get(p.netns, 0)
         p.open_sockets = _open_sockets(p.path, p.meta)
         p.state = judge(p.netns, cookie, here, live_cookie, p.open_sockets)
+        if p.state in ("here", "live") and owner_gone(p.meta, p.open_sockets):
+            p.state = "stale"
         where = live.get(p.netns, "")
         if p.state in ("here", "live") and "/run/netns/" in where:
             p.name = where.rsplit("/", 1)[1]
@@ -324,6 +338,8 @@ def current_pin(proto: str, port: int, base: Path | None = None) -> Pin | None:
     meta = read_meta(path) if path.exists() else None
     if meta is not None:
         state = judge(here[0], meta.netns_cookie, here, None, None)
+        if state == "here" and meta.owner and owner_gone(meta, _open_sockets(path, meta)):
+            state = "stale"
         return Pin(path, proto, port, here[0], meta, state=state)
     flat = legacy_dir(proto, port, base)
     meta = read_meta(flat) if flat.exists() else None
@@ -347,10 +363,23 @@ def _mine(proto: str, port: int, base: Path | None = None) -> tuple[Pin | None, 
 def _stale_note(cleaned: list[Pin]) -> str:
     if not cleaned:
         return ""
-    what = ", ".join(f"{p.meta.policy if p.meta else '?'} of net:[{p.netns}]" for p in cleaned)
-    n = len(cleaned)
-    return (f"removed {n} stale pin{'s' if n > 1 else ''} ({what}): "
-            f"{'their network namespaces are' if n > 1 else 'its network namespace is'} gone")
+    runs = [p for p in cleaned if p.meta and p.meta.owner]
+    gone = [p for p in cleaned if p not in runs]
+    notes = []
+    if gone:
+        what = ", ".join(f"{p.meta.policy if p.meta else '?'} of net:[{p.netns}]" for p in gone)
+        n = len(gone)
+        notes.append(f"removed {n} stale pin{'s' if n > 1 else ''} ({what}): "
+                     f"{'their network namespaces are' if n > 1 else 'its network namespace is'}"
+                     f" gone")
+    if runs:
+        what = ", ".join(f"{p.meta.policy} of reuseport-ctl run pid {p.meta.owner['pid']}"
+                         for p in runs)
+        n = len(runs)
+        notes.append(f"removed {n} stale pin{'s' if n > 1 else ''} ({what}): "
+                     f"{'those runs were' if n > 1 else 'that run was'} killed without "
+                     f"removing {'them' if n > 1 else 'it'}")
+    return "; ".join(notes)
 
 
 def _pin_here(port: int, proto: str) -> "Pin | None":
@@ -377,6 +406,48 @@ def _follower_pid(meta: Meta | None) -> int | None:
     if not f or f.get("pidns") != process.pid_ns():
         return None
     return f["pid"] if process.alive(f["pid"], f["start"]) else None
+
+
+def owner_of(meta: Meta | None) -> dict | None:
+    """Who owns a run's pin: {"verb", "pid", "alive"} (alive: True, False,
+    or None when its pid namespace is not ours); None for attach's pins."""
+    o = meta.owner if meta else None
+    if not o:
+        return None
+    alive = _owner_alive(o) if o.get("pidns") == process.pid_ns() else None
+    return {"verb": o.get("verb", "run"), "pid": o["pid"], "alive": alive}
+
+
+def _owner_alive(o: dict) -> bool:
+    """The owning process still runs (a zombie, killed but not yet reaped, does not)."""
+    return process.alive(o["pid"], o["start"]) and process.state(o["pid"]) not in ("Z", "X", "")
+
+
+def owner_gone(meta: Meta | None, open_sockets: int | None = None) -> bool:
+    """A run's pin whose run is gone: killed outright (SIGKILL), so it did not
+    remove its pins; its workers died with it and its sockets are closed.
+    From another pid namespace the pid cannot be checked: there, a socket
+    array left with no open socket says it (a cBPF record: unknown, kept)."""
+    o = meta.owner if meta else None
+    if not o:
+        return False
+    if o.get("pidns") == process.pid_ns():
+        return not _owner_alive(o)
+    return open_sockets == 0
+
+
+def _owned_refusal(verb: str, meta: Meta, proto: str, port: int) -> UserError:
+    """attach/detach on a run's group: one sentence. The run detaches its
+    policy when it stops (a policy attached over it would go too) and
+    reports its program's counts (detached under it, they would be wrong)."""
+    pid = (meta.owner or {}).get("pid")
+    why = {"attach": "and the run detaches whatever program the group has when it stops: "
+                     "stop that run, or start it again with the --policy you want",
+           "detach": "which the run reports on and removes when it stops: stop that run "
+                     f"(Ctrl-C, or kill {pid}) to give the group back to the kernel's hash",
+           "run": "and that run is still going: stop it first"}[verb]
+    return UserError(f"{proto} port {port} is steered by `reuseport-ctl run` (pid {pid}) with "
+                     f"policy {meta.policy}, {why}.")
 
 
 FOLLOW_DONE = signal.SIGUSR1      # to a follower: your policy is detached or replaced
@@ -460,6 +531,8 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
     base = fs.path / NAME
     cur, cleaned = _mine(proto, port, base)
     old = cur.meta if cur else None
+    if old is not None and old.owner:
+        raise _owned_refusal("attach", old, proto, port)
     group = find_group(port, proto, pid=pid, host=host, slots=old.table if old else None)
     if old is not None and not (old.inodes & set(group.inodes)) and old.addr != group.addr:
         raise UserError(f"{proto} port {port} already has a reuseport-ctl policy on another "
@@ -608,6 +681,8 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     stale = [p.as_dict() for p in cleaned]
     meta = cur.meta if cur else None
     path = cur.path if cur else None
+    if meta is not None and meta.owner:
+        raise _owned_refusal("detach", meta, proto, port)
     if meta is None and not force:
         if cleaned:
             return Detached(port, proto, None, removed=False, pinned=None,
@@ -642,6 +717,76 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     return Detached(port, proto, meta.policy if meta else None, removed=removed,
                     pinned=str(shown(path)) if meta else None, note="; ".join(notes),
                     stopped_follower=stopped, stale=stale)
+
+
+# --- a run's group: pinned while the run lasts ----------------------------------------
+
+@lockfile.serialised("run (pinning its policy)")
+def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> tuple[Path, str]:
+    """Pin the policy `run` attached to its own group (the Selector `sel`
+    over `socks`, slot i served by pids[i]) where attach would, with this
+    process as the record's owner; returns the pin directory and a note
+    (what was removed on the way). The port was free when run bound it, so
+    a pin already there is of a group that is gone: it is replaced."""
+    fs = bpffs.find(mount=True)
+    base = fs.path / NAME
+    cur, cleaned = _mine(proto, port, base)
+    notes = [_stale_note(cleaned)] if cleaned else []
+    if cur is not None:
+        if cur.meta.owner and owner_of(cur.meta)["alive"]:
+            raise _owned_refusal("run", cur.meta, proto, port)
+        remove_pins(cur.path)
+        notes.append(f"removed the pins of {cur.meta.policy}, attached to a group on "
+                     f"{proto} port {port} that is gone")
+    inodes = [os.fstat(s.fileno()).st_ino for s in socks]
+    addr = {s.inode: s.endpoint for s in diag.listeners(port, proto)}
+    here = _here()
+    me = os.getpid()
+    policy = sel.policy
+    meta = Meta(port=port, proto=proto, policy=str(policy), kind=policy.kind,
+                addr=addr.get(inodes[0], ""),
+                slots=[{"slot": i, "pid": pid, "inode": ino, "addr": addr.get(ino, ""),
+                        "tids": []} for i, (ino, pid) in enumerate(zip(inodes, pids))],
+                maps=sorted(sel.maps), prog=sel.prog_fd is not None, created=time.time(),
+                netns=here[0], netns_cookie=here[1],
+                owner={"verb": "run", "pid": me, "start": process.start_time(me),
+                       "pidns": process.pid_ns()})
+    path = pin_dir(proto, port, here[0], base)
+    try:
+        # Not its links (least-conns' tracepoints): pinned, they would stay
+        # attached after a run killed outright, until the stale pin goes.
+        write_pins(path, meta, sel.prog_fd, sel.maps)
+    except OSError as e:
+        raise UserError(f"cannot pin the {policy} policy in {path} ({e.strerror}), so "
+                        f"status and watch could not see it; run did not start.") from None
+    return path, "; ".join(notes)
+
+
+def repin_run(path: Path, slot: int, pid: int) -> None:
+    """A run's worker in `slot` restarted as `pid` (same socket): record it."""
+    meta = read_meta(path)
+    if meta is None or not _is_mine(meta):
+        return
+    for s in meta.slots:
+        if s["slot"] == slot:
+            s["pid"] = pid
+    update_meta(path, meta)
+
+
+def _is_mine(meta: Meta) -> bool:
+    o = meta.owner or {}
+    return o.get("pid") == os.getpid() and o.get("pidns") == process.pid_ns()
+
+
+@lockfile.serialised("run (removing its pins)")
+def unpin_run(path: Path) -> None:
+    """Remove the pins pin_run made (only if the record there is still ours)."""
+    try:
+        meta = read_meta(path)
+    except UserError:
+        return
+    if meta is not None and _is_mine(meta):
+        remove_pins(path)
 
 
 # --- is the policy in force? ------------------------------------------------------
@@ -692,6 +837,7 @@ class PolicyState:
     fallbacks: int | None        # choices that found an empty slot (eBPF only)
     follower: int | None         # pid of a running `attach --follow`
     pinned: str
+    owner: dict | None = None    # a run's group: {"verb": "run", "pid", "alive"}
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -751,7 +897,8 @@ def _state(pin: Pin, listening) -> PolicyState:
                        in_force=not gone and not new and bool(live),
                        divergence=line,
                        slots=slots, gone=gone, skipped=skipped, new=new, fallbacks=fallbacks,
-                       follower=_follower_pid(meta), pinned=str(path))
+                       follower=_follower_pid(meta), pinned=str(path),
+                       owner=owner_of(meta))
 
 
 @dataclass
@@ -786,6 +933,7 @@ class Status:
     note: str = ""
     hints: dict = field(default_factory=dict)
     pinned_host: str = ""
+    owner: dict | None = None    # a run's group: {"verb": "run", "pid", "alive"}
 
     @property
     def total(self) -> int | None:
@@ -859,9 +1007,10 @@ def status(port: int, proto: str = "tcp") -> Status:
                   no_napi=_no_napi(path) if meta.policy == "napi" else None,
                   follower=st.follower, note="; ".join(notes),
                   pinned_host=str(fs.host_path(path) if fs else path),
-                  hints={"detach": hint("detach", port, proto),
-                         "follow": hint("attach", port, proto, "--policy", meta.policy,
-                                        "--follow")})
+                  owner=owner_of(meta),
+                  hints={} if meta.owner else
+                  {"detach": hint("detach", port, proto),
+                   "follow": hint("attach", port, proto, "--policy", meta.policy, "--follow")})
 
 
 def _no_napi(path: Path) -> int | None:

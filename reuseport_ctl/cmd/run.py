@@ -58,7 +58,11 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
     kernel spread the connections (TCP) or datagrams (UDP) over them.
 
     TCP workers answer HTTP/1.1 (header X-Worker names the slot); UDP workers
-    echo each datagram after a line `worker: <slot>`."""
+    echo each datagram after a line `worker: <slot>`.
+
+    A --policy other than kernel is pinned as `attach` pins one while the run
+    lasts, so `status` and `watch` from another shell see it; the run
+    removes the pins when it stops."""
     host = bind_address(host)
     if duration is not None and not (math.isfinite(duration) and duration > 0):
         raise UserError(f"--duration must be a positive number of seconds, not {duration}.")
@@ -76,11 +80,14 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
         pinned = parse_cpus(cpus, workers=n) if cpus else tuple(usable_cpus())
     cfg = RunConfig(workers=n, host=host,
                     port=port, proto=proto, model=model, policy=pol,
-                    cpus=pinned, user=user, backlog=backlog)
+                    cpus=pinned, user=user, backlog=backlog,
+                    pin=model == "reuseport" and pol.kind != "none")
     load = None
     failed = None
     with Supervisor(cfg) as sup:
         sup.start()
+        if sup.pin_note:
+            click.echo(f"reuseport-ctl: {sup.pin_note}", err=True)
         try:
             if sup.wait_ready():
                 if load_n is not None:

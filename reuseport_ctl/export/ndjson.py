@@ -50,6 +50,7 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
         "policy_in_force": None if group.policy == "kernel" or group.own
         else frame.policy_note is None,
         "policy_note": frame.policy_note,
+        "policy_owner": group.policy_owner,
         "drops": frame.drops,
         "warnings": list(frame.warnings),
         "rx_note": frame.rx_note,

@@ -172,6 +172,7 @@ class GroupInfo:
     own: bool = False                   # a group this process started (run --watch)
     reuseport: bool = True              # False: a listener shared without SO_REUSEPORT
     listeners: int = 1                  # sockets on the port (for the header)
+    policy_owner: Optional[dict] = None  # a `run` group's pinned policy: {"verb", "pid", "alive"}
 
     @property
     def count_of(self) -> str:

@@ -111,8 +111,10 @@ def render_detach(d: dict) -> Text:
 def render_status(d: dict) -> Group:
     """d: Status.as_dict()."""
     age = max(0, time.time() - d["created"])
+    owner = d.get("owner")
+    by = f" by reuseport-ctl {owner['verb']} (pid {owner['pid']})" if owner else ""
     head = Text.assemble(("policy ", "bold"), (d["policy"], "bold green"),
-                         f" ({d['kind']}) on {d['proto']} port {d['port']}, attached "
+                         f" ({d['kind']}) on {d['proto']} port {d['port']}, attached{by} "
                          f"{_ago(age)} ago")
     parts = [head]
     if d.get("divergence"):
@@ -138,6 +140,9 @@ def render_status(d: dict) -> Group:
     if d.get("follower"):
         parts.append(Text(f"followed by pid {d['follower']} (`attach --follow`): joining "
                           f"sockets take the slots leaving ones vacate", style="dim"))
+    if owner:
+        parts.append(Text(f"the run removes it when it stops; attach and detach leave the "
+                          f"group to it", style="dim"))
     if d.get("note"):
         parts.append(Text(d["note"], style="yellow"))
     parts.append(_pinned_in(d))
@@ -161,10 +166,13 @@ def render_pins(d: dict) -> Group:
     states = {"here": "this namespace", "live": "live", "orphaned":
               "orphaned: no process or mount names its namespace, sockets still open"}
     rows = [(p, states.get(p["state"], p["state"]), None) for p in d["pins"]] + \
-        [(p, "stale: namespace gone; removed", "dim") for p in d["removed_stale"]]
+        [(p, "stale: its run was killed; removed" if p.get("owner")
+          else "stale: namespace gone; removed", "dim") for p in d["removed_stale"]]
     for p, state, style in rows:
         flat = " (flat layout)" if p.get("layout") == "flat" else ""
         name = f" {p['name']}" if p.get("name") else ""
+        if p.get("owner"):
+            state += f" (run pid {p['owner']['pid']})"
         row = [f"net:[{p['netns']}]{name}", f"{p['proto']} {p['port']}", p["policy"] or "?",
                state + flat]
         t.add_row(*row + ([str(p.get("follower") or "-")] if followed else []), style=style)

@@ -81,7 +81,9 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
     t = Text.assemble(
         ("reuseport-ctl watch ", "bold"), f"{g.proto} {where} · ",
         (size(frame, g), "bold"), f" · policy {g.policy}",
-        " (ours)" if g.own else "", f" · kernel {g.kernel}\n",
+        " (ours)" if g.own else "",
+        f" (run pid {g.policy_owner['pid']})" if g.policy_owner else "",
+        f" · kernel {g.kernel}\n",
         f"probes: lookup {g.lookup_strategy}, data-ready {g.data_ready_strategy}, "
         f"wakeups {g.wakeups_strategy}\n",
         "fairness: Jain ", (_f(frame.jain, "{:.3f}"), "bold"),

@@ -82,7 +82,8 @@ class Watch(Closing):
                 lookup_strategy=names["lookup"], data_ready_strategy=names["data_ready"],
                 wakeups_strategy=names["wakeups"], kernel=platform.release(),
                 addr=source.addr(), own=source.own, reuseport=source.reuseport(),
-                listeners=source.listeners())
+                listeners=source.listeners(),
+                policy_owner=self._policy_owner())
             if prometheus is not None:
                 from ..export.prometheus import Exporter, parse_listen
                 self.exporter = self._stack.enter_context(Exporter(*parse_listen(prometheus)))
@@ -202,6 +203,11 @@ class Watch(Closing):
                            policy=self.source.policy(), policy_note=self.source.policy_note(),
                            rx_unknown=self.session.rx_unknown)
 
+    def _policy_owner(self) -> Optional[dict]:
+        """The `reuseport-ctl run` whose pinned policy this is (as of the last find())."""
+        owner = getattr(self.source, "policy_owner", None)
+        return owner() if owner is not None else None
+
     def tick(self, wait: bool) -> bool:
         """Observe, step, output. False when the group went away and --wait
         was not given (the caller ends the watch)."""
@@ -210,9 +216,14 @@ class Watch(Closing):
             return False
         obs = self._observe(workers)
         frame = self.frame = step(self.state, obs)
+        owner = self._policy_owner()
         if obs.policy is not None and obs.policy != self.group.policy:
             self._events.append(f"policy {self.group.policy} -> {obs.policy}")
-            self.group = replace(self.group, policy=obs.policy)
+            self.group = replace(self.group, policy=obs.policy, policy_owner=owner)
+            if self.as_json:
+                self.ndjson.group = self.group
+        elif owner != self.group.policy_owner:     # (a run's pin replaced by another run's)
+            self.group = replace(self.group, policy_owner=owner)
             if self.as_json:
                 self.ndjson.group = self.group
         if self.group.addr == "" and self.source.addr():

@@ -163,6 +163,10 @@ class ForeignSource:
         "kernel" (as of the last find())."""
         return self.pinned.policy if self.pinned is not None else "kernel"
 
+    def policy_owner(self) -> Optional[dict]:
+        """The `reuseport-ctl run` whose group this is, when its policy is pinned."""
+        return self.pinned.owner if self.pinned is not None else None
+
     def policy_note(self) -> Optional[str]:
         """The pinned policy is not in force: the one line that says why."""
         return self.pinned.divergence if self.pinned is not None else None

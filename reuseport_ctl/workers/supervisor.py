@@ -59,6 +59,7 @@ class RunConfig:
     user: Optional[str] = None
     backlog: int = 1024
     work_us: int = 0        # busy CPU per request in the worker (bench --work-us)
+    pin: bool = False       # pin the policy like attach, so status/watch elsewhere see it (run)
 
     def validate(self) -> None:
         if self.workers < 1:
@@ -140,6 +141,8 @@ class Supervisor:
         self._handlers: dict[int, Any] = {}
         self._me = os.getpid()
         self._started = self._stopped = False
+        self.pinned = None                          # cfg.pin: the policy's pin directory
+        self.pin_note = ""                          # cfg.pin: not pinned, or what pinning removed
 
     # --- life cycle -----------------------------------------------------------
 
@@ -185,6 +188,34 @@ class Supervisor:
             self._spawn(i)
         if cfg.model == "dispatcher":
             self._spawn(self.counters.acceptor)
+        if cfg.pin and self.selector is not None and cfg.policy.kind != "none":
+            self._pin()
+
+    def _pin(self) -> None:
+        """Pin the policy as attach does (pins.pin_run), so `status` and
+        `watch` from any other process see it. Without CAP_BPF (a cBPF
+        policy needs none) there is nothing to pin in: say so once."""
+        from .. import pins
+        from ..kernel import owners
+        missing = owners.missing_caps()
+        if missing:
+            self.pin_note = (f"policy {self.cfg.policy} is not pinned (this process lacks "
+                             f"{' and '.join(missing)}), so `reuseport-ctl status` and `watch` "
+                             f"from another process will not see it.")
+            return
+        pids = [self.counters.slot(i).get(PID) for i in range(self.cfg.workers)]
+        self.pinned, self.pin_note = pins.pin_run(self.selector, self.socks, pids, self.port,
+                                                  self.cfg.proto)
+
+    def _unpin(self) -> None:
+        if self.pinned is None:
+            return
+        from .. import pins
+        path, self.pinned = self.pinned, None
+        try:
+            pins.unpin_run(path)
+        except (UserError, OSError):
+            pass        # left behind: stale once we are gone, removed by the next verb
 
     def wait_ready(self, timeout: float = 15.0) -> bool:
         """Until every worker says it is in its loop; False if stopped first."""
@@ -279,6 +310,12 @@ class Supervisor:
                 self._early[index] = 0
             rec.inc(RESTARTS)
             self._spawn(index)
+            if self.pinned is not None and index < self.cfg.workers:
+                from .. import pins
+                try:
+                    pins.repin_run(self.pinned, index, rec.get(PID))
+                except (UserError, OSError):
+                    pass    # the record keeps the old pid; status finds the live one itself
 
     def stop(self) -> None:
         """Detach the policy, stop and reap every child, close every socket.
@@ -291,8 +328,11 @@ class Supervisor:
                 try:
                     self._selections = self.selector.selections()
                 finally:
-                    self.selector.close()
-                    self.selector = None
+                    try:
+                        self.selector.close()
+                    finally:
+                        self.selector = None
+                        self._unpin()       # detached first: never pinned yet absent
         finally:
             children.stop(list(self._children) + ([self._helper] if self._helper else []),
                           STOP_GRACE_S)
