@@ -40,23 +40,25 @@ def drive(socks, port, count, proto="tcp", host=HOST, accept=True):
     number each socket received."""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     got = [0] * len(socks)
-    clients = []
+    clients, senders = [], []
     for i in range(count):
         if proto == "tcp":
             c = socket.socket(fam, socket.SOCK_STREAM)
             c.connect((host, port))
             clients.append(c)
         else:
+            # kept open to the end: a closed sender's port may be handed to
+            # the next one, and a repeated 4-tuple repeats its hash
             c = socket.socket(fam, socket.SOCK_DGRAM)
             c.sendto(b"x%d" % i, (host, port))
-            c.close()
+            senders.append(c)
         if accept and i % 64 == 63:
             _drain(socks, got, proto)
             for c in clients:
                 c.close()
             clients.clear()
     _drain(socks, got, proto)
-    for c in clients:
+    for c in clients + senders:
         c.close()
     return got
 
