@@ -345,3 +345,28 @@ def test_latency_cdf_and_per_mille():
     cdf = latency_cdf(xs)
     assert cdf[0] == [1.0, 10.0] and [99.9, 999.0] in cdf and cdf[-1] == [100.0, 1000.0]
     assert latency_cdf([]) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopping_signal_prints_what_was_done_and_exits_128_plus_n(netns, sig):
+    """Ctrl-C (or SIGTERM) on a long `load`: the connections finished so far
+    are reported (every one accounted for), then the exit status is 128 + N."""
+    import subprocess
+    import sys
+    import time
+    exe = os.path.join(os.path.dirname(sys.executable), "reuseport-ctl")
+    with serve(_http_worker) as port:
+        p = subprocess.Popen([exe, "load", "--port", str(port), "--duration", "60", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(2)                   # under way (not an assertion)
+            p.send_signal(sig)
+            out, err = p.communicate(timeout=30)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert p.returncode == 128 + sig, err
+    d = json.loads(out)
+    assert d["interrupted"] == sig and d["ok"] > 0
+    assert d["ok"] + sum(d["errors"].values()) == d["conns"]
+    assert sum(d["per_worker"].values()) == d["ok"]

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import UserError
 from ._common import in_range, json_option, proto_option, seconds
 from ..load.client import run_load
+from ..signals import Stopped
 from ..ui.load_view import render_load
 
 EPILOG = """\b
@@ -64,7 +65,7 @@ def load(host, port, proto, conns, duration, concurrency, processes, requests_pe
         conns = 1000
     kw = dict(proto=proto, conns=conns, concurrency=concurrency, processes=processes,
               requests_per_conn=requests_per_conn, timeout=timeout, path=path,
-              duration=duration)
+              duration=duration, partial=True)
     console = Console()
     if as_json or not sys.stdout.isatty():
         result = run_load(host, port, **kw)
@@ -79,6 +80,8 @@ def load(host, port, proto, conns, duration, concurrency, processes, requests_pe
         click.echo(json.dumps(result.to_dict()))
     else:
         console.print(render_load(result))
+    if result.interrupted:
+        raise Stopped(result.interrupted)       # after printing what was done
     if result.conns and not result.ok:
         what = "connection" if proto == "tcp" else "datagram"
         errs = ", ".join(f"{n:,} {k}" for k, n in result.errors.items() if n) or "no reply"

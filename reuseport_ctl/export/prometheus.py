@@ -34,9 +34,10 @@ WORKER_LABELS = ["port", "proto", "worker", "pid", "tids"]
 # name (without _total for counters), kind, help, the row attribute
 WORKER_METRICS = (
     ("reuseport_ctl_worker_accepts", "counter",
-     "Connections (TCP) or datagrams (UDP) this worker took since the watch began: "
-     "data-ready events on its listener for any server, the worker's own counter for "
-     "reuseport-ctl run groups.", "accepts"),
+     "Connections (TCP) or datagrams (UDP) queued to this worker's socket since the "
+     "watch began (data-ready events on its listener; those not taken yet are in its "
+     "queue_len), for reuseport-ctl run groups the worker's own accept count.",
+     "accepts"),
     ("reuseport_ctl_worker_data_ready", "counter",
      "Data-ready events (sock_def_readable) on the listener sockets this worker serves.",
      "data_ready"),

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 from ..errors import UserError
+from ..signals import signum_of
 from ..stats.fairness import summarize
 from . import http
 from .engine import ERROR_KINDS, Engine, Tally, Target
@@ -44,9 +45,12 @@ class LoadResult:
     requests: int = 0               # replies received (HTTP responses; UDP: datagrams)
     requests_rate: float = 0.0      # replies per second: with keep-alive, what wrk reports
     latency_cdf: list = field(default_factory=list)   # [[percentile, ms], ...]: latency_cdf()
+    interrupted: Optional[int] = None   # the signal that stopped it early (what was done is here)
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        if d["interrupted"] is None:
+            del d["interrupted"]
         counts = list(self.per_worker.values())
         fair = summarize(counts) if counts else None
         d["fairness"] = None if fair is None else {
@@ -64,9 +68,11 @@ def run_load(host: str, port: int, proto: str = "tcp", conns: Optional[int] = 10
              requests_per_conn: int = 1, timeout: float = 2.0, path: str = "/",
              source_ports: Optional[list[int]] = None,
              progress: Optional[Callable[[int], None]] = None,
-             duration: Optional[float] = None) -> LoadResult:
+             duration: Optional[float] = None, partial: bool = False) -> LoadResult:
     """conns connections (or datagrams); with duration, start new ones for
-    that many seconds only (conns=None: no count limit, the time decides)."""
+    that many seconds only (conns=None: no count limit, the time decides).
+    partial: a stopping signal ends the load early with what was done
+    (result.interrupted says which); otherwise it propagates."""
     if duration is not None and not duration > 0:
         raise UserError(f"duration must be positive, not {duration}.")
     if conns is None and duration is None:
@@ -77,8 +83,10 @@ def run_load(host: str, port: int, proto: str = "tcp", conns: Optional[int] = 10
     nprocs = processes or min(os.cpu_count() or 1, concurrency)
     plan = lanes_per_process(limit, concurrency, nprocs,
                              len(source_ports) if source_ports else None)
-    tallies = _run_children(target, plan, progress)
-    return _merge(proto, host, port, conns if duration is None else None, tallies)
+    tallies, stopped_by = _run_children(target, plan, progress, partial)
+    result = _merge(proto, host, port, conns if duration is None else None, tallies)
+    result.interrupted = stopped_by
+    return result
 
 
 def _target(host, port, proto, conns, concurrency, processes, requests_per_conn,
@@ -120,7 +128,15 @@ def _target(host, port, proto, conns, concurrency, processes, requests_per_conn,
                   list(source_ports) if source_ports else None, duration)
 
 
-def _run_children(target: Target, plan, progress) -> list[Tally]:
+WIND_DOWN = signal.SIGUSR1      # parent -> child: start no new connection, report
+
+
+def _run_children(target: Target, plan, progress,
+                  partial: bool = False) -> tuple[list[Tally], Optional[int]]:
+    """The children's tallies. With partial, a stopping signal (Ctrl-C, or
+    SIGTERM/SIGHUP as signals.Interrupted) winds them down instead: each
+    reports what it finished, and the signal is returned with the tallies
+    (a second Ctrl-C stops at once). Without, the signal propagates."""
     nprocs = len(plan)
     shared = mmap.mmap(-1, 8 * nprocs)          # one progress counter per child
     go_r, go_w = os.pipe()                      # closing go_w starts them together
@@ -140,16 +156,27 @@ def _run_children(target: Target, plan, progress) -> list[Tally]:
         os.close(go_w)
         go_w = -1
         open_ = set(children)
+        stopped_by = None
         while open_:
-            for key, _ in sel.select(0.1):
-                chunk = os.read(key.fd, 1 << 16)
-                if chunk:
-                    bufs[key.fd] += chunk
-                else:
-                    sel.unregister(key.fd)
-                    open_.discard(key.fd)
-            if progress:
-                progress(sum(struct.unpack_from(f"{nprocs}q", shared)))
+            try:
+                for key, _ in sel.select(0.1):
+                    chunk = os.read(key.fd, 1 << 16)
+                    if chunk:
+                        bufs[key.fd] += chunk
+                    else:
+                        sel.unregister(key.fd)
+                        open_.discard(key.fd)
+                if progress:
+                    progress(sum(struct.unpack_from(f"{nprocs}q", shared)))
+            except KeyboardInterrupt as e:
+                if not partial or stopped_by is not None:
+                    raise                           # a second signal: stop at once
+                stopped_by = signum_of(e)
+                for pid in children.values():
+                    try:
+                        os.kill(pid, WIND_DOWN)
+                    except ProcessLookupError:
+                        pass
         tallies = []
         for r, pid in list(children.items()):
             _, status = os.waitpid(pid, 0)
@@ -159,7 +186,7 @@ def _run_children(target: Target, plan, progress) -> list[Tally]:
             if not isinstance(reply, Tally):
                 raise RuntimeError(f"load process {pid} failed (status {status}): {reply}")
             tallies.append(reply)
-        return tallies
+        return tallies, stopped_by
     finally:
         for r, pid in children.items():         # only on error: stop and reap
             try:
@@ -180,7 +207,9 @@ def _child(target, lanes, shared, slot, w, go_r, inherited) -> None:
     """Body of a forked load process; never returns."""
     code = 1
     try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)    # Ctrl-C: just die, parent reaps
+        # Ctrl-C reaches the whole process group: the parent winds us down
+        # (WIND_DOWN), so that what was done is reported; SIGTERM: just die.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         for fd in inherited:
             os.close(fd)
@@ -188,8 +217,10 @@ def _child(target, lanes, shared, slot, w, go_r, inherited) -> None:
         os.read(go_r, 1)                                 # EOF when the parent says go
         os.close(go_r)
         publish = lambda done: struct.pack_into("q", shared, 8 * slot, done)  # noqa: E731
+        engine = Engine(target, Tally(), publish, parent)
+        signal.signal(WIND_DOWN, lambda *_: engine.wind_down())
         try:
-            reply = Engine(target, Tally(), publish, parent).run(lanes)
+            reply = engine.run(lanes)
         except Exception as e:                           # a bug: report it, do not hang
             reply = f"{type(e).__name__}: {e}"
         data = pickle.dumps(reply)

@@ -272,6 +272,11 @@ class Engine:
         self.ep = select.epoll()
         self.flows: dict[int, _Flow] = {}
         self.cls = TcpFlow if target.proto == "tcp" else UdpFlow
+        self.stopping = False
+
+    def wind_down(self) -> None:
+        """Start no new connection; those in flight finish (a signal handler)."""
+        self.stopping = True
 
     def run(self, lanes: list[Iterator[int]]) -> Tally:
         tally, flows = self.tally, self.flows
@@ -308,8 +313,8 @@ class Engine:
     def _start(self, lane: Iterator[int]) -> None:
         # Loop, not recursion: a flow may fail at once (refused on connect).
         for index in lane:
-            if self.stop_at is not None and monotonic() >= self.stop_at:
-                return                  # --duration is over: let the lane run dry
+            if self.stopping or (self.stop_at is not None and monotonic() >= self.stop_at):
+                return                  # --duration is over (or wound down): run dry
             flow = self.cls(self, lane, index)
             try:
                 out = flow.begin(perf_counter())

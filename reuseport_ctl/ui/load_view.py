@@ -28,6 +28,11 @@ def render_load(result) -> Group:
     parts = [summary]
     if d["per_worker"]:
         parts.append(_workers(d))
+    elif d["ok"]:
+        how = "an X-Worker header" if d["proto"] == "tcp" else "a first line `worker: <id>`"
+        parts.append(Text(f"no per-worker split: the replies name no worker ({how}, as "
+                          f"reuseport-ctl's own workers send); `reuseport-ctl watch` counts "
+                          f"any server's workers in the kernel", style="dim"))
     return Group(*parts)
 
 
