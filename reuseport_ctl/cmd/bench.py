@@ -55,8 +55,9 @@ dispatcher's acceptor, the workers, the client; "machine": every CPU was
 per worker, in slot order, after the bursts and after the storm, one group
 per repeat (counted in the kernel as watch counts them; --no-probes: the
 sockets each worker holds); ideal: repeats that ended exactly at the even
-split; requests and CPU % of one core of the busiest / idlest worker during
-the holds (medians).
+split; requests (answers counted by the client) and CPU % of one core of the
+busiest / idlest worker in the hold after the bursts and after the storm
+(medians); every request costs --work-us of busy CPU (default 1000 µs).
 """
 
 
@@ -88,7 +89,8 @@ def _policies(spec: str) -> list[str]:
 @click.option("--work-us", default=None,
               help="Busy CPU per request in the worker, in µs, comma-separated: emulates "
                    "request processing.  [default: " + ",".join(map(str, B.DEFAULT_WORK_US))
-                   + "; with --stall: 100]")
+                   + "; with --stall: 100; with --long-lived: one value, "
+                   + str(L.DEFAULT_WORK_US) + "]")
 @click.option("--stall", default=None, is_flag=False, flag_value=STALL_DEFAULT,
               metavar="SLOT:MS[@EVERY_MS]",
               help="Also run every setup with worker SLOT stopped (SIGSTOP) for MS ms in "
