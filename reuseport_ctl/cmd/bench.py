@@ -52,6 +52,14 @@ dispatcher's acceptor, the workers, the client; "machine": every CPU was
 >= 90 % busy). Each cell is the median over the repeats, with the min-max.
 
 \b
+--stall columns: each setup without and with the stall (⏸): Jain, p99, p99.9
+and max latency, the stalled worker's share of the connections, and stopped
+ms ⏸: how long the worker really was stopped during the stalled load / what
+the schedule promises for that load's length (medians); ⚠ marks a row whose
+repeats were stopped for less than half of it (--json: stall_short), which
+measured no stall.
+
+\b
 --long-lived columns: the even split (busiest first); the live connections
 per worker, in slot order, after the bursts and after the storm, one group
 per repeat (counted in the kernel as watch counts them; --no-probes: the
@@ -108,7 +116,8 @@ def _policies(spec: str) -> list[str]:
               metavar="N[,N...]",
               help="Instead of the sweep: N keep-alive connections held over the workers "
                    "(opened in bursts, a trickle of requests, then a reconnect storm), for "
-                   "the kernel's hash and each policy: live connections and CPU per worker. "
+                   "the kernel's hash and each policy: live connections, requests and CPU per "
+                   "worker. "
                    "--long-lived alone: 2,17 over 3 workers (Envoy's cases).")
 @click.option("--hold", "hold_s", type=float, default=2.0, show_default=True,
               help="--long-lived: seconds of trickle before the storm, and again after it.")
