@@ -191,32 +191,121 @@ def test_stall_spec_and_schedule():
     s = parse_stall("1:100@400", workers=4)
     assert (s.slot, s.ms, s.every_ms) == (1, 100, 400) and str(s) == "1:100@400"
     assert parse_stall("0:50").every_ms == 250
-    # running for 300 ms, then stopped for 100 ms, again
-    assert not s.stopped_at(0.0) and not s.stopped_at(0.299)
-    assert s.stopped_at(0.3) and s.stopped_at(0.399) and not s.stopped_at(0.4)
-    assert s.next_change(0.0) == pytest.approx(0.3) and s.next_change(0.35) == pytest.approx(0.4)
+    # stopped first, as the load begins, for 100 ms, then running for 300 ms, again
+    assert s.stopped_at(0.0) and s.stopped_at(0.099) and not s.stopped_at(0.1)
+    assert not s.stopped_at(0.399) and s.stopped_at(0.4) and not s.stopped_at(-0.01)
+    assert s.next_change(0.0) == pytest.approx(0.1) and s.next_change(0.35) == pytest.approx(0.4)
+    assert s.next_change(0.45) == pytest.approx(0.5)
+    # what the schedule promises a load of t seconds, at most max_stops stops
+    assert s.promised_ms(0.05) == pytest.approx(50) and s.promised_ms(0.17) == 100
+    assert s.promised_ms(1.0) == 300 and s.promised_ms(10.0, 4) == 400
     for bad in ("x", "0:100@100", "4:10", "0:0"):
         with pytest.raises(UserError):
             parse_stall(bad, workers=4)
 
 
+def test_a_stall_that_falls_short_is_flagged():
+    """The user's case: a 0.17 s load of 0:100@500 whose worker was never
+    stopped is flagged; one stopped about as promised is not."""
+    from reuseport_ctl.workers.stall import parse_stall
+    s = parse_stall("0:100@500")
+    assert B.stall_check(s, 0.17, 0.0) == (100.0, True)
+    assert B.stall_check(s, 2.0, 130.0, 4) == (400.0, True)       # 1.3 of 4 stops
+    assert B.stall_check(s, 2.05, 395.0, 4) == (400.0, False)
+    assert B.stall_check(s, 2.05, 400.0) == (450.0, False)       # no cap: a 5th had begun
+
+
+def _status_becomes(pid: int, status: str, within: float = 5.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        if psutil.Process(pid).status() == status:
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_staller_stops_from_the_start_at_most_max_stops():
+    """Staller on a real process: stopped at once (the load's start), continued
+    after MS, never more than max_stops stops; release() leaves it running."""
+    from reuseport_ctl.workers.stall import Staller, parse_stall
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        st = Staller(parse_stall("0:20@50"), child.pid, max_stops=2)
+        st.tick(st.t0)
+        assert st.stopped and st.stops == 1
+        assert _status_becomes(child.pid, psutil.STATUS_STOPPED)
+        end = st.t0 + 0.3
+        while time.monotonic() < end:
+            st.tick(time.monotonic())
+            time.sleep(0.002)
+        assert st.stops == 2 and not st.stopped and st.stopped_s > 0
+        assert _status_becomes(child.pid, psutil.STATUS_SLEEPING)
+    finally:
+        child.kill()
+        child.wait()
+
+
 def test_stall_rows_without_and_with(netns, cli, tmp_path):
-    """--stall runs each setup twice; the stalled worker really was stopped
-    (its stopped time is reported) and the run still completes every connection;
-    --plot draws the latency CDFs."""
+    """--stall runs each setup twice, each load lasting --stall-periods stall
+    periods; the stalled worker really was stopped (its stopped time is
+    reported, and not flagged short) and the run completes every connection;
+    the table shows the stopped time; --plot draws the latency CDFs."""
     png = tmp_path / "cdf.png"
-    p = cli("bench", "--models", "reuseport", "--policies", "none", "--workers", 2,
-            "--conns", 6000, "--concurrency", 4, "--work-us", 0, "--repeat", 1,
-            "--short-connections", "--no-probes", "--stall", "0:60@150", "--json",
-            "--plot", png, timeout=60)
+    args = ("bench", "--models", "reuseport", "--policies", "none", "--workers", 2,
+            "--concurrency", 4, "--work-us", 0, "--repeat", 1, "--short-connections",
+            "--no-probes", "--stall", "0:60@150", "--stall-periods", 3)
+    p = cli(*args, "--json", "--plot", png, timeout=60)
     doc = points(p)
     assert png.read_bytes()[:8] == PNG
     assert [d["stall"] for d in doc] == [None, "0:60@150"]
     calm, stalled = doc
-    assert calm["stalled_ms"] == 0 and stalled["stalled_ms"] >= 40
-    assert all(d["conns"] == 6000 and d["errors"] == 0 for d in doc)
+    assert calm["stalled_ms"] == 0 and not calm["stall_short"]
+    assert stalled["stalled_ms"] > 0 and stalled["stall_expected_ms"] > 0
+    assert not stalled["stall_short"]
+    assert all(d["conns"] > 0 and d["errors"] == 0 and sum(d["counts"]) == d["conns"]
+               for d in doc)
     # a connection hashed to the stopped worker waited for it
     assert stalled["max_ms"] >= 30
+    p = cli(*args, timeout=60)
+    assert p.returncode == 0, p.stderr
+    for word in ("stopped ms ⏸", "3 stall periods", "the first stop as the load begins"):
+        assert word in p.stdout, word
+    assert "⚠ stall short" not in p.stdout and "do not measure the stall" not in p.stdout
+
+
+def test_a_short_stall_is_flagged_in_the_table():
+    """A stalled row whose repeats fell short says so, in its row and under
+    the table (rendered from rows: no run needed)."""
+    from rich.console import Console
+    from reuseport_ctl.ui.bench_view import render_bench
+
+    def point(stall, stalled_ms, short):
+        return B.Point(model="shared-accept", policy=None, label="shared-accept",
+                       concurrency=16, work_us=100, repeat=0, workers=4,
+                       requests_per_conn=1, conns=1000, errors=0, conns_per_s=5000.0,
+                       p50_ms=1.0, p99_ms=5.0, p999_ms=6.0, max_ms=6.4,
+                       counts=[250, 250, 250, 250], max_min_ratio=1.0, jain=1.0,
+                       wakeups_per_conn=None, wakeups=None, data_ready=None,
+                       spurious_wakeups=0, wakeup_source="none",
+                       cpu={"client": 1.0, "workers": [1.0] * 4, "acceptor": None,
+                            "machine": 50.0}, saturated=[], stall=stall,
+                       stalled_ms=stalled_ms, elapsed_s=0.17,
+                       stall_expected_ms=100.0 if stall else 0.0, stall_short=short)
+    setups = B.setups_for(["shared-accept"], [])
+    from reuseport_ctl.workers.stall import parse_stall
+    cfg = B.BenchConfig(setups=setups, concurrency=(16,), work_us=(100,), repeat=1,
+                        stall=parse_stall("0:100@500"))
+    res = B.BenchResult(config=B.config_dict(cfg, stall="0:100@500", load_s=cfg.load_s),
+                        points=[point(None, 0.0, False), point("0:100@500", 0.0, True)],
+                        env=B.environment(), probe="off")
+    res.rows = B.summarize(res)
+    (stalled,) = [r for r in res.rows if r.stall]
+    assert stalled.stall_short == 1
+    out = Console(width=250, record=True)
+    out.print(render_bench(res))
+    text = out.export_text()
+    assert "0/100 ⚠ 1/1 short" in text and "shared-accept ⏸0:100@500 ⚠ stall short" in text
+    assert "do not measure the stall" in text
 
 
 def test_median_cdf_over_repeats():
@@ -225,3 +314,14 @@ def test_median_cdf_over_repeats():
     c = [[50.0, 3.0], [99.0, 20.0], [100.0, 95.0]]
     assert B.median_cdf([a, b, c]) == [[50.0, 2.0], [99.0, 20.0], [100.0, 95.0]]
     assert B.median_cdf([a, []]) == a and B.median_cdf([]) == []
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--stall", "--conns", 2000], "each load lasts --stall-periods stall periods"),
+    (["--stall-periods", 3], "--stall-periods is an option of --stall"),
+    (["--stall", "--stall-periods", 0], "--stall-periods must be between 1 and 1000"),
+    (["--long-lived", 2, "--stall-periods", 3], "drop --stall-periods"),
+])
+def test_stall_bad_input_one_sentence(cli, args, words):
+    p = cli("bench", *args, timeout=30)
+    assert p.returncode != 0 and words in " ".join(p.stderr.split()), p.stderr

@@ -57,7 +57,7 @@ def test_table_names_the_columns(netns, cli):
             "--repeat", 1, "--hold", 0.5, "--no-probes", timeout=60)
     assert p.returncode == 0, p.stderr
     for word in ("2 over 2", "reuseport/round-robin", "after the bursts", "after the storm",
-                 "even split", "1/1", "CPU %", "fd tables"):
+                 "even split", "1/1", "requests", "CPU %", "fd tables"):
         assert word in p.stdout, word
 
 
@@ -132,6 +132,7 @@ def test_summary_counts_ideal_repeats():
     (row,) = L.summarize([run(0, [6, 6, 5], [9, 5, 3]), run(1, [6, 5, 6], [6, 6, 5])])
     assert (row.ideal_opened, row.ideal_stormed, row.repeats, row.worst) == (2, 1, 2, 0)
     assert row.opened == [[6, 6, 5], [6, 5, 6]] and row.cpu_opened == (3.0, 1.0)
+    assert row.requests_opened == (3, 1) and row.requests_stormed == (3, 1)
     from dataclasses import asdict
     assert L.check_schema([asdict(run(0, [6, 6, 5], [6, 6, 5]))]) == []
     bad = asdict(run(0, [6, 6, 5], [6, 6, 5]))
@@ -140,3 +141,12 @@ def test_summary_counts_ideal_repeats():
     errs = L.check_schema([bad])
     assert any("guess" in e for e in errs) and any("off_opened" in e for e in errs)
     assert any("missing 'live_stormed'" in e for e in errs)
+
+
+def test_help_says_what_long_lived_runs_at(cli):
+    """--help names the requests column and --long-lived's own work per request."""
+    p = cli("bench", "--help", timeout=30)
+    assert p.returncode == 0, p.stderr
+    text = " ".join(p.stdout.split())
+    assert f"with --long-lived: one value, {L.DEFAULT_WORK_US}" in text
+    assert "requests (answers counted by the client)" in text

@@ -25,8 +25,9 @@ Examples:
       the eBPF policies against the kernel's hash, keep-alive, as JSON
   reuseport-ctl bench --stall --short-connections
       every model, and reuseport with kernel, round-robin, least-loaded, least-conns,
-      each without and with worker 0 stopped 100 ms in every 500 ms (SIGSTOP/SIGCONT):
-      Jain, p99 and max latency side by side
+      each without and with worker 0 stopped 100 ms in every 500 ms (SIGSTOP/SIGCONT),
+      the first stop as the load begins, every load 2 s (4 periods): Jain, p99 and max
+      latency side by side, and how long the worker really was stopped
   reuseport-ctl bench --models reuseport --policies least-loaded --stall 1:50@200
   reuseport-ctl bench --stall --short-connections --repeat 1 --plot stall.png
       the same, and the latency CDFs (without and with the stall) per setup as a PNG
@@ -51,12 +52,21 @@ dispatcher's acceptor, the workers, the client; "machine": every CPU was
 >= 90 % busy). Each cell is the median over the repeats, with the min-max.
 
 \b
+--stall columns: each setup without and with the stall (⏸): Jain, p99, p99.9
+and max latency, the stalled worker's share of the connections, and stopped
+ms ⏸: how long the worker really was stopped during the stalled load / what
+the schedule promises for that load's length (medians); ⚠ marks a row whose
+repeats were stopped for less than half of it (--json: stall_short), which
+measured no stall.
+
+\b
 --long-lived columns: the even split (busiest first); the live connections
 per worker, in slot order, after the bursts and after the storm, one group
 per repeat (counted in the kernel as watch counts them; --no-probes: the
 sockets each worker holds); ideal: repeats that ended exactly at the even
-split; requests and CPU % of one core of the busiest / idlest worker during
-the holds (medians).
+split; requests (answers counted by the client) and CPU % of one core of the
+busiest / idlest worker in the hold after the bursts and after the storm
+(medians); every request costs --work-us of busy CPU (default 1000 µs).
 """
 
 
@@ -79,8 +89,8 @@ def _policies(spec: str) -> list[str]:
               help="Worker processes, the same for every model.  [default: 4; with "
                    "--long-lived: 3]")
 @click.option("--conns", type=int, default=None,
-              help="Connections per load point.  [default: 2000; with --stall: 4000, so "
-                   "the load spans several stalls]")
+              help="Connections per load point.  [default: 2000; not with --stall: "
+                   "there each load lasts --stall-periods stall periods, by the clock]")
 @click.option("--concurrency", "-c", default=None,
               help="Client concurrency levels to sweep (connections in flight), "
                    "comma-separated.  [default: " + ",".join(map(str, B.DEFAULT_CONCURRENCY))
@@ -88,17 +98,26 @@ def _policies(spec: str) -> list[str]:
 @click.option("--work-us", default=None,
               help="Busy CPU per request in the worker, in µs, comma-separated: emulates "
                    "request processing.  [default: " + ",".join(map(str, B.DEFAULT_WORK_US))
-                   + "; with --stall: 100]")
+                   + "; with --stall: 100; with --long-lived: one value, "
+                   + str(L.DEFAULT_WORK_US) + "]")
 @click.option("--stall", default=None, is_flag=False, flag_value=STALL_DEFAULT,
               metavar="SLOT:MS[@EVERY_MS]",
               help="Also run every setup with worker SLOT stopped (SIGSTOP) for MS ms in "
                    "every EVERY_MS ms (default 5 x MS) while the load runs; --stall alone: "
-                   + STALL_DEFAULT + ".")
+                   + STALL_DEFAULT + ". The first stop begins as the load begins, and "
+                   "every load (without and with the stall) lasts --stall-periods full "
+                   "periods, by the clock, so a stalled load always holds that many stops "
+                   "(the table shows how long the worker really was stopped and flags a "
+                   "load stopped for less than half of what was promised).")
+@click.option("--stall-periods", type=int, default=None,
+              help="--stall: how many stall periods (EVERY_MS) each load lasts.  [default: "
+                   + str(B.STALL_PERIODS) + ", 2 s with --stall alone]")
 @click.option("--long-lived", "long_lived", default=None, is_flag=False, flag_value="2,17",
               metavar="N[,N...]",
               help="Instead of the sweep: N keep-alive connections held over the workers "
                    "(opened in bursts, a trickle of requests, then a reconnect storm), for "
-                   "the kernel's hash and each policy: live connections and CPU per worker. "
+                   "the kernel's hash and each policy: live connections, requests and CPU per "
+                   "worker. "
                    "--long-lived alone: 2,17 over 3 workers (Envoy's cases).")
 @click.option("--hold", "hold_s", type=float, default=2.0, show_default=True,
               help="--long-lived: seconds of trickle before the storm, and again after it.")
@@ -126,7 +145,8 @@ def _policies(spec: str) -> list[str]:
                    "a PNG; with --stall, the latency CDF of each setup without and with "
                    "the stall instead; with --long-lived, the live connections per worker "
                    "over time, one panel per case and policy.")
-def bench(models, policies, workers, conns, concurrency, work_us, stall, long_lived, hold_s,
+def bench(models, policies, workers, conns, concurrency, work_us, stall, stall_periods,
+          long_lived, hold_s,
           burst, repeat, short_connections, requests_per_conn, port, cpus, no_probes,
           host_netns, as_json, plot_path):
     """Run the same load against each server model in turn (reuseport with the
@@ -149,10 +169,17 @@ def bench(models, policies, workers, conns, concurrency, work_us, stall, long_li
     from ..workers.stall import parse_stall
     from ..workers.supervisor import parse_cpus
     stalled = parse_stall(stall, workers if workers >= 1 else None) if stall else None
+    if stalled:
+        _refuse_given(("conns", "--conns"),
+                      why="with --stall each load lasts --stall-periods stall periods (a "
+                          "duration, so that every stalled load holds its stops), not a "
+                          "number of connections: drop {}.")
+    elif stall_periods is not None:
+        raise UserError("--stall-periods is an option of --stall.")
     if policies is None:
         policies = ",".join(B.STALL_POLICIES if stalled else B.DEFAULT_POLICIES)
     if conns is None:
-        conns = 4000 if stalled else 2000
+        conns = 2000
     if concurrency is None:
         concurrency = "16" if stalled else ",".join(map(str, B.DEFAULT_CONCURRENCY))
     if work_us is None:
@@ -165,7 +192,8 @@ def bench(models, policies, workers, conns, concurrency, work_us, stall, long_li
         work_us=B.parse_int_list(work_us, "--work-us"), repeat=repeat,
         requests_per_conn=1 if short_connections else requests_per_conn,
         port=port, cpus=parse_cpus(cpus) if cpus else None, probes=not no_probes,
-        stall=stalled)
+        stall=stalled,
+        stall_periods=B.STALL_PERIODS if stall_periods is None else stall_periods)
     cfg.validate()
     if not host_netns:
         from ..kernel.netns import enter_private_netns
@@ -197,6 +225,7 @@ def _long_lived(spec, models, policies, workers, work_us, hold_s, burst, repeat,
                 no_probes, host_netns, as_json, plot_path):
     from ..workers.supervisor import parse_cpus
     _refuse_given(("conns", "--conns"), ("concurrency", "--concurrency"), ("stall", "--stall"),
+                  ("stall_periods", "--stall-periods"),
                   ("short_connections", "--short-connections"),
                   ("requests_per_conn", "--requests-per-conn"),
                   why="--long-lived holds its own connections: drop {}.")

@@ -53,6 +53,9 @@ DEFAULT_WORK_US = (0, 100)
 SATURATED = 90.0            # % of one core
 IMBALANCED = 1.5            # max:min at or above this is called an imbalance
 SETTLE_S = 2.0              # wait this long for the server counters to catch up
+STALL_PERIODS = 4           # bench --stall: each load lasts this many stall periods
+STALL_SHORT = 0.5           # a stalled load stopped for less than this share of what its
+                            # schedule promised for its duration is flagged (stall_short)
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class BenchConfig:
     probes: bool = True
     timeout: float = 5.0
     stall: Optional[Stall] = None           # every setup also runs with this worker stalled
+    stall_periods: int = STALL_PERIODS      # with stall: every load lasts this many periods
 
     def validate(self) -> None:
         if not self.setups:
@@ -100,6 +104,9 @@ class BenchConfig:
             raise UserError("--work-us takes a list of integers between 0 and 1000000.")
         if not 1 <= self.port <= 65535:
             raise UserError(f"--port must be between 1 and 65535, not {self.port}.")
+        if self.stall is not None and not 1 <= self.stall_periods <= 1000:
+            raise UserError(f"--stall-periods must be between 1 and 1000, "
+                            f"not {self.stall_periods}.")
         if self.stall is not None and self.stall.slot >= self.workers:
             raise UserError(f"--stall {self.stall}: there is no worker {self.stall.slot}; "
                             f"the group has slots 0..{self.workers - 1}.")
@@ -108,6 +115,14 @@ class BenchConfig:
     def stalls(self) -> tuple[Optional[Stall], ...]:
         """Each setup runs without a stall, and with cfg.stall when given."""
         return (None,) if self.stall is None else (None, self.stall)
+
+    @property
+    def load_s(self) -> Optional[float]:
+        """With a stall, every load (without and with it) lasts stall_periods
+        full stall periods, by the clock; without, conns decides (None)."""
+        if self.stall is None:
+            return None
+        return self.stall_periods * self.stall.every_ms / 1000.0
 
     @property
     def total_points(self) -> int:
@@ -146,6 +161,10 @@ class Point:
     latency_cdf: list = field(default_factory=list)   # [[percentile, ms], ...] (load.latency)
     stall: Optional[str] = None     # "SLOT:MS@EVERY_MS" while this point ran, None: no stall
     stalled_ms: float = 0.0         # how long the stalled worker was stopped during the load
+    elapsed_s: float = 0.0          # how long the load lasted (client side)
+    stall_expected_ms: float = 0.0  # what the stall schedule promises for elapsed_s
+    stall_short: bool = False       # stalled_ms < STALL_SHORT x stall_expected_ms: this
+                                    # point did not measure the stall it names
 
 
 @dataclass
@@ -202,6 +221,9 @@ POINT_SCHEMA = {
         "saturated": {"type": "array", "items": {"type": "string"}},
         "stall": {"type": ["string", "null"]},
         "stalled_ms": _NUM,
+        "elapsed_s": _NUM,
+        "stall_expected_ms": _NUM,
+        "stall_short": {"type": "boolean"},
     },
 }
 SCHEMA = {"$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -308,7 +330,8 @@ def run_bench(cfg: BenchConfig, on_point: Optional[Callable[[int, int, Point], N
         RunConfig(workers=cfg.workers, model=s.model,
                   policy=parse_policy(s.policy or "kernel")).validate()
     session, probe_note = _probe_session(cfg)
-    result = BenchResult(config=config_dict(cfg, stall=str(cfg.stall) if cfg.stall else None),
+    result = BenchResult(config=config_dict(cfg, stall=str(cfg.stall) if cfg.stall else None,
+                                             load_s=cfg.load_s),
                          points=[], env=environment(), probe=probe_note)
     total, done = cfg.total_points, 0
     try:
@@ -394,10 +417,14 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
         sys0 = psutil.cpu_times()
         host, port, rpc, timeout = client_host(cfg.host), sup.port, cfg.requests_per_conn, \
             cfg.timeout
-        staller = Staller(stall, sup.pids()[stall.slot]) if stall is not None else None
+        # the first stop begins as the load begins (the client starts a few ms
+        # after this), one every period, stall_periods of them: the load's length
+        staller = (Staller(stall, sup.pids()[stall.slot], max_stops=cfg.stall_periods)
+                   if stall is not None else None)
+        load_s = cfg.load_s
         try:
             out = sup.run_in_child(lambda: _client(host, port, cfg.conns, conc, nprocs, rpc,
-                                                   timeout),
+                                                   timeout, load_s),
                                    on_tick=staller.tick if staller else None,
                                    next_due=staller.next_due if staller else None)
         finally:
@@ -414,6 +441,9 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
         sup.stop()
         rep_ = sup.report(load)
     elapsed = max(load["elapsed_s"], 1e-3)
+    stalled_ms = round(1000 * staller.stopped_s, 1) if staller else 0.0
+    expected_ms, short = (stall_check(stall, elapsed, stalled_ms, cfg.stall_periods)
+                          if stall else (0.0, False))
     counts = [w["count"] for w in rep_["workers"]]
     eagain = sum(w["eagain"] for w in rep_["workers"])
     wakeups = data_ready = None
@@ -442,15 +472,26 @@ def _run_point(cfg: BenchConfig, setup: Setup, conc: int, work: int, rep: int,
                  wakeup_source="probe" if wakeups is not None else "none",
                  cpu=cpu, saturated=saturated(cpu), latency_cdf=load.get("latency_cdf", []),
                  stall=str(stall) if stall else None,
-                 stalled_ms=round(1000 * staller.stopped_s, 1) if staller else 0.0)
+                 stalled_ms=stalled_ms, elapsed_s=round(elapsed, 3),
+                 stall_expected_ms=expected_ms, stall_short=short)
 
 
-def _client(host, port, conns, conc, nprocs, rpc, timeout):
-    """In the load helper: the load, and the CPU its (reaped) processes used."""
+def stall_check(stall: Stall, elapsed_s: float, stalled_ms: float,
+                max_stops: Optional[int] = None) -> tuple[float, bool]:
+    """(what the schedule promises a load of elapsed_s, whether stalled_ms
+    falls far short of it): a short one is no measurement of that stall."""
+    expected = round(stall.promised_ms(elapsed_s, max_stops), 1)
+    return expected, stalled_ms <= 0 or stalled_ms < STALL_SHORT * expected
+
+
+def _client(host, port, conns, conc, nprocs, rpc, timeout, duration=None):
+    """In the load helper: the load (conns connections, or with duration as
+    many as that many seconds allow), and the CPU its (reaped) processes used."""
     from ..load.client import run_load
     t0 = os.times()
-    res = run_load(host, port, "tcp", conns=conns, concurrency=conc, processes=nprocs,
-                   requests_per_conn=rpc, timeout=timeout)
+    res = run_load(host, port, "tcp", conns=None if duration else conns, concurrency=conc,
+                   processes=nprocs, requests_per_conn=rpc, timeout=timeout,
+                   duration=duration)
     t1 = os.times()
     cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
     return res.to_dict(), cpu
@@ -540,6 +581,9 @@ class Row:
     saturated: list[str]        # named in a majority of repeats
     errors: int
     stall: Optional[str] = None     # the stall this row ran under (None: none)
+    stalled_ms: Spread = field(default_factory=lambda: Spread(None, None, None))
+    stall_expected_ms: Spread = field(default_factory=lambda: Spread(None, None, None))
+    stall_short: int = 0            # repeats whose stall fell far short (Point.stall_short)
     latency_cdf: list = field(default_factory=list)  # [[percentile, ms], ...]: median of the repeats'
     cpu: dict = field(default_factory=dict)   # medians, % of one core: client (per process), busiest
                                 # worker, acceptor (None), machine (all CPUs, everyone's)
@@ -579,6 +623,9 @@ def summarize(result: BenchResult) -> list[Row]:
             counts=[p.counts for p in ps],
             saturated=[s for s, k in sat_votes.items() if 2 * k > len(ps)],
             errors=sum(p.errors for p in ps), stall=stall,
+            stalled_ms=Spread.of([p.stalled_ms for p in ps]),
+            stall_expected_ms=Spread.of([p.stall_expected_ms for p in ps]),
+            stall_short=sum(bool(p.stall_short) for p in ps if p.stall),
             latency_cdf=median_cdf([p.latency_cdf for p in ps]),
             cpu={"client": statistics.median(p.cpu["client"] for p in ps),
                  "worker": statistics.median(max(p.cpu["workers"], default=0.0) for p in ps),
@@ -631,5 +678,6 @@ def stall_table(rows: Sequence[Row]) -> list[dict]:
 
 __all__ = ["BenchConfig", "BenchResult", "Point", "Row", "Setup", "Spread", "SCHEMA",
            "DEFAULT_MODELS", "DEFAULT_POLICIES", "DEFAULT_CONCURRENCY", "DEFAULT_WORK_US",
-           "check_schema", "environment", "median_cdf", "stall_table", "STALL_POLICIES", "imbalances", "parse_int_list", "run_bench",
+           "check_schema", "environment", "median_cdf", "stall_check", "stall_table",
+           "STALL_POLICIES", "STALL_PERIODS", "imbalances", "parse_int_list", "run_bench",
            "saturated", "setups_for", "split_policies", "summarize", "worst", "POLICY_NAMES"]

@@ -135,6 +135,8 @@ class Row:
     cpu_opened: tuple               # medians: % of one core of the busiest and the idlest
     cpu_stormed: tuple              # worker, in the hold after the bursts / the storm
     errors: int
+    requests_opened: tuple = ()     # medians: answers of the busiest and the idlest worker
+    requests_stormed: tuple = ()    # in the hold after the bursts / the storm (client count)
     worst: int = 0                  # the repeat farthest from the even split (the plot's)
 
 
@@ -193,6 +195,10 @@ def summarize(runs: list[Run]) -> list[Row]:
             cpu_stormed=(statistics.median(max(r.cpu_stormed) for r in rs),
                          statistics.median(min(r.cpu_stormed) for r in rs)),
             errors=sum(r.errors for r in rs),
+            requests_opened=(statistics.median(max(r.requests_opened, default=0) for r in rs),
+                             statistics.median(min(r.requests_opened, default=0) for r in rs)),
+            requests_stormed=(statistics.median(max(r.requests_stormed, default=0) for r in rs),
+                              statistics.median(min(r.requests_stormed, default=0) for r in rs)),
             worst=max(rs, key=lambda r: (r.off_opened + r.off_stormed, -r.repeat)).repeat))
     return rows
 

@@ -12,8 +12,8 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from ..experiments.bench import (IMBALANCED, BenchResult, Row, Spread, imbalances, stall_table,
-                                 worst)
+from ..experiments.bench import (IMBALANCED, STALL_SHORT, BenchResult, Row, Spread, imbalances,
+                                 stall_table, worst)
 
 
 def _num(x: Optional[float], fmt: str) -> str:
@@ -58,9 +58,11 @@ def render_bench(result: BenchResult) -> RenderableType:
     env, cfg = result.env, result.config
     kind = ("short connections (1 request each)" if cfg["requests_per_conn"] == 1 else
             f"keep-alive ({cfg['requests_per_conn']} requests per connection)")
+    size = (f"each load {cfg['load_s']:g} s ({cfg['stall_periods']} stall periods)"
+            if cfg.get("load_s") else f"{cfg['conns']} connections per point")
     parts: list[RenderableType] = [Text(
         f"bench · kernel {env['kernel']} · {env['cpus']} CPUs · {cfg['workers']} workers · "
-        f"{cfg['conns']} connections per point · {kind} · {cfg['repeat']} repeat(s); "
+        f"{size} · {kind} · {cfg['repeat']} repeat(s); "
         f"median (min–max)", style="bold")]
     by_point: dict[tuple[int, int], list[Row]] = {}
     for r in rows:
@@ -69,6 +71,14 @@ def render_bench(result: BenchResult) -> RenderableType:
         parts.append(_point_table(work, conc, rs))
     if cfg.get("stall"):
         parts.append(_stall_table(result))
+        short = [r for r in rows if r.stall and r.stall_short]
+        if short:
+            parts.append(Text(
+                "⚠ " + "; ".join(f"{r.label} c={r.concurrency} {r.work_us} µs: "
+                                 f"{r.stall_short} of {r.repeats}" for r in short)
+                + f" stalled repeat(s) stopped the worker for less than "
+                  f"{100 * STALL_SHORT:.0f} % of what the schedule promises for the "
+                  f"load's duration: those rows do not measure the stall", style="bold red"))
     parts.append(_findings([r for r in rows if not r.stall]))
     parts.append(Text(f"wakeups: {result.probe}", style="dim"))
     if result.interrupted:
@@ -96,7 +106,8 @@ def _point_table(work: int, conc: int, rows: Sequence[Row]) -> Table:
     t.add_column("CPU % c/w/a/all", justify="right")
     t.add_column("saturated")
     for r in rows:
-        t.add_row(r.label + (f" ⏸{r.stall}" if r.stall else ""), spread(r.conns_per_s, ".0f"), _num(r.p50_ms.median, ".2f"),
+        t.add_row(r.label + (f" ⏸{r.stall}" if r.stall else "")
+                  + (" ⚠ stall short" if r.stall_short else ""), spread(r.conns_per_s, ".0f"), _num(r.p50_ms.median, ".2f"),
                   _num(r.p99_ms.median, ".2f"), _num(r.p999_ms.median, ".2f"),
                   _num(r.max_ms.median, ".1f"),
                   Text(spread(r.max_min, ".2f"), style=_ratio_style(r.max_min.median)),
@@ -113,11 +124,17 @@ def _stall_table(result: BenchResult) -> Table:
     st = result.config["stall"]
     slot, rest = st.split(":")
     ms, every = rest.split("@")
-    t = Table(title=f"worker {slot} stopped {ms} ms in every {every} ms (SIGSTOP/SIGCONT) · "
+    t = Table(title=f"worker {slot} stopped {ms} ms in every {every} ms (SIGSTOP/SIGCONT), "
+                    f"the first stop as the load begins · "
                     f"latency at the client, median of the repeats",
+              caption="stopped ms ⏸: how long the worker really was stopped during the "
+                      "stalled load / what the schedule promises for the load's duration "
+                      "(medians); ⚠: repeats stopped for less than "
+                      f"{100 * STALL_SHORT:.0f} % of it, which measured no stall",
+              caption_justify="left", caption_style="dim",
               title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for c in ("model", "c", "Jain", "p99 ms", "max ms", "Jain ⏸", "p99 ms ⏸", "p99.9 ms ⏸",
-              "max ms ⏸", "stalled worker's share"):
+              "max ms ⏸", "stalled worker's share", "stopped ms ⏸"):
         t.add_column(c, justify="left" if c == "model" else "right")
     for d in stall_table(result.rows):
         a, b = d["calm"], d["stall"]
@@ -127,8 +144,17 @@ def _stall_table(result: BenchResult) -> Table:
                   _num(a.p99_ms.median, ".2f"), _num(a.max_ms.median, ".1f"),
                   _num(b.jain.median, ".3f"), _num(b.p99_ms.median, ".2f"),
                   _num(b.p999_ms.median, ".2f"), _num(b.max_ms.median, ".1f"),
-                  f"{100 * sorted(share)[len(share) // 2]:.1f} %" if share else "-")
+                  f"{100 * sorted(share)[len(share) // 2]:.1f} %" if share else "-",
+                  _stopped(b))
     return t
+
+
+def _stopped(r: Row) -> Text:
+    """'400/400', and ⚠ k/n in red when k of the n repeats fell far short."""
+    txt = f"{_num(r.stalled_ms.median, '.0f')}/{_num(r.stall_expected_ms.median, '.0f')}"
+    if r.stall_short:
+        return Text(f"{txt} ⚠ {r.stall_short}/{r.repeats} short", style="bold red")
+    return Text(txt)
 
 
 def _cpu(c: dict) -> str:

@@ -25,6 +25,12 @@ def _cpu(busiest_idlest: tuple) -> str:
     return f"{busiest_idlest[0]:.1f} / {busiest_idlest[1]:.1f}"
 
 
+def _reqs(busiest_idlest: tuple) -> str:
+    if not busiest_idlest:
+        return "-"
+    return f"{busiest_idlest[0]:g} / {busiest_idlest[1]:g}"
+
+
 def render_long(result: LongResult) -> RenderableType:
     env, cfg = result.env, result.config
     parts: list[RenderableType] = [Text(
@@ -34,21 +40,24 @@ def render_long(result: LongResult) -> RenderableType:
         f"{cfg['work_us']} µs work per request · {cfg['repeat']} repeat(s)", style="bold")]
     t = Table(caption="live connections per worker in slot order, one group per repeat · "
                       "ideal: how many repeats ended exactly at the even split · "
-                      "CPU: % of one core of the busiest / idlest worker in the hold that "
-                      "follows (median)",
+                      "requests: answers of the busiest / idlest worker in the hold that "
+                      "follows, CPU: % of one core of the busiest / idlest worker in it "
+                      "(medians)",
               caption_justify="left", caption_style="dim", box=box.SIMPLE_HEAD,
               pad_edge=False, show_edge=False)
-    for c in ("case", "policy", "even split", "after the bursts", "ideal", "CPU %",
-              "after the storm", "ideal ", "CPU % "):
-        t.add_column(c, justify="right" if c.startswith(("ideal", "CPU")) else "left")
+    for c in ("case", "policy", "even split", "after the bursts", "ideal", "requests", "CPU %",
+              "after the storm", "ideal ", "requests ", "CPU % "):
+        t.add_column(c, justify="right" if c.startswith(("ideal", "requests", "CPU"))
+                     else "left")
     last = None
     for r in result.rows:
         if last is not None and r.case != last:
             t.add_section()
         last = r.case
         t.add_row(r.case, r.label, _split(r.ideal), "  ".join(map(_split, r.opened)),
-                  _hits(r.ideal_opened, r.repeats), _cpu(r.cpu_opened),
-                  "  ".join(map(_split, r.stormed)), _hits(r.ideal_stormed, r.repeats),
+                  _hits(r.ideal_opened, r.repeats), _reqs(r.requests_opened),
+                  _cpu(r.cpu_opened), "  ".join(map(_split, r.stormed)),
+                  _hits(r.ideal_stormed, r.repeats), _reqs(r.requests_stormed),
                   _cpu(r.cpu_stormed))
         if r.errors:
             t.add_row(Text(f"  {r.errors} failed connections", style="red"))

@@ -10,7 +10,7 @@ does not look; least-loaded reads the accept queue; a shared socket is
 accepted by whoever is awake).
 
     stall = parse_stall("0:100@500")        # slot 0, 100 ms in every 500 ms
-    s = Staller(stall, pid)
+    s = Staller(stall, pid, max_stops=4)    # the first stop begins now
     ... s.tick(time.monotonic()) often ...  # stops and continues on schedule
     s.release()                             # continued, whatever happens
 """
@@ -40,18 +40,31 @@ class Stall:
 
     def stopped_at(self, t: float) -> bool:
         """Whether the worker is stopped t seconds after the schedule began:
-        running first (every_ms - ms), then stopped (ms), and again."""
-        phase = (t * 1000.0) % self.every_ms
-        return phase >= self.every_ms - self.ms
+        stopped first (ms), as the load begins, then running (every_ms - ms),
+        and again."""
+        if t < 0:
+            return False
+        return (t * 1000.0) % self.every_ms < self.ms
 
     def next_change(self, t: float) -> float:
         """Seconds after the start of the next stop or continue after t."""
         period = self.every_ms / 1000.0
         k = int(t // period)
-        for edge in (k * period + (self.every_ms - self.ms) / 1000.0, (k + 1) * period):
+        for edge in (k * period, k * period + self.ms / 1000.0, (k + 1) * period):
             if edge > t:
                 return edge
-        return (k + 1) * period + (self.every_ms - self.ms) / 1000.0
+        return (k + 1) * period
+
+    def promised_ms(self, t: float, stops: Optional[int] = None) -> float:
+        """How long the schedule stops the worker in its first t seconds
+        (at most `stops` stops): what a load that lasted t seconds should
+        have seen."""
+        period_ms, t_ms = float(self.every_ms), max(0.0, t * 1000.0)
+        full, rest = divmod(t_ms, period_ms)
+        n = int(full)
+        if stops is not None and n >= stops:
+            return float(stops * self.ms)
+        return n * self.ms + min(float(self.ms), rest)
 
 
 def parse_stall(spec: str, workers: Optional[int] = None) -> Stall:
@@ -77,8 +90,9 @@ class Staller:
     """Stops and continues one pid on a Stall's schedule; tick() as often
     as the schedule's resolution needs (next_due() says when)."""
 
-    def __init__(self, stall: Stall, pid: int, start: Optional[float] = None):
-        self.stall, self.pid = stall, pid
+    def __init__(self, stall: Stall, pid: int, start: Optional[float] = None,
+                 max_stops: Optional[int] = None):
+        self.stall, self.pid, self.max_stops = stall, pid, max_stops
         self.t0 = time.monotonic() if start is None else start
         self.stopped = False
         self.stops = 0
@@ -87,7 +101,8 @@ class Staller:
 
     def tick(self, now: float) -> None:
         want = self.stall.stopped_at(now - self.t0)
-        if want and not self.stopped:
+        if want and not self.stopped and (self.max_stops is None
+                                          or self.stops < self.max_stops):
             children.kill(self.pid, signal.SIGSTOP)
             self.stopped, self._since = True, now
             self.stops += 1
