@@ -32,7 +32,8 @@ from pathlib import Path
 from ..signals import Interrupted
 from . import accel as _accel
 from . import kernels
-from .errors import EXIT_TIMEOUT, VMError
+from .errors import EXIT_OUTPUT_LOST, EXIT_TIMEOUT, VMError
+from .guest_relay import STATUS_PORT
 
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 MARK = "@@reuseport-ctl-vm:"
@@ -52,6 +53,9 @@ ENV_DROP = {"_", "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "TMPDIR", "XDG_RUNTIME_DI
             "PYTEST_CURRENT_TEST", "INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET",
             # the host's header tree for bcc is not the guest kernel's
             "BCC_KERNEL_SOURCE", "BCC_LINUX_VERSION_CODE"}
+RELAY = Path(__file__).resolve().with_name("guest_relay.py")
+STATUS_RE = re.compile(r"exit (\d+) out (\d+) err (\d+)")
+PIPE_SIZE = 1 << 20        # vng's stdout/stderr pipes: QEMU stalls a port only past this
 PKG_FIX = ("apt-get install qemu-system-x86 busybox-static, and pip install virtme-ng "
            "into the venv (scripts/bootstrap does both)")
 
@@ -155,10 +159,11 @@ def guest_nic_lines(mac: str, addr: str, prefix: int, peer: str, agent_port: int
 
 def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None,
                  nic: list[str] | None = None) -> str:
-    """The shell script the guest runs: mounts bpffs/tracefs if absent, sets
-    the environment (and the NIC, with `nic` lines), runs the command, and
-    marks start and exit on the console (so the host can tell "did not boot"
-    from "command failed")."""
+    """The shell script the guest runs: marks its start on the console (so
+    the host can tell "did not boot" from "command failed"), mounts
+    bpffs/tracefs if absent, sets the environment (and the NIC, with `nic`
+    lines), and runs the command under guest_relay.py, which relays its
+    output whole and reports its exit status and byte counts on our port."""
     if len(command) == 1:
         cmd = command[0]                         # one string: a shell command line
     else:
@@ -177,11 +182,13 @@ def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None,
         "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null",
         "mkdir -p /var/cache/reuseport-ctl 2>/dev/null",
         *(nic or []),
+        # vng points these at ports of their own; make them the process's
+        # fd 1 and 2 as on any Linux, so they go through the relay as well
+        "ln -sf /proc/self/fd/1 /dev/stdout 2>/dev/null",
+        "ln -sf /proc/self/fd/2 /dev/stderr 2>/dev/null",
         f"cd {shlex.quote(cwd)} 2>/dev/null || cd /",
-        cmd,
-        "rc=$?",
-        f"echo \"{MARK} exit $rc\" >/dev/console 2>/dev/null",
-        "exit $rc",
+        f"exec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(RELAY))} {STATUS_PORT} "
+        f"{shlex.quote(cmd)}",
     ]
     return "\n".join(lines) + "\n"
 
@@ -271,8 +278,10 @@ class _Stop(Exception):
     pass
 
 
-def _relay(src, dest, keep: list | None, mute: threading.Event) -> threading.Thread:
-    """Copy a pipe to `dest` as it comes (and into `keep`). QEMU opens
+def _relay(src, dest, keep: list | None, mute: threading.Event,
+           count: list | None = None) -> threading.Thread:
+    """Copy a pipe to `dest` as it comes (and into `keep`; count[0] adds up
+    the bytes). QEMU opens
     /proc/self/fd/1 and 2 anew: on a pipe that is the same pipe, whereas on a
     regular file it would get its own offset and overwrite ours."""
     out = getattr(dest, "buffer", dest) if dest is not None else None
@@ -288,6 +297,8 @@ def _relay(src, dest, keep: list | None, mute: threading.Event) -> threading.Thr
                 break
             if keep is not None:
                 keep.append(chunk)
+            if count is not None:
+                count[0] += len(chunk)
             if out is not None and not mute.is_set():
                 try:
                     out.write(chunk)
@@ -430,6 +441,33 @@ def stop_nethost(p: subprocess.Popen) -> None:
         p.stdout.close()
 
 
+def guest_status(path: Path) -> tuple[int, int, int] | None:
+    """(exit status, stdout bytes, stderr bytes) the guest relay reported."""
+    try:
+        m = STATUS_RE.search(path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return None if m is None else (int(m[1]), int(m[2]), int(m[3]))
+
+
+def output_lost(status: tuple[int, int, int] | None, got_out: int, got_err: int) -> str | None:
+    """One sentence when the guest's output did not all arrive (or the guest
+    never said how much there was), else None. Host stderr also carries
+    QEMU's and vng's own lines, so for it only "fewer" is a proof of loss."""
+    if status is None:
+        return ("the guest did not report how much its command wrote (no status line), "
+                "so its output may be incomplete")
+    _, n_out, n_err = status
+    lost = []
+    if got_out < n_out:
+        lost.append(f"stdout: {got_out} of {n_out} bytes arrived")
+    if got_err < n_err:
+        lost.append(f"stderr: at most {got_err} of {n_err} bytes arrived")
+    if not lost:
+        return None
+    return f"the guest's output was cut short ({'; '.join(lost)})"
+
+
 def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, log,
           capture, silent_after: float | None, nic_queues: int = 0,
           numa: list[str] | None = None) -> RunResult:
@@ -438,6 +476,8 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
     kept_out: list | None = [] if capture else None
     kept_err: list | None = [] if capture else None
     relays: list = []
+    got_out, got_err = [0], [0]
+    status = None
     mute = threading.Event()      # set when we stop the VM: its dying words are noise
     vng = vng_binary()
     cwd = cwd or os.getcwd()
@@ -477,6 +517,7 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
                            numa=numa)
         venv = dict(os.environ, TMPDIR=str(work), REUSEPORT_CTL_VM_CONSOLE=str(console),
                     REUSEPORT_CTL_VM_BIN=str(work / "bin"),
+                    REUSEPORT_CTL_VM_STATUS=str(work / "status"),
                     REUSEPORT_CTL_VM_QEMU=_accel.qemu_binary(),
                     PATH=f"{work / 'bin'}:{os.path.dirname(vng)}:{os.environ.get('PATH', '/usr/bin:/bin')}")
         nic_note = ""
@@ -494,8 +535,14 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
         proc = subprocess.Popen(vcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=venv, cwd="/",
                                 start_new_session=True)
-        relays = [_relay(proc.stdout, stdout, kept_out, mute),
-                  _relay(proc.stderr, stderr, kept_err, mute)]
+        for pipe in (proc.stdout, proc.stderr):
+            try:
+                import fcntl
+                fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+            except OSError:
+                pass
+        relays = [_relay(proc.stdout, stdout, kept_out, mute, got_out),
+                  _relay(proc.stderr, stderr, kept_err, mute, got_err)]
         while True:
             rc = proc.poll()
             if boot_s is None:
@@ -528,6 +575,7 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
         for t in relays:
             t.join(5)
         lines = _console_lines(work / "console.log")
+        status = guest_status(work / "status")
         keep = os.environ.get("REUSEPORT_CTL_VM_CONSOLE_LOG")
         if keep:                        # for debugging a boot: keep the whole console
             try:
@@ -545,6 +593,9 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
     text = "\n".join(lines)
     booted = boot_s is not None or f"{MARK} up" in text
     exits = re.findall(re.escape(MARK) + r" exit (\d+)", text)
+    if status is None:              # the relay had no port: its line is on the console
+        m = STATUS_RE.search(" ".join(ln for ln in lines if MARK in ln))
+        status = None if m is None else (int(m[1]), int(m[2]), int(m[3]))
     tail = _tail(lines)
     if timed_out:
         where = ("the command was still running" if booted
@@ -557,11 +608,15 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
                       f"with status {rc} after {seconds:.1f} s.{_format_tail(tail)}")
     # The exit mark can be lost when the guest powers off before the UART
     # drains; vng's status is the command's status then.
-    code = int(exits[-1]) if exits else rc
+    code = status[0] if status else int(exits[-1]) if exits else rc
     if re.search(r"Kernel panic|BUG:|Oops", text):
         print(f"reuseport-ctl vm: the guest kernel reported a crash.{_format_tail(tail)}",
               file=log, flush=True)
     print(f"reuseport-ctl vm: booted in {boot_s or 0:.1f} s; the command exited {code} "
           f"after {seconds:.1f} s in all ({acc.name.upper()})", file=log, flush=True)
+    lost = output_lost(status, got_out[0], got_err[0])
+    if lost:
+        raise VMError(f"{lost[0].upper()}{lost[1:]}; the command exited {code}.",
+                      code if code and status is None else EXIT_OUTPUT_LOST)
     return RunResult(code, k, acc, booted, boot_s, seconds, tail,
                      b"".join(kept_out or []), b"".join(kept_err or []))
