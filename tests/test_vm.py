@@ -211,10 +211,67 @@ def test_guest_script_runs_the_command_with_our_environment():
     assert env["PATH"].split(":")[0] == os.path.dirname(sys.executable)
     assert "TMPDIR" not in env and "bad-name" not in env
     s = runner.guest_script(["reuseport-ctl", "doctor", "--json"], env, "/work", None)
-    assert "export FOO='a b'" in s and "\nreuseport-ctl doctor --json\n" in s
-    assert "cd /work" in s and f"{runner.MARK} up" in s and "exit $rc" in s
+    assert "export FOO='a b'" in s and "cd /work" in s and f"{runner.MARK} up" in s
+    last = s.splitlines()[-1]                   # the command runs under the relay
+    assert last.startswith(f"exec {sys.executable} -I -S {runner.RELAY} reuseport-ctl.status ")
+    assert last.endswith(" 'reuseport-ctl doctor --json'")
     one = runner.guest_script(["uname -r; exit 3"], env, "/", None)
-    assert "\nuname -r; exit 3\n" in one          # one argument: a shell command line
+    assert one.splitlines()[-1].endswith(" 'uname -r; exit 3'")  # one argument: a command line
+
+
+BIG = "import sys; sys.stdout.write(''.join('%06d %s\\n' % (i, 'x' * 57) for i in range(3200)))"
+
+
+def _big_text() -> str:
+    return "".join("%06d %s\n" % (i, "x" * 57) for i in range(3200))   # 208,000 bytes
+
+
+def test_guest_relay_passes_everything_and_the_exit_status(tmp_path):
+    """An unbuffered Python (whose print ignores short writes) writing
+    208 kB: the relay gets it all through, counts it, returns the status,
+    and does not wait for a background process that still holds the pipe."""
+    from reuseport_ctl.vm import guest_relay
+    out, err = (tmp_path / "out").open("wb"), (tmp_path / "err").open("wb")
+    cmd = (f"PYTHONUNBUFFERED=1 {sys.executable} -c \"{BIG}\"; echo oops >&2; "
+           "sleep 30 & exit 7")
+    t0 = time.monotonic()
+    rc, n_out, n_err = guest_relay.relay(["/bin/sh", "-c", cmd], out.fileno(), err.fileno())
+    out.close(), err.close()
+    assert time.monotonic() - t0 < 20
+    assert (rc, n_out, n_err) == (7, 208000, 5)
+    assert (tmp_path / "out").read_text() == _big_text()
+    assert (tmp_path / "err").read_text() == "oops\n"
+
+
+def test_guest_relay_write_all_survives_short_and_blocked_writes():
+    import threading
+    from reuseport_ctl.vm import guest_relay
+    r, w = os.pipe()
+    os.set_blocking(w, False)                   # EAGAIN and short writes on a full pipe
+    data = os.urandom(300_000)
+    got = []
+    t = threading.Thread(target=lambda: got.extend(iter(lambda: os.read(r, 7000), b"")))
+    t.start()
+    assert guest_relay.write_all(w, data)
+    os.close(w)
+    t.join(10)
+    os.close(r)
+    assert b"".join(got) == data
+
+
+def test_short_output_is_one_sentence_never_silent():
+    assert runner.output_lost((0, 1000, 10), 1000, 50) is None     # stderr has QEMU's lines too
+    msg = runner.output_lost((0, 100000, 0), 32768, 0)
+    assert msg == "the guest's output was cut short (stdout: 32768 of 100000 bytes arrived)"
+    assert "did not report" in runner.output_lost(None, 5, 5)
+    assert runner.guest_status(Path("/nonexistent")) is None
+
+
+def test_qemu_wrapper_adds_the_status_port():
+    args = qemu_wrap.status_args("/tmp/w/status")
+    assert "file,id=rctlstatus,path=/tmp/w/status" in args
+    assert any("name=reuseport-ctl.status" in a for a in args)
+    assert qemu_wrap.status_args(None) == []
 
 
 def test_vng_command_says_tcg_and_keeps_the_console_quiet_elsewhere():
@@ -274,7 +331,7 @@ def test_guest_script_addresses_the_nic_by_its_mac():
     s = runner.guest_script(["true"], {}, "/", None, lines)
     assert "52:54:00:72:63:02" in s and "ip addr add 192.0.2.2/24" in s
     assert "REUSEPORT_CTL_VM_PEER=192.0.2.1" in s and "REUSEPORT_CTL_VM_AGENT=192.0.2.1:7070" in s
-    assert s.index("REUSEPORT_CTL_VM_NIC=") < s.index("\ntrue\n")
+    assert s.index("REUSEPORT_CTL_VM_NIC=") < s.index(" reuseport-ctl.status true\n")
 
 
 def test_vng_command_passes_numa_nodes():
@@ -404,6 +461,19 @@ def test_doctor_in_the_vm_has_kprobes():
     assert facs["kernel headers"] is True
     assert d["probes"]["lookup"]["strategy"] == "kprobe"
     assert d["kernel"] != os.uname().release
+
+
+def test_big_output_arrives_whole_with_the_exit_status():
+    """208 kB on stdout and 50 kB on stderr from an unbuffered Python in the
+    guest (vng's ports take 32 KiB per write; this used to arrive as 32,768
+    bytes, exit 0), then exit 7: all of it, byte for byte, and the 7."""
+    vm_or_skip()
+    cmd = (f"PYTHONUNBUFFERED=1 python3 -c \"{BIG}; sys.stderr.write('E' * 50000)\"; exit 7")
+    p = run_vm(cmd)
+    assert p.returncode == 7, p.stderr[-3000:]
+    assert len(p.stdout) == 208000 and p.stdout == _big_text(), \
+        f"{len(p.stdout)} bytes arrived; {p.stderr[-2000:]}"
+    assert "E" * 50000 in p.stderr
 
 
 def test_probes_kprobe_test_passes_in_the_vm():
