@@ -278,37 +278,65 @@ class _Stop(Exception):
     pass
 
 
-def _relay(src, dest, keep: list | None, mute: threading.Event,
-           count: list | None = None) -> threading.Thread:
+class _Relay:
     """Copy a pipe to `dest` as it comes (and into `keep`; count[0] adds up
-    the bytes). QEMU opens
-    /proc/self/fd/1 and 2 anew: on a pipe that is the same pipe, whereas on a
-    regular file it would get its own offset and overwrite ours."""
-    out = getattr(dest, "buffer", dest) if dest is not None else None
+    the bytes read). One thread reads the pipe as fast as it fills, another
+    writes to `dest`: a slow reader of our output (a pager, a full pipe)
+    then never backs up into QEMU, which would hold the guest's data in its
+    queues, and lose it when the guest powers off. QEMU opens
+    /proc/self/fd/1 and 2 anew: on a pipe that is the same pipe, whereas on
+    a regular file it would get its own offset and overwrite ours."""
 
-    def pump():
-        fd = src.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            if keep is not None:
-                keep.append(chunk)
-            if count is not None:
-                count[0] += len(chunk)
-            if out is not None and not mute.is_set():
+    def __init__(self, src, dest, keep: list | None, mute: threading.Event,
+                 count: list | None = None):
+        import queue
+        self.src, self.keep, self.mute, self.count = src, keep, mute, count
+        self.out = getattr(dest, "buffer", dest) if dest is not None else None
+        self.q: "queue.SimpleQueue[bytes | None]" = queue.SimpleQueue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.writer = threading.Thread(target=self._write, daemon=True)
+        self.reader.start()
+        self.writer.start()
+
+    def _read(self):
+        fd = self.src.fileno()
+        try:
+            while True:
                 try:
-                    out.write(chunk)
-                    out.flush()
+                    chunk = os.read(fd, 1 << 20)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                if self.keep is not None:
+                    self.keep.append(chunk)
+                if self.count is not None:
+                    self.count[0] += len(chunk)
+                self.q.put(chunk)
+        finally:
+            self.q.put(None)
+            self.src.close()
+
+    def _write(self):
+        while True:
+            chunk = self.q.get()
+            if chunk is None:
+                break
+            if self.out is not None and not self.mute.is_set():
+                try:
+                    self.out.write(chunk)
+                    self.out.flush()
                 except (OSError, ValueError):
                     pass
-        src.close()
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    return t
+
+    def join(self, read_timeout: float = 5.0) -> None:
+        """Wait for the pipe's end (at most read_timeout once the VM is gone),
+        then until all of it is written out: it is the guest's output."""
+        self.reader.join(read_timeout)
+        if self.reader.is_alive() or self.mute.is_set():
+            self.writer.join(read_timeout)
+        else:
+            self.writer.join()
 
 
 _SIZE = re.compile(r"(0|[1-9][0-9]*)([MG]?)", re.ASCII)
@@ -541,8 +569,8 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
                 fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
             except OSError:
                 pass
-        relays = [_relay(proc.stdout, stdout, kept_out, mute, got_out),
-                  _relay(proc.stderr, stderr, kept_err, mute, got_err)]
+        relays = [_Relay(proc.stdout, stdout, kept_out, mute, got_out),
+                  _Relay(proc.stderr, stderr, kept_err, mute, got_err)]
         while True:
             rc = proc.poll()
             if boot_s is None:
@@ -573,7 +601,7 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
         if nethost is not None:
             stop_nethost(nethost)
         for t in relays:
-            t.join(5)
+            t.join()
         lines = _console_lines(work / "console.log")
         status = guest_status(work / "status")
         keep = os.environ.get("REUSEPORT_CTL_VM_CONSOLE_LOG")
