@@ -1,8 +1,10 @@
 """The VM runner (reuseport_ctl.vm, scripts/vm) and the Vagrantfile.
 
 Fast tests (no VM): kernel spec resolution, bad input, the virtiofsd shim's
-argument translation, the QEMU wrapper, the guest script, the KVM probe.
-VM tests (3 boots in all, ~40-100 s each under TCG): a 4-queue virtio-net NIC
+argument translation, the QEMU wrapper, the guest script, the guest relay and
+the short-output check, the KVM probe.
+VM tests (4 boots in all, ~25-100 s each under TCG): 208 kB of output arrive
+whole with the exit status; a 4-queue virtio-net NIC
 on two NUMA nodes (nic against ethtool; the queue, cpu and numa policies
 exact; nic --apply/--restore; watch's per-member rx queue, NAPI id and
 CPU equal to the queue proof's accepted sockets); doctor in the guest shows kprobes and the
@@ -448,7 +450,7 @@ def test_nethost_tap_lives_in_a_private_namespace_and_dies_with_it():
     assert not _netns_procs(ino), "a process is left in the NIC's namespace"
 
 
-# --- real boots (2 in all) -----------------------------------------------------------
+# --- real boots -----------------------------------------------------------
 
 def test_doctor_in_the_vm_has_kprobes():
     vm_or_skip()

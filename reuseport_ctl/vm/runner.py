@@ -472,10 +472,10 @@ def stop_nethost(p: subprocess.Popen) -> None:
 def guest_status(path: Path) -> tuple[int, int, int] | None:
     """(exit status, stdout bytes, stderr bytes) the guest relay reported."""
     try:
-        m = STATUS_RE.search(path.read_text(errors="replace"))
+        found = STATUS_RE.findall(path.read_text(errors="replace"))
     except OSError:
         return None
-    return None if m is None else (int(m[1]), int(m[2]), int(m[3]))
+    return tuple(int(x) for x in found[-1]) if found else None
 
 
 def output_lost(status: tuple[int, int, int] | None, got_out: int, got_err: int) -> str | None:
@@ -622,8 +622,8 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
     booted = boot_s is not None or f"{MARK} up" in text
     exits = re.findall(re.escape(MARK) + r" exit (\d+)", text)
     if status is None:              # the relay had no port: its line is on the console
-        m = STATUS_RE.search(" ".join(ln for ln in lines if MARK in ln))
-        status = None if m is None else (int(m[1]), int(m[2]), int(m[3]))
+        found = STATUS_RE.findall(" ".join(ln for ln in lines if MARK in ln))
+        status = tuple(int(x) for x in found[-1]) if found else None
     tail = _tail(lines)
     if timed_out:
         where = ("the command was still running" if booted
