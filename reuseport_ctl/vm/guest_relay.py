@@ -1,6 +1,6 @@
 """Runs the guest command and relays its stdout and stderr to the
 virtio-serial ports vng gave us; a stand-alone script (stdlib only, run in
-the guest as `python -I -S guest_relay.py PORT-NAME COMMAND-LINE`).
+the guest as `python -I -S guest_relay.py PORT-NAME COMMAND [ARG...]`).
 
 Why: vng hands the command the ports themselves as fd 1 and 2, and the
 guest's virtio_console driver takes at most 32 KiB per write(). A short
@@ -109,10 +109,14 @@ def relay(argv: list[str], out_fd: int = 1, err_fd: int = 2) -> tuple[int, int, 
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print("usage: guest_relay.py STATUS-PORT-NAME COMMAND-LINE", file=sys.stderr)
+    if len(argv) < 3:
+        print("usage: guest_relay.py STATUS-PORT-NAME COMMAND [ARG...]", file=sys.stderr)
         return 2
-    rc, n_out, n_err = relay(["/bin/sh", "-c", argv[2]])
+    try:
+        rc, n_out, n_err = relay(argv[2:])
+    except OSError as e:
+        print(f"reuseport-ctl vm: cannot run {argv[2]}: {e.strerror}", file=sys.stderr)
+        rc, n_out, n_err = 127, 0, 0
     line = f"exit {rc} out {n_out} err {n_err}\n"
     port = find_port(argv[1])
     try:

@@ -157,17 +157,22 @@ def guest_nic_lines(mac: str, addr: str, prefix: int, peer: str, agent_port: int
     ]
 
 
+def guest_command(command: list[str]) -> str:
+    """The command as the shell script the relay runs (the guest script's
+    path + ".cmd"; a file, as argv could not hold a command line over 128 KiB)."""
+    if len(command) == 1:
+        return command[0] + "\n"                # one string: a shell command line
+    return shlex.join(command) + "\n"
+
+
 def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None,
                  nic: list[str] | None = None) -> str:
     """The shell script the guest runs: marks its start on the console (so
     the host can tell "did not boot" from "command failed"), mounts
     bpffs/tracefs if absent, sets the environment (and the NIC, with `nic`
     lines), and runs the command under guest_relay.py, which relays its
-    output whole and reports its exit status and byte counts on our port."""
-    if len(command) == 1:
-        cmd = command[0]                         # one string: a shell command line
-    else:
-        cmd = shlex.join(command)
+    output whole and reports its exit status and byte counts on our port.
+    The command itself is in "$0.cmd" (guest_command())."""
     lines = ["#!/bin/sh", "# written by reuseport-ctl vm; runs inside the guest",
              f"echo '{MARK} up' >/dev/console 2>/dev/null"]
     for k, v in sorted(env.items()):
@@ -188,7 +193,7 @@ def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None,
         "ln -sf /proc/self/fd/2 /dev/stderr 2>/dev/null",
         f"cd {shlex.quote(cwd)} 2>/dev/null || cd /",
         f"exec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(RELAY))} {STATUS_PORT} "
-        f"{shlex.quote(cmd)}",
+        "/bin/sh \"$0.cmd\"",
     ]
     return "\n".join(lines) + "\n"
 
@@ -539,6 +544,7 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
             from . import nethost as _nh
             nic_lines = guest_nic_lines(_nh.GUEST_MAC, _nh.GUEST, 24, _nh.PEER, _nh.AGENT_PORT)
         script.write_text(guest_script(command, guest_env(env), cwd, k.headers, nic_lines))
+        script.with_name(script.name + ".cmd").write_text(guest_command(command))
         console = work / "console.log"
         console.touch()
         vcmd = vng_command(vng, k, acc, cpus=cpus, memory=memory, exec_line=f"sh {script}",
