@@ -16,6 +16,7 @@ not be set up or did not boot, 130 on Ctrl-C (see errors.py).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
@@ -571,8 +572,7 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
                                 start_new_session=True)
         for pipe in (proc.stdout, proc.stderr):
             try:
-                import fcntl
-                fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
             except OSError:
                 pass
         relays = [_Relay(proc.stdout, stdout, kept_out, mute, got_out),
