@@ -474,9 +474,10 @@ def test_big_output_arrives_whole_with_the_exit_status():
     vm_or_skip()
     cmd = (f"PYTHONUNBUFFERED=1 python3 -c \"{BIG}; sys.stderr.write('E' * 50000)\"; exit 7")
     p = run_vm(cmd)
-    assert p.returncode == 7, p.stderr[-3000:]
+    log = p.stderr.replace("E" * 50000, "<50,000 E>")
+    assert p.returncode == 7, log[-3000:]
     assert len(p.stdout) == 208000 and p.stdout == _big_text(), \
-        f"{len(p.stdout)} bytes arrived; {p.stderr[-2000:]}"
+        f"{len(p.stdout)} bytes arrived; {log[-2000:]}"
     assert "E" * 50000 in p.stderr
 
 
