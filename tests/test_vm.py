@@ -533,7 +533,8 @@ def test_ethtool_output_parsers():
 
 def guest_result(stdout: str) -> dict:
     """tests/vm_nic_guest.py's last line: its JSON, zlib-compressed and in
-    base64 (what the guest prints reaches us up to 32 KiB only)."""
+    base64 (from when the guest's stdout was cut at 32 KiB; it arrives whole
+    now, see docs/vm.md, but the guest still compresses it)."""
     return json.loads(zlib.decompress(base64.b64decode(stdout.strip().splitlines()[-1])))
 
 
