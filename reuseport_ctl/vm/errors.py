@@ -8,6 +8,7 @@ from ..errors import UserError
 EXIT_VM = 125        # the VM could not be set up or booted (like git bisect's "skip")
 EXIT_TIMEOUT = 124   # like timeout(1)
 EXIT_INTERRUPTED = 130
+EXIT_OUTPUT_LOST = 123  # the guest's output did not all arrive (or could not be vouched for)
 
 
 class VMError(UserError):

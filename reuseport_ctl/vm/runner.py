@@ -16,6 +16,7 @@ not be set up or did not boot, 130 on Ctrl-C (see errors.py).
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
@@ -32,7 +33,8 @@ from pathlib import Path
 from ..signals import Interrupted
 from . import accel as _accel
 from . import kernels
-from .errors import EXIT_TIMEOUT, VMError
+from .errors import EXIT_OUTPUT_LOST, EXIT_TIMEOUT, VMError
+from .guest_relay import STATUS_PORT
 
 C_VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 MARK = "@@reuseport-ctl-vm:"
@@ -52,6 +54,9 @@ ENV_DROP = {"_", "PWD", "OLDPWD", "SHLVL", "HOSTNAME", "TMPDIR", "XDG_RUNTIME_DI
             "PYTEST_CURRENT_TEST", "INVOCATION_ID", "JOURNAL_STREAM", "NOTIFY_SOCKET",
             # the host's header tree for bcc is not the guest kernel's
             "BCC_KERNEL_SOURCE", "BCC_LINUX_VERSION_CODE"}
+RELAY = Path(__file__).resolve().with_name("guest_relay.py")
+STATUS_RE = re.compile(r"exit (\d+) out (\d+) err (\d+)")
+PIPE_SIZE = 1 << 20        # vng's stdout/stderr pipes: QEMU stalls a port only past this
 PKG_FIX = ("apt-get install qemu-system-x86 busybox-static, and pip install virtme-ng "
            "into the venv (scripts/bootstrap does both)")
 
@@ -153,16 +158,22 @@ def guest_nic_lines(mac: str, addr: str, prefix: int, peer: str, agent_port: int
     ]
 
 
+def guest_command(command: list[str]) -> str:
+    """The command as the shell script the relay runs (the guest script's
+    path + ".cmd"; a file, as argv could not hold a command line over 128 KiB)."""
+    if len(command) == 1:
+        return command[0] + "\n"                # one string: a shell command line
+    return shlex.join(command) + "\n"
+
+
 def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None,
                  nic: list[str] | None = None) -> str:
-    """The shell script the guest runs: mounts bpffs/tracefs if absent, sets
-    the environment (and the NIC, with `nic` lines), runs the command, and
-    marks start and exit on the console (so the host can tell "did not boot"
-    from "command failed")."""
-    if len(command) == 1:
-        cmd = command[0]                         # one string: a shell command line
-    else:
-        cmd = shlex.join(command)
+    """The shell script the guest runs: marks its start on the console (so
+    the host can tell "did not boot" from "command failed"), mounts
+    bpffs/tracefs if absent, sets the environment (and the NIC, with `nic`
+    lines), and runs the command under guest_relay.py, which relays its
+    output whole and reports its exit status and byte counts on our port.
+    The command itself is in "$0.cmd" (guest_command())."""
     lines = ["#!/bin/sh", "# written by reuseport-ctl vm; runs inside the guest",
              f"echo '{MARK} up' >/dev/console 2>/dev/null"]
     for k, v in sorted(env.items()):
@@ -177,11 +188,13 @@ def guest_script(command: list[str], env: dict, cwd: str, headers: Path | None,
         "mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null",
         "mkdir -p /var/cache/reuseport-ctl 2>/dev/null",
         *(nic or []),
+        # vng points these at ports of their own; make them the process's
+        # fd 1 and 2 as on any Linux, so they go through the relay as well
+        "ln -sf /proc/self/fd/1 /dev/stdout 2>/dev/null",
+        "ln -sf /proc/self/fd/2 /dev/stderr 2>/dev/null",
         f"cd {shlex.quote(cwd)} 2>/dev/null || cd /",
-        cmd,
-        "rc=$?",
-        f"echo \"{MARK} exit $rc\" >/dev/console 2>/dev/null",
-        "exit $rc",
+        f"exec {shlex.quote(sys.executable)} -I -S {shlex.quote(str(RELAY))} {STATUS_PORT} "
+        "/bin/sh \"$0.cmd\"",
     ]
     return "\n".join(lines) + "\n"
 
@@ -271,33 +284,65 @@ class _Stop(Exception):
     pass
 
 
-def _relay(src, dest, keep: list | None, mute: threading.Event) -> threading.Thread:
-    """Copy a pipe to `dest` as it comes (and into `keep`). QEMU opens
-    /proc/self/fd/1 and 2 anew: on a pipe that is the same pipe, whereas on a
-    regular file it would get its own offset and overwrite ours."""
-    out = getattr(dest, "buffer", dest) if dest is not None else None
+class _Relay:
+    """Copy a pipe to `dest` as it comes (and into `keep`; count[0] adds up
+    the bytes read). One thread reads the pipe as fast as it fills, another
+    writes to `dest`: a slow reader of our output (a pager, a full pipe)
+    then never backs up into QEMU, which would hold the guest's data in its
+    queues, and lose it when the guest powers off. QEMU opens
+    /proc/self/fd/1 and 2 anew: on a pipe that is the same pipe, whereas on
+    a regular file it would get its own offset and overwrite ours."""
 
-    def pump():
-        fd = src.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            if keep is not None:
-                keep.append(chunk)
-            if out is not None and not mute.is_set():
+    def __init__(self, src, dest, keep: list | None, mute: threading.Event,
+                 count: list | None = None):
+        import queue
+        self.src, self.keep, self.mute, self.count = src, keep, mute, count
+        self.out = getattr(dest, "buffer", dest) if dest is not None else None
+        self.q: "queue.SimpleQueue[bytes | None]" = queue.SimpleQueue()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.writer = threading.Thread(target=self._write, daemon=True)
+        self.reader.start()
+        self.writer.start()
+
+    def _read(self):
+        fd = self.src.fileno()
+        try:
+            while True:
                 try:
-                    out.write(chunk)
-                    out.flush()
+                    chunk = os.read(fd, 1 << 20)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                if self.keep is not None:
+                    self.keep.append(chunk)
+                if self.count is not None:
+                    self.count[0] += len(chunk)
+                self.q.put(chunk)
+        finally:
+            self.q.put(None)
+            self.src.close()
+
+    def _write(self):
+        while True:
+            chunk = self.q.get()
+            if chunk is None:
+                break
+            if self.out is not None and not self.mute.is_set():
+                try:
+                    self.out.write(chunk)
+                    self.out.flush()
                 except (OSError, ValueError):
                     pass
-        src.close()
-    t = threading.Thread(target=pump, daemon=True)
-    t.start()
-    return t
+
+    def join(self, read_timeout: float = 5.0) -> None:
+        """Wait for the pipe's end (at most read_timeout once the VM is gone),
+        then until all of it is written out: it is the guest's output."""
+        self.reader.join(read_timeout)
+        if self.reader.is_alive() or self.mute.is_set():
+            self.writer.join(read_timeout)
+        else:
+            self.writer.join()
 
 
 _SIZE = re.compile(r"(0|[1-9][0-9]*)([MG]?)", re.ASCII)
@@ -430,6 +475,33 @@ def stop_nethost(p: subprocess.Popen) -> None:
         p.stdout.close()
 
 
+def guest_status(path: Path) -> tuple[int, int, int] | None:
+    """(exit status, stdout bytes, stderr bytes) the guest relay reported."""
+    try:
+        found = STATUS_RE.findall(path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return tuple(int(x) for x in found[-1]) if found else None
+
+
+def output_lost(status: tuple[int, int, int] | None, got_out: int, got_err: int) -> str | None:
+    """One sentence when the guest's output did not all arrive (or the guest
+    never said how much there was), else None. Host stderr also carries
+    QEMU's and vng's own lines, so for it only "fewer" is a proof of loss."""
+    if status is None:
+        return ("the guest did not report how much its command wrote (no status line), "
+                "so its output may be incomplete")
+    _, n_out, n_err = status
+    lost = []
+    if got_out < n_out:
+        lost.append(f"stdout: {got_out} of {n_out} bytes arrived")
+    if got_err < n_err:
+        lost.append(f"stderr: at most {got_err} of {n_err} bytes arrived")
+    if not lost:
+        return None
+    return f"the guest's output was cut short ({'; '.join(lost)})"
+
+
 def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, log,
           capture, silent_after: float | None, nic_queues: int = 0,
           numa: list[str] | None = None) -> RunResult:
@@ -438,6 +510,8 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
     kept_out: list | None = [] if capture else None
     kept_err: list | None = [] if capture else None
     relays: list = []
+    got_out, got_err = [0], [0]
+    status = None
     mute = threading.Event()      # set when we stop the VM: its dying words are noise
     vng = vng_binary()
     cwd = cwd or os.getcwd()
@@ -471,12 +545,14 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
             from . import nethost as _nh
             nic_lines = guest_nic_lines(_nh.GUEST_MAC, _nh.GUEST, 24, _nh.PEER, _nh.AGENT_PORT)
         script.write_text(guest_script(command, guest_env(env), cwd, k.headers, nic_lines))
+        script.with_name(script.name + ".cmd").write_text(guest_command(command))
         console = work / "console.log"
         console.touch()
         vcmd = vng_command(vng, k, acc, cpus=cpus, memory=memory, exec_line=f"sh {script}",
                            numa=numa)
         venv = dict(os.environ, TMPDIR=str(work), REUSEPORT_CTL_VM_CONSOLE=str(console),
                     REUSEPORT_CTL_VM_BIN=str(work / "bin"),
+                    REUSEPORT_CTL_VM_STATUS=str(work / "status"),
                     REUSEPORT_CTL_VM_QEMU=_accel.qemu_binary(),
                     PATH=f"{work / 'bin'}:{os.path.dirname(vng)}:{os.environ.get('PATH', '/usr/bin:/bin')}")
         nic_note = ""
@@ -494,8 +570,13 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
         proc = subprocess.Popen(vcmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=venv, cwd="/",
                                 start_new_session=True)
-        relays = [_relay(proc.stdout, stdout, kept_out, mute),
-                  _relay(proc.stderr, stderr, kept_err, mute)]
+        for pipe in (proc.stdout, proc.stderr):
+            try:
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass
+        relays = [_Relay(proc.stdout, stdout, kept_out, mute, got_out),
+                  _Relay(proc.stderr, stderr, kept_err, mute, got_err)]
         while True:
             rc = proc.poll()
             if boot_s is None:
@@ -526,8 +607,9 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
         if nethost is not None:
             stop_nethost(nethost)
         for t in relays:
-            t.join(5)
+            t.join()
         lines = _console_lines(work / "console.log")
+        status = guest_status(work / "status")
         keep = os.environ.get("REUSEPORT_CTL_VM_CONSOLE_LOG")
         if keep:                        # for debugging a boot: keep the whole console
             try:
@@ -545,6 +627,9 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
     text = "\n".join(lines)
     booted = boot_s is not None or f"{MARK} up" in text
     exits = re.findall(re.escape(MARK) + r" exit (\d+)", text)
+    if status is None:              # the relay had no port: its line is on the console
+        found = STATUS_RE.findall(" ".join(ln for ln in lines if MARK in ln))
+        status = tuple(int(x) for x in found[-1]) if found else None
     tail = _tail(lines)
     if timed_out:
         where = ("the command was still running" if booted
@@ -557,11 +642,15 @@ def _boot(command, k, acc, *, cpus, memory, timeout, cwd, env, stdout, stderr, l
                       f"with status {rc} after {seconds:.1f} s.{_format_tail(tail)}")
     # The exit mark can be lost when the guest powers off before the UART
     # drains; vng's status is the command's status then.
-    code = int(exits[-1]) if exits else rc
+    code = status[0] if status else int(exits[-1]) if exits else rc
     if re.search(r"Kernel panic|BUG:|Oops", text):
         print(f"reuseport-ctl vm: the guest kernel reported a crash.{_format_tail(tail)}",
               file=log, flush=True)
     print(f"reuseport-ctl vm: booted in {boot_s or 0:.1f} s; the command exited {code} "
           f"after {seconds:.1f} s in all ({acc.name.upper()})", file=log, flush=True)
+    lost = output_lost(status, got_out[0], got_err[0])
+    if lost:
+        raise VMError(f"{lost[0].upper()}{lost[1:]}; the command exited {code}.",
+                      code if code and status is None else EXIT_OUTPUT_LOST)
     return RunResult(code, k, acc, booted, boot_s, seconds, tail,
                      b"".join(kept_out or []), b"".join(kept_err or []))
