@@ -129,21 +129,29 @@ def test_private_bpffs_is_an_explicit_opt_in_and_says_so(private_pidns):
 
 # --- 2. --follow under `ip netns exec`, started by a shell that exits ---------------------
 
-def test_follow_under_ip_netns_exec_outlives_the_shell_that_started_it(group, tmp_path):
+@pytest.mark.parametrize("shell", ["waits-until-following", "exits-at-once"])
+def test_follow_under_ip_netns_exec_outlives_the_shell_that_started_it(group, tmp_path, shell):
     netns, procs = group
     out = tmp_path / "f.out"
-    # The intermediate shell waits until the follower follows (so it did
-    # find the pins through this shell's /proc/PID/root), then exits.
+    # waits-until-following: the shell exits once the follower follows (so
+    # it found the pins through this shell's /proc/PID/root); exits-at-once:
+    # the user's `bash -c "... &"`, gone before the follower looks (reparented).
+    wait = (f"for i in $(seq 300); do grep -q '^following' {shlex.quote(str(out))} && "
+            f"exit 0; sleep 0.05; done; exit 1" if shell == "waits-until-following"
+            else "exit 0")
     sh = subprocess.run(
         ["bash", "-c",
          f"ip netns exec {netns} {EXE} attach --port {PORT} --policy round-robin --follow "
-         f"> {shlex.quote(str(out))} 2>&1 & echo $!; "
-         f"for i in $(seq 300); do grep -q '^following' {shlex.quote(str(out))} && exit 0; "
-         f"sleep 0.05; done; exit 1"],
+         f"> {shlex.quote(str(out))} 2>&1 & echo $!; {wait}"],
         capture_output=True, text=True, timeout=60)
+    assert sh.returncode == 0, out.read_text()
+    deadline = time.monotonic() + 30
+    while "\nfollowing" not in out.read_text():
+        assert "reuseport-ctl:" not in out.read_text(), out.read_text()
+        assert time.monotonic() < deadline, out.read_text()
+        time.sleep(0.05)
     follower = int(sh.stdout.split()[0])
     try:
-        assert sh.returncode == 0, out.read_text()
         # The shell is gone. Restart a worker: the follower must still be
         # there to give the new socket the old one's slot.
         procs[1].kill()
