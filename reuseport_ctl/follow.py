@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .groups import find_group
-from .kernel import diag, owners, process, reuseport
+from .kernel import bpffs, diag, owners, process, reuseport
 from .pins import Meta, current_pin, divergence, open_pinned, read_meta, update_meta
 from .policies import parse_policy
 from .stats.health import session_name
@@ -52,6 +52,19 @@ INTERVAL = 0.2             # seconds between looks at the group
 
 class Stopped(Exception):
     """The pinned policy is no longer this follower's to keep."""
+
+
+class Unreachable(Exception):
+    """The BPF filesystem that holds the pins cannot be reached from here
+    (not a detach: the pins may well be there)."""
+
+
+def _bpffs_root(path: Path) -> Path:
+    """The bpffs directory a pin directory is in (the parent of reuseport-ctl/)."""
+    for p in path.parents:
+        if p.name == "reuseport-ctl":
+            return p.parent
+    return path.parent
 
 
 @dataclass
@@ -110,8 +123,20 @@ class Follower:
 
     # --- one look -----------------------------------------------------------------
 
+    def _gone(self) -> bool:
+        """The pin directory is gone from a bpffs we still reach: detached.
+        (Under `ip netns exec` the bpffs is reached through a directory kept
+        open, kernel/bpffs.py, so the shell that ran us exiting changes
+        nothing; a bpffs that cannot be reached is never taken for a detach.)"""
+        if self.path.exists():
+            return False
+        if not _bpffs_root(self.path).is_dir():
+            raise Unreachable(f"the BPF filesystem holding the pins "
+                              f"({bpffs.shown(self.path)}) cannot be reached from here")
+        return True
+
     def _check_ours(self) -> None:
-        now = read_meta(self.path) if self.path.exists() else None
+        now = None if self._gone() else read_meta(self.path)
         if now is None:
             raise Stopped("the policy was detached")
         if now.created != self.meta.created or (now.follower or {}).get("pid") != self.pid:
@@ -254,8 +279,17 @@ class Follower:
                             self._said.clear()
                 except Stopped as e:
                     return str(e)
+                except Unreachable as e:
+                    # the maps we hold keep the policy going; say it once, retry
+                    if str(e) not in self._said:
+                        on_event(Event(time.time(), "diverged", text=f"follow: {e}; retrying"))
+                        self._said.add(str(e))
                 except OSError as e:
-                    if not self.path.exists():
+                    try:
+                        gone = self._gone()
+                    except Unreachable:
+                        gone = False
+                    if gone:
                         return "the policy was detached"
                     on_event(Event(time.time(), "diverged", text=f"follow: {e}"))
                 stop.wait(interval)

@@ -46,6 +46,7 @@ from pathlib import Path
 from .errors import UserError
 from .groups import ReuseportGroup, find_group
 from .kernel import bpf, bpffs, diag, lockfile, netns, owners, process, reuseport
+from .signals import committing, pause_for_test
 
 BPFFS = bpffs.DEFAULT
 ROOT = BPFFS / "reuseport-ctl"       # as the host sees it
@@ -105,6 +106,8 @@ class Meta:
     follower: dict | None = None     # {"pid", "start", "pidns"} of `attach --follow`
     fallbacks_seen: int = 0          # config[2] when the follower last repaired the table
     owner: dict | None = None        # {"verb": "run", "pid", "start", "pidns"}: a run's group
+    private_mnt: int = 0             # pinned in a bpffs private to this mount namespace
+                                     # (attach --private-bpffs): its inode; 0: the host's
 
     @property
     def inodes(self) -> set[int]:
@@ -230,16 +233,19 @@ class Pin:
     state: str = ""              # here | live | stale | orphaned
     open_sockets: int | None = None
     name: str = ""               # its `ip netns` name, if it has one
+    in_force: bool | None = None     # as `status --port` says (None: not judged)
+    divergence: str | None = None    # its line when not in force
 
     def as_dict(self) -> dict:
         m = self.meta
-        return {"netns": self.netns, "proto": self.proto, "port": self.port,
+        return {"in_force": self.in_force, "divergence": self.divergence,
+                "netns": self.netns, "proto": self.proto, "port": self.port,
                 "policy": m.policy if m else None, "kind": m.kind if m else None,
                 "addr": m.addr if m else None, "state": self.state,
                 "stale": self.state == "stale", "layout": self.layout,
                 "open_sockets": self.open_sockets, "follower": _follower_pid(m),
                 "owner": owner_of(m), "name": self.name,
-                "pinned": str(self.path)}
+                "pinned": bpffs.shown(self.path)}
 
 
 def judge(pin_netns: int, pin_cookie: int, here: tuple[int, int], live_cookie: int | None,
@@ -314,7 +320,23 @@ def pins_everywhere(base: Path | None = None, proto: str | None = None,
         where = live.get(p.netns, "")
         if p.state in ("here", "live") and "/run/netns/" in where:
             p.name = where.rsplit("/", 1)[1]
+        if p.state in ("here", "live") and p.meta is not None:
+            _judge_force(p, None if p.state == "here" else where)
     return found
+
+
+def _judge_force(p: Pin, where: str | None) -> None:
+    """Is p's policy in force, as `status --port` would say (its group's
+    sockets, dumped in p's network namespace: `where` names it; None: ours)?"""
+    try:
+        listening = (diag.listeners(p.port, p.proto) if where is None else
+                     netns.call_in(where, lambda: diag.listeners(p.port, p.proto)))
+        if listening is None:
+            return                       # its namespace could not be entered
+        st = _state(p, listening)
+    except (OSError, UserError):
+        return
+    p.in_force, p.divergence = st.in_force, st.divergence
 
 
 @lockfile.serialised("removing stale pins")
@@ -493,7 +515,8 @@ class Attachment:
     follow: bool = False
     stopped_follower: int | None = None
     state: "PolicyState | None" = None
-    pinned_host: str = ""             # the same path in the host's mount namespace
+    pinned_host: str | None = ""      # the same path in the host's mount namespace
+                                      # (None: a private bpffs the host does not see)
 
     @property
     def hints(self) -> dict[str, str]:
@@ -503,7 +526,8 @@ class Attachment:
     def as_dict(self) -> dict:
         return {"port": self.group.port, "proto": self.group.proto, "policy": self.policy,
                 "slots": [_slot_record(m) for m in self.group.members],
-                "pinned": self.pinned, "pinned_host": self.pinned_host or self.pinned,
+                "pinned": self.pinned,
+                "pinned_host": self.pinned if self.pinned_host == "" else self.pinned_host,
                 "netns": self.netns, "follow": self.follow,
                 "replaced": self.replaced, "note": self.note,
                 "stopped_follower": self.stopped_follower, "hints": self.hints,
@@ -512,11 +536,14 @@ class Attachment:
 
 @lockfile.serialised("attach", first=lambda: require_caps("attach"))
 def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = None,
-           host: str | None = None, follow: bool = False) -> Attachment:
+           host: str | None = None, follow: bool = False,
+           private_bpffs: bool = False) -> Attachment:
     """Steer the reuseport group on `port` with a policy that stays attached
     (pinned) until detach. Attaching over an attachment replaces it (and
     stops its follower). follow: record this process as the policy's
-    follower (follow.Follower keeps the table current)."""
+    follower (follow.Follower keeps the table current). private_bpffs: pin
+    in a bpffs private to this mount namespace when none shared with the
+    host is reachable (kernel/bpffs.py; refused otherwise)."""
     from .policies import parse_policy
 
     require_caps("attach")
@@ -527,7 +554,7 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
     if follow and policy.name == "numa":
         raise UserError("--follow cannot keep numa's per-node table current; attach numa "
                         "without --follow.")
-    fs = bpffs.find(mount=True)
+    fs = bpffs.find(mount=True, private_ok=private_bpffs)
     base = fs.path / NAME
     cur, cleaned = _mine(proto, port, base)
     old = cur.meta if cur else None
@@ -548,7 +575,8 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
     here = _here()
     meta = Meta(port=port, proto=proto, policy=str(policy), kind=policy.kind, addr=group.addr,
                 slots=[_slot_record(m) for m in group.members],
-                created=time.time(), netns=here[0], netns_cookie=here[1])
+                created=time.time(), netns=here[0], netns_cookie=here[1],
+                private_mnt=fs.mnt_ns if fs.private else 0)
     if follow:
         me = os.getpid()
         meta.follower = {"pid": me, "start": process.start_time(me), "pidns": process.pid_ns()}
@@ -575,19 +603,28 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
                 meta.prog = sel.prog_fd is not None
                 meta.maps = sorted(sel.maps)
                 write_pins(staging, meta, sel.prog_fd, sel.maps, sel.links)
+                pause_for_test("staged")
             except BaseException as e:
+                # Not committed yet (a signal, a failure): undo all of it.
+                if staging.exists():
+                    remove_pins(staging)
                 sel.close()                          # detach ours: back to the default...
                 _restore(old, old_path, old_socks, socks)  # ...or to what was there before
                 if isinstance(e, OSError):
-                    raise UserError(f"cannot pin the policy in {staging} ({e.strerror}), so "
-                                    f"it was detached again.") from None
+                    raise UserError(f"cannot pin the policy in {bpffs.shown(staging)} "
+                                    f"({e.strerror}), so it was detached again.") from None
                 raise
-            if old_path is not None:
-                remove_pins(old_path)                # (the flat layout's, on upgrade)
-            if path.exists():
-                remove_pins(path)
-            staging.rename(path)
-            sel.release()                            # the pins (and the group) keep it alive
+            # The point of no return: from here a stopping signal cannot undo
+            # the attach (the old pins go), so it is noted, not raised, and
+            # attach ends as it succeeded (signals.committing()).
+            with committing():
+                if old_path is not None:
+                    remove_pins(old_path)            # (the flat layout's, on upgrade)
+                if path.exists():
+                    remove_pins(path)
+                staging.rename(path)
+                sel.release()                        # the pins (and the group) keep it alive
+                pause_for_test("committed")
         finally:
             if old_socks is not None:
                 os.close(old_socks)
@@ -596,10 +633,12 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
         notes.append("a cBPF program indexes the group in the order its sockets joined, which "
                      "the kernel does not report; the slots above are the stable order, not "
                      "that one.")
-    return Attachment(group=group, policy=str(policy), pinned=str(path),
+    host_path = fs.host_path(path)
+    return Attachment(group=group, policy=str(policy), pinned=bpffs.shown(path),
                       replaced=old.policy if old else None, note="; ".join(notes),
                       netns=here[0], follow=follow, stopped_follower=stopped,
-                      state=policy_state(port, proto), pinned_host=str(fs.host_path(path)))
+                      state=policy_state(port, proto),
+                      pinned_host=str(host_path) if host_path is not None else None)
 
 
 def _member_nodes(group: ReuseportGroup) -> list[int]:
@@ -676,7 +715,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     require_caps("detach")
     fs = bpffs.find()
     base = (fs.path if fs else BPFFS) / NAME
-    shown = fs.host_path if fs else (lambda p: p)
+    shown = bpffs.shown
     cur, cleaned = _mine(proto, port, base)
     stale = [p.as_dict() for p in cleaned]
     meta = cur.meta if cur else None
@@ -728,10 +767,12 @@ def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> tuple[P
     process as the record's owner; returns the pin directory and a note
     (what was removed on the way). The port was free when run bound it, so
     a pin already there is of a group that is gone: it is replaced."""
-    fs = bpffs.find(mount=True)
+    fs = bpffs.find(mount=True, private_ok=True)
     base = fs.path / NAME
     cur, cleaned = _mine(proto, port, base)
     notes = [_stale_note(cleaned)] if cleaned else []
+    if fs.private:
+        notes.append(fs.note)
     if cur is not None:
         if cur.meta.owner and owner_of(cur.meta)["alive"]:
             raise _owned_refusal("run", cur.meta, proto, port)
@@ -750,7 +791,8 @@ def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> tuple[P
                 maps=sorted(sel.maps), prog=sel.prog_fd is not None, created=time.time(),
                 netns=here[0], netns_cookie=here[1],
                 owner={"verb": "run", "pid": me, "start": process.start_time(me),
-                       "pidns": process.pid_ns()})
+                       "pidns": process.pid_ns()},
+                private_mnt=fs.mnt_ns if fs.private else 0)
     path = pin_dir(proto, port, here[0], base)
     try:
         # Not its links (least-conns' tracepoints): pinned, they would stay
@@ -897,7 +939,7 @@ def _state(pin: Pin, listening) -> PolicyState:
                        in_force=not gone and not new and bool(live),
                        divergence=line,
                        slots=slots, gone=gone, skipped=skipped, new=new, fallbacks=fallbacks,
-                       follower=_follower_pid(meta), pinned=str(path),
+                       follower=_follower_pid(meta), pinned=bpffs.shown(path),
                        owner=owner_of(meta))
 
 
@@ -932,7 +974,7 @@ class Status:
     follower: int | None = None
     note: str = ""
     hints: dict = field(default_factory=dict)
-    pinned_host: str = ""
+    pinned_host: str | None = ""    # None: a private bpffs the host does not see
     owner: dict | None = None    # a run's group: {"verb": "run", "pid", "alive"}
 
     @property
@@ -959,6 +1001,8 @@ def status(port: int, proto: str = "tcp") -> Status:
         raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port} in this "
                         f"network namespace{why}.")
     meta, path = pin.meta, pin.path
+    if meta.private_mnt:
+        notes.insert(0, _private_note(meta))
     counts: list[int] | None = None
     if "selections" in meta.maps:
         from .policies.selector import read_selections
@@ -1002,15 +1046,23 @@ def status(port: int, proto: str = "tcp") -> Status:
                                     in_policy=False, tids=list(m.threads) if m else []))
             nxt = max(nxt, slots[-1].slot) + 1
     return Status(port=port, proto=proto, policy=meta.policy, kind=meta.kind,
-                  created=meta.created, pinned=str(path), slots=slots, netns=pin.netns,
+                  created=meta.created, pinned=bpffs.shown(path), slots=slots,
+                  netns=pin.netns,
                   in_force=st.in_force, divergence=st.divergence, fallbacks=st.fallbacks,
                   no_napi=_no_napi(path) if meta.policy == "napi" else None,
                   follower=st.follower, note="; ".join(notes),
-                  pinned_host=str(fs.host_path(path) if fs else path),
+                  pinned_host=None if meta.private_mnt else
+                  str(fs.host_path(path) if fs else path),
                   owner=owner_of(meta),
                   hints={} if meta.owner else
                   {"detach": hint("detach", port, proto),
                    "follow": hint("attach", port, proto, "--policy", meta.policy, "--follow")})
+
+
+def _private_note(meta: Meta) -> str:
+    return (f"pinned by `attach --private-bpffs` in a BPF filesystem private to mount "
+            f"namespace mnt:[{meta.private_mnt}]: visible only inside it; status, detach and "
+            f"watch from the host or another mount namespace do not see the policy")
 
 
 def _no_napi(path: Path) -> int | None:

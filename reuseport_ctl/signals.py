@@ -10,6 +10,7 @@ it themselves, finish, and then raise Stopped(signum) for the status.
 """
 from __future__ import annotations
 
+import os
 import signal
 from contextlib import contextmanager
 
@@ -67,5 +68,68 @@ def as_interrupts():
     try:
         yield
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        if not _hold["holding"]:     # a committed verb keeps noting them (committing())
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+# --- a verb's point of no return ------------------------------------------------------
+
+_late: list[int] = []
+_hold = {"keep": False, "holding": False}
+
+
+def hold_after_commit() -> None:
+    """Once a committing() block has run, keep noting stopping signals (not
+    raising them) for the rest of the process: for a verb that has nothing
+    left to do but print (attach), so a late Ctrl-C cannot turn its success
+    into a failure."""
+    _hold["keep"] = True
+
+
+def late_signals() -> list[int]:
+    """The stopping signals that came during or after a committing() block."""
+    return list(_late)
+
+
+def holding() -> bool:
+    return _hold["holding"]
+
+
+@contextmanager
+def committing():
+    """The block makes the verb's work permanent (attach: the old pins go,
+    the new ones take their place): a stopping signal can no longer undo
+    it, so it is noted (late_signals()) instead of raised. After the block
+    the handlers in force before are put back, unless hold_after_commit()
+    was asked for."""
+    old = {}
+
+    def note(signum, _frame):
+        _late.append(signum)
+    try:
+        for s in STOPPING:
+            old[s] = signal.signal(s, note)
+    except ValueError:               # not the main thread: nothing to hold
+        pass
+    try:
+        yield
+    finally:
+        if _hold["keep"] and old:
+            _hold["holding"] = True
+        else:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+
+def pause_for_test(point: str) -> None:
+    """A test hook, timing-free: with REUSEPORT_CTL_TEST_PAUSE=POINT:FIFO in
+    the environment, block at `point` until a line is read from FIFO (the
+    test opens it for writing, which tells it we are here, signals us, then
+    writes)."""
+    spec = os.environ.get("REUSEPORT_CTL_TEST_PAUSE", "")
+    want, _, fifo = spec.partition(":")
+    if want != point or not fifo:
+        return
+    with open(fifo) as f:
+        f.readline()

@@ -12,7 +12,7 @@ import time
 import click
 
 from .. import pins
-from ..signals import Stopped
+from ..signals import Stopped, hold_after_commit, late_signals, name, pause_for_test
 from ._common import console, in_range, json_option, proto_option
 from ..kernel.owners import process_name
 from ..policies import help_text as policy_names
@@ -91,10 +91,20 @@ def _with_names(d: dict) -> dict:
               help="Stay in the foreground and keep the policy in force as sockets join "
                    "and leave the group (restarted workers); SIGINT/SIGTERM/SIGHUP stop "
                    "following and leave the policy pinned.")
+@click.option("--private-bpffs", is_flag=True,
+              help="Where no BPF filesystem shared with the host is reachable (a pid and "
+                   "mount namespace of its own: `unshare --pid --mount-proc`, a container "
+                   "without the host's /sys/fs/bpf), pin in one private to this mount "
+                   "namespace anyway: only processes inside it see the policy (refused "
+                   "without this flag).")
 @json_opt
-def attach(port, pid, host, proto, policy, follow, as_json):
+def attach(port, pid, host, proto, policy, follow, private_bpffs, as_json):
     """Attach a selection policy to the SO_REUSEPORT group on a port."""
     stop = threading.Event()
+    if not follow:
+        # Once the policy is pinned and in force, a stopping signal cannot
+        # turn the attach into a failure: it is noted, and attach exits 0.
+        hold_after_commit()
     if follow:
         # Installed before attaching: a signal from now on ends the follow
         # cleanly (the policy stays pinned) instead of interrupting it.
@@ -104,14 +114,24 @@ def attach(port, pid, host, proto, policy, follow, as_json):
             stop.set()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, pins.FOLLOW_DONE):
             signal.signal(sig, on_signal)
-    a = pins.attach(port, policy, proto=proto, pid=pid, host=host, follow=follow)
+    a = pins.attach(port, policy, proto=proto, pid=pid, host=host, follow=follow,
+                    private_bpffs=private_bpffs)
     d = a.as_dict()
     if as_json:
         click.echo(json.dumps(d))
     else:
         console().print(render_attach(_with_names(d)))
+    sys.stdout.flush()
+    pause_for_test("printed")
+    late = late_signals()
     if follow:
+        for sig in late:                # came while attach committed: stop following
+            on_signal(sig, None)
         _follow(port, proto, stop, as_json)
+    elif late:
+        click.echo(f"reuseport-ctl: {name(late[0])} came after the policy was pinned and in "
+                   f"force, so attach completed (`{pins.hint('detach', port, proto)}` "
+                   f"undoes it).", err=True)
 
 
 def _follow(port: int, proto: str, stop: threading.Event, as_json: bool) -> None:

@@ -71,6 +71,36 @@ def cookie_of(path: str) -> int:
     return out[0]
 
 
+def call_in(path: str, fn):
+    """fn() run in the network namespace behind an nsfs path, from a thread
+    that enters it (sockets it opens are that namespace's); its result, or
+    None when the namespace cannot be entered. fn's exceptions propagate."""
+    import threading
+    out: list = [None, None]
+
+    def probe():
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            if _libc.setns(fd, CLONE_NEWNET) != 0:
+                return
+            try:
+                out[0] = fn()
+            except BaseException as e:       # handed to the caller
+                out[1] = e
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join()
+    if out[1] is not None:
+        raise out[1]
+    return out[0]
+
+
 _NET = "net:["
 
 

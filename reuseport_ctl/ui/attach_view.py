@@ -71,9 +71,10 @@ def render_attach(d: dict) -> Group:
 
 
 def _pinned_in(d: dict) -> Text:
-    host = d.get("pinned_host") or d["pinned"]
-    via = f" (reached from here through {d['pinned']})" if host != d["pinned"] else ""
-    return Text(f"pinned in {host}{via}", style="dim")
+    if "pinned_host" in d and d["pinned_host"] is None:
+        return Text(f"pinned in {d['pinned']} of this mount namespace's private BPF "
+                    f"filesystem (not the host's)", style="bold yellow")
+    return Text(f"pinned in {d.get('pinned_host') or d['pinned']}", style="dim")
 
 
 def _hints(hints: dict, say: dict) -> list[Text]:
@@ -173,6 +174,8 @@ def render_pins(d: dict) -> Group:
         name = f" {p['name']}" if p.get("name") else ""
         if p.get("owner"):
             state += f" (run pid {p['owner']['pid']})"
+        if p.get("in_force") is False:
+            state += f"; not in force: {p.get('divergence') or '?'}"
         row = [f"net:[{p['netns']}]{name}", f"{p['proto']} {p['port']}", p["policy"] or "?",
                state + flat]
         t.add_row(*row + ([str(p.get("follower") or "-")] if followed else []), style=style)
