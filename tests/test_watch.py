@@ -38,7 +38,7 @@ TOP_FIELDS = {"ts", "elapsed", "interval", "port", "proto", "policy", "count_of"
               "reuseport", "dispatcher",
               "group_size", "lookups", "lookups_per_s", "accepts", "accepts_per_s",
               "data_ready", "data_ready_per_s", "wakeups", "wakeups_per_event", "jain",
-              "max_min_ratio", "joined", "left", "workers", "policy_in_force", "policy_note",
+              "max_min_ratio", "joined", "left", "moved", "workers", "policy_in_force", "policy_note",
               "policy_owner",
               "drops", "warnings"}
 WORKER_FIELDS = {"pid", "slot", "inode", "tids", "child", "conns", "cpu_percent", "accepts", "accepts_per_s", "share",
