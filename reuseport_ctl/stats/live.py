@@ -209,6 +209,8 @@ class _Seen:
     base_eagain: int = 0
     accepts: Optional[int] = None
     eagain: Optional[int] = None        # spurious wakeups shown at the previous frame
+    base_wakeups: int = 0               # a moved member: its earlier processes' wakeups, negated
+    wakeups: Optional[int] = None       # wakeups shown at the previous frame
     data_ready: Optional[int] = None
     history: deque = field(default_factory=deque)
 
@@ -369,6 +371,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
                 # watch began): the socket's total goes on from what it was.
                 s.base_accepts = -(s.accepts or 0)
                 s.base_eagain = -(s.eagain or 0)
+                s.base_wakeups = -(s.wakeups or 0)
             s.ref = _ref(w)
         if w.child:                     # no listener: what the kernel counts is not its own
             ready = wakeups = spurious = accepts = None
@@ -387,9 +390,9 @@ def step(state: LiveState, obs: Observation) -> Frame:
                                         # total goes on from its previous processes'
                 spurious = obs.accept_eagain.get(w.pid, 0) - s.base_eagain if ea_on else None
             # wakeups its sockets' data-ready made in its process, summed over
-            # threads (a member socket: in every process that served it)
+            # threads (a moved member: and in the processes that served it before)
             wakeups = sum(n for (i, p, t), n in obs.wakeups.items()
-                          if (p == w.pid or w.member) and i in w.inodes) if wk_on else None
+                          if p == w.pid and i in w.inodes) - s.base_wakeups if wk_on else None
             woken = {t for (i, p, t), n in obs.wakeups.items()
                      if p == w.pid and i in w.inodes and n}
         tids = tuple(sorted(set(w.tids) | woken)) if w.nthreads > 1 else ()
@@ -403,7 +406,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
         ready_rate = None if new else rate(ready, s.data_ready, dt)
         if not first:
             s.history.append(acc_rate or 0.0)
-        s.accepts, s.data_ready, s.eagain = accepts, ready, spurious
+        s.accepts, s.data_ready, s.eagain, s.wakeups = accepts, ready, spurious, wakeups
         rows.append(WorkerRow(
             pid=w.pid, slot=w.slot, inode=s.ref.inode, tids=tids, cpu_percent=w.cpu_percent,
             cpu_seconds=w.cpu_seconds, accepts=accepts, accepts_per_s=acc_rate, share=0.0,
