@@ -148,15 +148,21 @@ class ForeignSource:
         self.pinned = pins.policy_state(self.port, self.proto, listening=found)
         self._procs = owners.process_table(parents=self.proto == "tcp")
         slots = self.pinned.slots if self.pinned is not None else None
+        if self.where is not None and not any(
+                (s.family, s.addr, s.ifindex) == self.where for s in found):
+            self.where = None               # the group is gone (--wait): find it anew
         if self.where is not None:
             group = find_group(self.port, self.proto, require_reuseport=False, found=found,
                                procs=self._procs, slots=slots, where=self.where)
         else:
-            group = find_group(self.port, self.proto, pid=self.pid, host=self.host,
+            # --pid once more only if it still lives (a group found anew after
+            # the whole server restarted: its old pid is no guide any more)
+            pid = self.pid if self.session is None or owners.pid_exists(self.pid) else None
+            group = find_group(self.port, self.proto, pid=pid, host=self.host,
                                require_reuseport=False, found=found, procs=self._procs,
                                slots=slots)
             self.where = group.where
-            if self.pid is not None:
+            if self.pid is not None and self.session is None:
                 self.session = process.stat(self.pid).session
         if slots is not None:               # the policy's table numbers them
             self._slots.clear()
