@@ -444,7 +444,8 @@ def step(state: LiveState, obs: Observation) -> Frame:
         # is not "perfectly fair")
         jain=jain(counts) if counted and sum(counts) else None,
         max_min_ratio=max_min_ratio(counts) if counted and sum(counts) else None, joined=tuple(joined),
-        left=left, moved=tuple(moved), dispatcher=obs.dispatcher, drops=sum(dropped) if dropped else None,
+        left=left, moved=tuple(moved), dispatcher=obs.dispatcher,
+        drops=sum(dropped) if dropped else None,
         warnings=warnings, policy_note=obs.policy_note,
         rx_unknown=frozenset(obs.rx_unknown or ()),
         rx_note=rx_note(state.proto, obs.rx_unknown, rows))
