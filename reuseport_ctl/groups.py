@@ -48,6 +48,7 @@ class ReuseportGroup:
     uid: int = 0
     ifindex: int = 0
     reuseport: bool = True  # False: found with require_reuseport=False, and not a group
+    where: tuple = ()       # (family, local address, ifindex): what find_group(where=) takes
 
     @property
     def addr(self) -> str:
@@ -109,7 +110,8 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
                host: str | None = None, require_reuseport: bool = True,
                slots: dict[int, int] | None = None,
                found: list | None = None,
-               procs: owners.ProcessTable | None = None) -> ReuseportGroup:
+               procs: owners.ProcessTable | None = None,
+               where: tuple | None = None) -> ReuseportGroup:
     """The one reuseport group on `port`, narrowed by `pid` (any process that
     holds one of its sockets) and `host` (its local address). With
     require_reuseport=False a listener without SO_REUSEPORT (one socket
@@ -118,7 +120,9 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
     slots: a pinned policy's table, inode -> slot (pins.pinned_slots()):
     members it has keep their slot; the others follow, not in_policy.
     found, procs: the port's sockets (diag.listeners) and the process table
-    (owners.process_table), when the caller has just read them."""
+    (owners.process_table), when the caller has just read them.
+    where: a group found before (its .where): that group again, whoever
+    holds its sockets now (a watch follows its group by socket, not by pid)."""
     if not 0 < port < 65536:
         raise UserError(f"port {port} is not a port number (1-65535).")
     if pid is not None and not owners.pid_exists(pid):
@@ -140,6 +144,11 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
         c.listeners.append(s)
     groups = list(cands.values())
 
+    if where is not None:
+        groups = [g for g in groups if (g.family, g.addr, g.ifindex) == tuple(where)]
+        if not groups:
+            raise UserError(f"nothing is listening on {proto} port {port} at the watched "
+                            f"address any more.")
     if pid is not None:
         groups = [g for g in groups
                   if any(h.pid == pid for s in g.listeners for h in held[s.inode])]
@@ -203,7 +212,8 @@ def _build(cand: _Candidate, held: dict, port: int, proto: str,
                drops=by_inode[i].drops)
         for n, i, pinned in numbered)
     group = ReuseportGroup(port=port, proto=proto, members=members,
-                           uid=cand.listeners[0].uid, ifindex=cand.ifindex)
+                           uid=cand.listeners[0].uid, ifindex=cand.ifindex,
+                           where=(cand.family, cand.addr, cand.ifindex))
     if _uses_reuseport(group):
         return group
     if require_reuseport:

@@ -75,6 +75,20 @@ def test_outsiders_are_members_of_another_session():
     assert set(outsiders({7: 7, 9: 9}, [7, 9])) == {9}   # a tie: the older (lower) session
 
 
+def test_the_server_of_a_pid_that_exited_is_still_the_server():
+    # watch --pid 11 (a worker): its session (10) is resolved once; 11 killed,
+    # respawned as 14: the workers are still the server's, and a gone pid
+    # (absent from tree_of) is never judged nor counted as a session
+    tree = {12: 10, 13: 10, 14: 10}
+    assert outsiders(tree, [11, 12, 13], server=10) == {}
+    assert outsiders(tree, [14, 12, 13], server=10) == {}
+    assert outsiders(tree, [11, 12, 13], prefer=11) == {}
+    out = outsiders({**tree, 50: 40}, [12, 13, 14, 50], server=10)
+    assert set(out) == {50} and "is session 10" in out[50]
+    # the server named by session wins over the majority
+    assert set(outsiders({7: 7, 8: 7, 9: 9}, [7, 8, 9], server=9)) == {7, 8}
+
+
 def test_process_state_and_ancestors_from_proc():
     import os
     import signal

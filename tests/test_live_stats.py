@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -11,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from reuseport_ctl.errors import UserError
 from reuseport_ctl.export.ndjson import frame_dict
 from reuseport_ctl.export.prometheus import FrameCollector, parse_listen
-from reuseport_ctl.stats.live import (GroupInfo, LiveState, Observation, RowRef, WorkerObs,
-                                      degraded_note, per_event, rate, sparkline, step)
+from reuseport_ctl.stats.live import (GroupInfo, LiveState, Moved, Observation, RowRef,
+                                      WorkerObs, degraded_note, per_event, rate, sparkline, step)
 
 GROUP = GroupInfo(port=8080, proto="tcp", policy="kernel", lookup_strategy="sk_lookup",
                   data_ready_strategy="tracepoint", wakeups_strategy="tracepoint",
@@ -169,9 +170,13 @@ def test_prometheus_collector_renders_the_frame():
     fams = {m.name: m for m in text_string_to_metric_families(generate_latest(reg).decode())}
     acc = fams["reuseport_ctl_worker_accepts"]
     assert acc.type == "counter"
-    got = {(s.labels["worker"], s.labels["pid"]): s.value for s in acc.samples
-           if s.name.endswith("_total")}
-    assert got == {("0", "11"): 3, ("1", "22"): 1}
+    # a member socket's series: its slot and inode, no pid (the socket's counts)
+    got = {(s.labels["worker"], s.labels["inode"], s.labels.get("pid", "")): s.value
+           for s in acc.samples if s.name.endswith("_total")}
+    assert got == {("0", "100", ""): 3, ("1", "101", ""): 1}
+    served = {(s.labels["worker"], s.labels["inode"]): s.labels["pid"]
+              for s in fams["reuseport_ctl_worker_process"].samples}
+    assert served == {("0", "100"): "11", ("1", "101"): "22"}
     assert all(s.labels["port"] == "8080" for s in acc.samples)
     assert fams["reuseport_ctl_lookups"].samples[0].value == 4
     assert fams["reuseport_ctl_jain_index"].samples[0].value == pytest.approx(0.8)
@@ -267,12 +272,33 @@ def test_a_socket_of_the_same_process_leaving_is_named_by_its_slot():
     f = step(st, Observation(ts=1.0, wall=1001.0, workers=threaded()[:1]))
     assert f.left == (RowRef(1, 50, 201),) and f.joined == ()
     assert [str(r) for r in f.left] == ["slot 1 (pid 50)"]
-    # the same socket served by a new process (a restart keeping the socket): a new row
-    f2 = step(st, Observation(ts=2.0, wall=1002.0,
+    # the same socket served by a new process (a worker respawned on the socket
+    # it inherited): the same row, its counts go on, and it 'moved'
+    f2 = step(st, Observation(ts=2.0, wall=1002.0, data_ready={200: 5},
                               workers=(WorkerObs(pid=60, slot=0, inodes=(200,)),)))
-    assert f2.joined == (RowRef(0, 60, 200),) and f2.left == (RowRef(0, 50, 200),)
+    assert f2.joined == () and f2.left == ()
+    assert f2.moved == (Moved(0, 200, 60, 50),)
+    assert str(f2.moved[0]) == "slot 0: socket inode 200 now served by pid 60 (was 50)"
+    assert (f2.rows[0].pid, f2.rows[0].accepts, f2.rows[0].accepts_per_s) == (60, 5, 5.0)
     d = frame_dict(f2, GROUP)
-    assert d["joined"] == [{"slot": 0, "pid": 60, "inode": 200}]
+    assert d["moved"] == [{"slot": 0, "inode": 200, "pid": 60, "was": 50}]
+    assert d["joined"] == [] and d["left"] == []
+
+
+def test_a_moved_members_own_counters_and_wakeups_go_on():
+    """run --watch: a worker restarted on its socket counts from 0; the
+    row's totals go on from the old worker's (no counter goes backwards)."""
+    st = LiveState(interval=1.0)
+    old = WorkerObs(pid=50, slot=0, inodes=(200,), accepts=100, eagain=10)
+    step(st, Observation(ts=0.0, wall=1000.0, workers=(old,)))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=(replace(old, accepts=130, eagain=12),),
+                             data_ready={200: 30}, wakeups={(200, 50, 50): 30}))
+    assert (f.rows[0].accepts, f.rows[0].spurious_wakeups, f.rows[0].wakeups) == (30, 2, 30)
+    new = WorkerObs(pid=60, slot=0, inodes=(200,), accepts=7, eagain=1)
+    f = step(st, Observation(ts=2.0, wall=1002.0, workers=(new,), data_ready={200: 37},
+                             wakeups={(200, 50, 50): 30, (200, 60, 60): 7}))
+    assert f.moved == (Moved(0, 200, 60, 50),)
+    assert (f.rows[0].accepts, f.rows[0].spurious_wakeups, f.rows[0].wakeups) == (37, 3, 37)
 
 
 def test_wakeups_of_another_socket_or_process_are_not_a_rows():
@@ -319,11 +345,15 @@ def test_prometheus_labels_threads_and_children():
     reg.register(c)
     c.update(f, GROUP)
     fams = {m.name: m for m in text_string_to_metric_families(generate_latest(reg).decode())}
-    got = {(s.labels["worker"], s.labels["pid"], s.labels["tids"]): s.value
+    got = {(s.labels["worker"], s.labels["inode"]): s.value
            for s in fams["reuseport_ctl_worker_accepts"].samples if s.name.endswith("_total")}
-    assert got == {("0", "50", "50"): 3, ("1", "50", "51"): 1}
-    conns = {s.labels["worker"]: s.value for s in fams["reuseport_ctl_worker_connections"].samples}
-    assert conns == {"child": 2}
+    assert got == {("0", "200"): 3, ("1", "201"): 1}
+    served = {s.labels["worker"]: (s.labels.get("pid"), s.labels.get("tids"))
+              for s in fams["reuseport_ctl_worker_process"].samples}
+    assert served == {"0": ("50", "50"), "1": ("50", "51"), "child": ("70", "")}
+    conns = {(s.labels["worker"], s.labels["pid"]): s.value
+             for s in fams["reuseport_ctl_worker_connections"].samples}
+    assert conns == {("child", "70"): 2}
     assert fams["reuseport_ctl_group_workers"].samples[0].value == 2
     assert fams["reuseport_ctl_group_info"].samples[0].labels["dispatcher"] == "true"
 
@@ -394,3 +424,32 @@ def test_rx_note_names_the_kernel_and_the_device():
     note = rx_note("tcp", {"rx_queue": "no sk_rx_queue_mapping"}, [row])
     assert "rx_queue: no sk_rx_queue_mapping" in note
     assert "not counted" in rx_note("udp", None, [])
+
+
+def test_slots_stay_with_their_socket_over_the_watch():
+    """Without a pinned policy, find_group numbers by (serving pid, inode);
+    the watch keeps each socket's first slot: a worker respawned with a
+    higher pid does not reshuffle the slots, a new socket takes the lowest
+    free one."""
+    import socket as so
+
+    from reuseport_ctl.groups import Member, ReuseportGroup
+    from reuseport_ctl.watching.sources import stable_slots
+
+    def group(*pid_inode):
+        ms = [Member(slot=n, inode=i, pid=p, fd=3, family=so.AF_INET, addr="127.0.0.1:80",
+                     queue_len=0) for n, (p, i) in enumerate(sorted(pid_inode))]
+        return ReuseportGroup(port=80, proto="tcp", members=tuple(ms))
+
+    def slots(g):
+        return {m.inode: (m.slot, m.pid) for m in g.members}
+    kept: dict[int, int] = {}
+    assert slots(stable_slots(group((10, 100), (11, 101), (12, 102)), kept)) == \
+        {100: (0, 10), 101: (1, 11), 102: (2, 12)}
+    # pid 10 killed, its socket (100) inherited by pid 13: still slot 0
+    g = stable_slots(group((13, 100), (11, 101), (12, 102)), kept)
+    assert slots(g) == {100: (0, 13), 101: (1, 11), 102: (2, 12)}
+    assert [m.slot for m in g.members] == [0, 1, 2]              # in slot order
+    # socket 101 closed, a new one (103) opened: it takes the free slot 1
+    assert slots(stable_slots(group((13, 100), (14, 103), (12, 102)), kept)) == \
+        {100: (0, 13), 103: (1, 14), 102: (2, 12)}

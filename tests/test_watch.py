@@ -38,7 +38,7 @@ TOP_FIELDS = {"ts", "elapsed", "interval", "port", "proto", "policy", "count_of"
               "reuseport", "dispatcher",
               "group_size", "lookups", "lookups_per_s", "accepts", "accepts_per_s",
               "data_ready", "data_ready_per_s", "wakeups", "wakeups_per_event", "jain",
-              "max_min_ratio", "joined", "left", "workers", "policy_in_force", "policy_note",
+              "max_min_ratio", "joined", "left", "moved", "workers", "policy_in_force", "policy_note",
               "policy_owner",
               "drops", "warnings"}
 WORKER_FIELDS = {"pid", "slot", "inode", "tids", "child", "conns", "cpu_percent", "accepts", "accepts_per_s", "share",
@@ -300,9 +300,14 @@ def test_prometheus_counters_match_and_quit_leaves_nothing(netns, cli, strategie
             assert r.ok == n
 
             def accepts() -> dict:
-                fam = scrape(url)["reuseport_ctl_worker_accepts"]
-                return {(s.labels["worker"], s.labels["pid"]): s.value
-                        for s in fam.samples if s.name == "reuseport_ctl_worker_accepts_total"}
+                # a member socket's series is (worker, inode); the pid serving
+                # it is reuseport_ctl_worker_process's
+                fams = scrape(url)
+                pid = {s.labels["inode"]: s.labels["pid"]
+                       for s in fams["reuseport_ctl_worker_process"].samples}
+                return {(s.labels["worker"], pid[s.labels["inode"]]): s.value
+                        for s in fams["reuseport_ctl_worker_accepts"].samples
+                        if s.name == "reuseport_ctl_worker_accepts_total"}
             deadline = time.monotonic() + 10
             while sum(accepts().values()) != n and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -392,8 +397,9 @@ def test_watching_nginx_without_reuseport(netns, tmp_path, strategies):
 
 def test_wait_then_a_group_appears_and_a_worker_restarts(netns, strategies):
     """--wait before anything listens; a group appears (all its workers
-    join), a worker is killed and restarted (its row goes, the new one comes),
-    and the view stays up throughout."""
+    join), a worker is killed and restarted on the socket it had (its row,
+    a socket, moves to the new pid: no left, no joined), and the view stays
+    up throughout."""
     port = 18282
     with Watcher("--port", port, "--json", "--interval", 0.3, "--wait", "--duration", 6) as w:
         said = w.started(until=b"waiting")
@@ -423,7 +429,11 @@ def test_wait_then_a_group_appears_and_a_worker_restarts(netns, strategies):
     assert any(d["listening"] for d in lines)
     joined = [r["pid"] for d in lines for r in d["joined"]]
     left = [r["pid"] for d in lines for r in d["left"]]
-    assert victim in joined and victim in left and new in joined
+    assert sorted(joined) == sorted(final - {new} | {victim}) and left == []
+    # the restarted worker inherits its socket: the row (a socket) moved to it
+    moved = [m for d in lines for m in d["moved"]]
+    assert moved and moved[0]["was"] == victim and moved[-1]["pid"] == new
+    assert len({(m["slot"], m["inode"]) for m in moved}) == 1
     assert {x["pid"] for x in lines[-1]["workers"]} == final
     assert lines[-1]["lookups"] == 40
 

@@ -25,9 +25,13 @@ Examples:
 
 \b
 One row per member socket of the group (a threaded server such as HAProxy
-with shards by-thread has several in one process). Columns: its slot, the
-pid (and, threaded, the thread ids) serving it, the process's CPU, its share
-of the group's connections since the watch began, connections (UDP:
+with shards by-thread has several in one process). A row is the socket: its
+counts are the socket's since the watch began, whichever process served it;
+a worker respawned on the socket it inherited takes the row over ("slot 0:
+socket inode I now served by pid B (was A)"), and a slot stays with its
+socket for the whole watch. Columns: its slot, the pid (and, threaded, the
+thread ids) serving it now, the process's CPU, its share of the group's
+connections since the watch began, connections (UDP:
 datagrams) per second and their last minute, accept-queue depth, data-ready
 events per second on it, wakeups per data-ready event (summed over the
 threads), and spurious wakeups (accept or recvfrom said EAGAIN: counted by
@@ -47,7 +51,11 @@ attached. q, Ctrl-C or SIGTERM quits and detaches every probe.
 @proto_option()
 @click.option("--host", default=None, help="The group's local address (when several match).")
 @click.option("--pid", type=int, default=None,
-              help="A process of the server (when several groups match).")
+              help="A process of the server (when several groups match): picks the group "
+                   "whose sockets it holds and names the server (its session), once, at "
+                   "the start; then the group is followed by its sockets as without --pid, "
+                   "so that process may exit (a worker killed and respawned) and nothing "
+                   "is lost.")
 @click.option("--interval", "-i", type=float, default=1.0, show_default=True,
               help="Seconds between updates.")
 @click.option("--duration", "-d", type=float, default=None,

@@ -56,6 +56,8 @@ def frame_dict(frame: Frame, group: GroupInfo) -> dict:
         "rx_note": frame.rx_note,
         "joined": [_ref(r) for r in frame.joined],
         "left": [_ref(r) for r in frame.left],
+        "moved": [{"slot": m.slot, "inode": m.inode, "pid": m.pid, "was": m.was}
+                  for m in frame.moved],
         "workers": [{
             "pid": r.pid,
             "slot": None if r.child else r.slot,

@@ -5,11 +5,16 @@ the watch last computed, so it never touches the kernel itself.
 
 Names follow the Prometheus conventions: prefix reuseport_ctl_, counters end
 in _total (totals since the watch began), base units (seconds), labels
-port, proto and, per row (a member socket; a process on a listener shared
-without SO_REUSEPORT; a dispatcher's child), worker (its group slot, or
-"child"), pid, and tids (the threads serving it, comma-separated; empty for
-a single-threaded process). The metric
-list, a sample scrape and recording rules are in docs/watch.md.
+port, proto and, per row, what the row is. A member socket's series are the
+socket's: worker (its slot, which stays with the socket for the watch) and
+inode, and no pid -- its counts are the socket's, so a worker respawned on
+the socket it inherited continues the series instead of starting a new one
+at the socket's total; reuseport_ctl_worker_process{worker, inode, pid,
+tids} 1 says which process (and threads) serves it now. A process on a
+listener shared without SO_REUSEPORT and a dispatcher's child are processes:
+worker (the lowest slot it serves, or "child") and pid, inode empty. (An
+empty label is no label to Prometheus.) The metric list, a sample scrape
+and recording rules are in docs/watch.md.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from ..stats.live import Frame, GroupInfo, rx_by
 
 DEFAULT_ADDR = "127.0.0.1"
 GROUP_LABELS = ["port", "proto"]
-WORKER_LABELS = ["port", "proto", "worker", "pid", "tids"]
+WORKER_LABELS = ["port", "proto", "worker", "inode", "pid", "tids"]
 
 # name (without _total for counters), kind, help, the row attribute
 WORKER_METRICS = (
@@ -162,6 +167,14 @@ class FrameCollector(Collector):
             yield _gauge("reuseport_ctl_max_min_ratio", "Busiest worker's accepts over the "
                          "idlest's since the watch began (+Inf: one got none).", g,
                          frame.max_min_ratio)
+        proc = GaugeMetricFamily(
+            "reuseport_ctl_worker_process", "1 per row: the process (pid) and threads (tids) "
+            "serving it now; for a member socket, the join from its series (worker, inode) "
+            "to the pid, which changes when another process takes the socket over.",
+            labels=WORKER_LABELS)
+        for r in frame.rows:
+            proc.add_metric([*g, *row_labels(r)[:2], str(r.pid), ",".join(map(str, r.tids))], 1)
+        yield proc
         for name, kind, help_, attr in WORKER_METRICS:
             fam = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
                 name, help_, labels=WORKER_LABELS)
@@ -170,16 +183,23 @@ class FrameCollector(Collector):
                 if isinstance(v, bool):
                     v = int(v)
                 if v is not None:
-                    fam.add_metric([*g, "child" if r.child else str(r.slot), str(r.pid),
-                                    ",".join(map(str, r.tids))], v)
+                    fam.add_metric([*g, *row_labels(r)], v)
             yield fam
         for name, field, label, help_ in RX_METRICS:
             fam = CounterMetricFamily(name, help_, labels=[*WORKER_LABELS, label])
             for r in frame.rows:
                 for value, n in (rx_by(r.rx, field, frame.rx_unknown) or {}).items():
-                    fam.add_metric([*g, str(r.slot), str(r.pid), ",".join(map(str, r.tids)),
-                                    str(value)], n)
+                    fam.add_metric([*g, *row_labels(r), str(value)], n)
             yield fam
+
+
+def row_labels(r) -> list[str]:
+    """worker, inode, pid, tids of a row's series: a member socket is its
+    slot and inode (the socket's counts, whichever process serves it); a
+    process row (shared listener, dispatcher child) its slot or "child" and pid."""
+    if r.inode is not None:
+        return [str(r.slot), str(r.inode), "", ""]
+    return ["child" if r.child else str(r.slot), "", str(r.pid), ",".join(map(str, r.tids))]
 
 
 def _gauge(name: str, help_: str, labels: list[str], value: float) -> GaugeMetricFamily:

@@ -136,27 +136,33 @@ def session_name(sid: int) -> str:
 
 
 def outsiders(tree_of: dict[int, int], members: Sequence[int],
-              prefer: Optional[int] = None) -> dict[int, str]:
+              prefer: Optional[int] = None, server: Optional[int] = None) -> dict[int, str]:
     """The serving pids that are not part of the server, each with why.
 
-    tree_of: pid -> the session it runs in, or absent if gone (a server's master and workers
-    share one: a daemon's setsid, a service's under systemd, a shell's job);
+    tree_of: pid -> the session it runs in, absent if gone (never judged); a
+    server's master and workers share one (a daemon's setsid, a service's
+    under systemd, a shell's job);
     members: the serving pid of each member (repeats allowed). The server is
     the session serving the most members, or that of `prefer` (--pid) when
-    given; ties go to the lowest session id (the older one, as a rule).
+    given, or `server` itself (a session id: watch --pid resolves its pid's
+    session once, so the server stays the server after that pid exits);
+    ties go to the lowest session id (the older one, as a rule).
     Anything in another session -- `nginx -t` run from a shell while nginx
     serves, an unrelated server of the same uid -- is an outsider. (Not the
     holders' tree: gunicorn's master holds none of its workers' sockets.)"""
     count: dict[int, int] = {}
+    members = [p for p in members if p in tree_of]      # a process gone: nothing to judge
     for p in members:
-        count[tree_of.get(p, p)] = count.get(tree_of.get(p, p), 0) + 1
+        count[tree_of[p]] = count.get(tree_of[p], 0) + 1
     if len(count) < 2:
         return {}
-    if prefer is not None and tree_of.get(prefer, prefer) in count:
+    if server is not None and server in count:
+        pass
+    elif prefer is not None and tree_of.get(prefer, prefer) in count:
         server = tree_of.get(prefer, prefer)
     else:
         server = min(count, key=lambda t: (-count[t], t))
-    lead = min(p for p in members if tree_of.get(p, p) == server)
-    return {p: f"a process outside the server ({session_name(tree_of.get(p, p))}; the "
+    lead = min(p for p in members if tree_of[p] == server)
+    return {p: f"a process outside the server ({session_name(tree_of[p])}; the "
                f"server's is {session_name(server)}, e.g. pid {lead})"
-            for p in set(members) if tree_of.get(p, p) != server}
+            for p in set(members) if tree_of[p] != server}

@@ -62,10 +62,17 @@ class WorkerObs:
                                         # field: not recorded); None: not counted
 
     @property
+    def member(self) -> bool:
+        """A member socket's row (not a process on a shared listener, nor a child)."""
+        return len(self.inodes) == 1 and not self.shared and not self.child
+
+    @property
     def key(self) -> tuple:
-        """The row's identity across observations: the process with its
-        sockets (a member socket served by a new process is a new row)."""
-        return (self.pid, self.inodes)
+        """The row's identity across observations: a member row is its
+        socket (a socket served by a new process -- a worker respawned with
+        the socket it inherited -- is the same row: it 'moved'); any other
+        row is the process with its sockets."""
+        return ("socket", self.inodes[0]) if self.member else (self.pid, self.inodes)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,20 @@ class RowRef:
     def __str__(self) -> str:
         return f"slot {self.slot} (pid {self.pid})" if self.inode is not None \
             else f"pid {self.pid}"
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A member socket now served by another process (its row, slot and
+    counts go on: they are the socket's)."""
+    slot: int
+    inode: int
+    pid: int                            # serving it now
+    was: int                            # serving it at the previous frame
+
+    def __str__(self) -> str:
+        return f"slot {self.slot}: socket inode {self.inode} now served by pid {self.pid} " \
+               f"(was {self.was})"
 
 
 @dataclass(frozen=True)
@@ -150,6 +171,7 @@ class Frame:
     max_min_ratio: Optional[float]      # inf: a worker got none while another got some
     joined: tuple[RowRef, ...]          # rows that appeared since the previous frame
     left: tuple[RowRef, ...]            # rows that went
+    moved: tuple[Moved, ...] = ()       # member sockets now served by another process
     dispatcher: bool = False            # one listener, its connections handed to children
     drops: Optional[int] = None         # over every row, since the watch began
     warnings: tuple[str, ...] = ()      # member health, one line each (stats/health.py)
@@ -186,6 +208,9 @@ class _Seen:
     base_accepts: int = 0
     base_eagain: int = 0
     accepts: Optional[int] = None
+    eagain: Optional[int] = None        # spurious wakeups shown at the previous frame
+    base_wakeups: int = 0               # a moved member: its earlier processes' wakeups, negated
+    wakeups: Optional[int] = None       # wakeups shown at the previous frame
     data_ready: Optional[int] = None
     history: deque = field(default_factory=deque)
 
@@ -304,8 +329,7 @@ def rx_note(proto: str, unknown: Optional[Mapping[str, str]],
 # --- the step ---------------------------------------------------------------------
 
 def _ref(w: WorkerObs) -> RowRef:
-    return RowRef(w.slot, w.pid, w.inodes[0] if len(w.inodes) == 1 and not w.shared
-                  and not w.child else None)
+    return RowRef(w.slot, w.pid, w.inodes[0] if w.member else None)
 
 
 def step(state: LiveState, obs: Observation) -> Frame:
@@ -322,6 +346,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
     for k in state.seen.keys() - now.keys():
         del state.seen[k]
     joined: list[RowRef] = []
+    moved: list[Moved] = []
     samples: list[MemberSample] = []
     keys: list[tuple] = []              # each row's key, in row order
 
@@ -340,6 +365,14 @@ def step(state: LiveState, obs: Observation) -> Frame:
                 joined.append(s.ref)
         else:
             new = False
+            if s.ref.pid != w.pid:      # a member socket served by another process now
+                moved.append(Moved(w.slot, w.inodes[0], w.pid, s.ref.pid))
+                # Own counters are the new worker's, from its start (after the
+                # watch began): the socket's total goes on from what it was.
+                s.base_accepts = -(s.accepts or 0)
+                s.base_eagain = -(s.eagain or 0)
+                s.base_wakeups = -(s.wakeups or 0)
+            s.ref = _ref(w)
         if w.child:                     # no listener: what the kernel counts is not its own
             ready = wakeups = spurious = accepts = None
             woken: set[int] = set()
@@ -353,13 +386,15 @@ def step(state: LiveState, obs: Observation) -> Frame:
                 accepts = ready         # a foreign server: one data-ready per queued connection
             if w.eagain is not None:
                 spurious = w.eagain - s.base_eagain
-            else:
-                spurious = obs.accept_eagain.get(w.pid, 0) if ea_on else None
-            # wakeups its sockets' data-ready made in its process, summed over threads
-            mine = {(i, t): n for (i, p, t), n in obs.wakeups.items()
-                    if p == w.pid and i in w.inodes}
-            wakeups = sum(mine.values()) if wk_on else None
-            woken = {t for (_, t), n in mine.items() if n}
+            else:                       # the probes count per process: a moved member's
+                                        # total goes on from its previous processes'
+                spurious = obs.accept_eagain.get(w.pid, 0) - s.base_eagain if ea_on else None
+            # wakeups its sockets' data-ready made in its process, summed over
+            # threads (a moved member: and in the processes that served it before)
+            wakeups = sum(n for (i, p, t), n in obs.wakeups.items()
+                          if p == w.pid and i in w.inodes) - s.base_wakeups if wk_on else None
+            woken = {t for (i, p, t), n in obs.wakeups.items()
+                     if p == w.pid and i in w.inodes and n}
         tids = tuple(sorted(set(w.tids) | woken)) if w.nthreads > 1 else ()
         if not w.child:
             arrivals = None if new or ready is None or s.data_ready is None \
@@ -371,7 +406,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
         ready_rate = None if new else rate(ready, s.data_ready, dt)
         if not first:
             s.history.append(acc_rate or 0.0)
-        s.accepts, s.data_ready = accepts, ready
+        s.accepts, s.data_ready, s.eagain, s.wakeups = accepts, ready, spurious, wakeups
         rows.append(WorkerRow(
             pid=w.pid, slot=w.slot, inode=s.ref.inode, tids=tids, cpu_percent=w.cpu_percent,
             cpu_seconds=w.cpu_seconds, accepts=accepts, accepts_per_s=acc_rate, share=0.0,
@@ -409,7 +444,8 @@ def step(state: LiveState, obs: Observation) -> Frame:
         # is not "perfectly fair")
         jain=jain(counts) if counted and sum(counts) else None,
         max_min_ratio=max_min_ratio(counts) if counted and sum(counts) else None, joined=tuple(joined),
-        left=left, dispatcher=obs.dispatcher, drops=sum(dropped) if dropped else None,
+        left=left, moved=tuple(moved), dispatcher=obs.dispatcher,
+        drops=sum(dropped) if dropped else None,
         warnings=warnings, policy_note=obs.policy_note,
         rx_unknown=frozenset(obs.rx_unknown or ()),
         rx_note=rx_note(state.proto, obs.rx_unknown, rows))

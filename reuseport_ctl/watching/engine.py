@@ -234,6 +234,7 @@ class Watch(Closing):
                 self.ndjson.group = self.group
         self._events += [f"{r} joined" for r in frame.joined]
         self._events += [f"{r} left" for r in frame.left]
+        self._events += [str(m) for m in frame.moved]
         del self._events[:-EVENTS_KEPT]
         if self.as_json:
             self.ndjson.write(frame)

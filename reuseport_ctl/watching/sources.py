@@ -59,14 +59,15 @@ class CpuSampler:
         return out
 
 
-def member_rows(group: ReuseportGroup, prefer: Optional[int] = None) -> list[WorkerObs]:
+def member_rows(group: ReuseportGroup, session: Optional[int] = None) -> list[WorkerObs]:
     """A reuseport group: one row per member socket, in slot order, with
     what member health needs: its drops, its process's state, and whether
-    that process belongs to the server's session (stats/health.outsiders)."""
+    that process belongs to the server's session (stats/health.outsiders;
+    `session`: the server's, as --pid resolved it, else the majority's)."""
     pids = {m.pid for m in group.members}
-    stat = {p: process.stat(p) for p in pids | ({prefer} if prefer else set())}
+    stat = {p: process.stat(p) for p in pids}
     sessions = {p: st.session for p, st in stat.items() if st.session is not None}
-    outside = outsiders(sessions, [m.pid for m in group.members], prefer)
+    outside = outsiders(sessions, [m.pid for m in group.members], server=session)
     states = {p: stat[p].state for p in pids}
     return [WorkerObs(pid=m.pid, slot=m.slot, inodes=(m.inode,), queue_len=m.queue_len,
                       tids=m.threads, drops=m.drops, state=states[m.pid],
@@ -93,8 +94,30 @@ def process_rows(group: ReuseportGroup) -> list[WorkerObs]:
             for p, r in rows.items()]
 
 
-def rows_of(group: ReuseportGroup, prefer: Optional[int] = None) -> list[WorkerObs]:
-    return member_rows(group, prefer) if group.reuseport else process_rows(group)
+def rows_of(group: ReuseportGroup, session: Optional[int] = None) -> list[WorkerObs]:
+    return member_rows(group, session) if group.reuseport else process_rows(group)
+
+
+def stable_slots(group: ReuseportGroup, slots: dict[int, int]) -> ReuseportGroup:
+    """The group with each socket's slot kept for the watch's life: `slots`
+    (inode -> slot, updated here) keeps the slot a socket had when first
+    seen; a new socket takes the lowest slot no present socket holds (so a
+    socket that changes process keeps its number, and a replaced socket's
+    number is reused). The first sight numbers as groups.find_group does."""
+    present = {m.inode for m in group.members}
+    for gone in [i for i in slots if i not in present]:
+        del slots[gone]
+    used = set(slots.values())
+    members = []
+    for m in group.members:                 # find_group's order: (pid, inode) at first
+        if m.inode not in slots:
+            k = 0
+            while k in used:
+                k += 1
+            slots[m.inode] = k
+            used.add(k)
+        members.append(replace(m, slot=slots[m.inode]))
+    return replace(group, members=tuple(sorted(members, key=lambda m: m.slot)))
 
 
 class ForeignSource:
@@ -104,6 +127,13 @@ class ForeignSource:
     def __init__(self, port: int, proto: str, host: Optional[str], pid: Optional[int]):
         self.port, self.proto, self.host, self.pid = port, proto, host, pid
         self.group: Optional[ReuseportGroup] = None
+        # --pid picks the group once (the one whose sockets that pid holds)
+        # and the server (that pid's session); from then on the group is
+        # followed by its address, whoever serves its sockets, so the pid
+        # exiting (a worker killed and respawned) loses nothing.
+        self.where: Optional[tuple] = None      # the group's (family, address, ifindex)
+        self.session: Optional[int] = None      # the server's session, from --pid
+        self._slots: dict[int, int] = {}        # inode -> slot, stable over the watch
         self.pinned: Optional[pins.PolicyState] = None   # the pinned policy, read each find()
         self._dispatcher = False
         self._children: set[int] = set()    # pids seen holding the listener's connections
@@ -117,9 +147,27 @@ class ForeignSource:
         found = diag.listeners(self.port, self.proto)
         self.pinned = pins.policy_state(self.port, self.proto, listening=found)
         self._procs = owners.process_table(parents=self.proto == "tcp")
-        return find_group(self.port, self.proto, pid=self.pid, host=self.host,
-                          require_reuseport=False, found=found, procs=self._procs,
-                          slots=self.pinned.slots if self.pinned is not None else None)
+        slots = self.pinned.slots if self.pinned is not None else None
+        if self.where is not None and not any(
+                (s.family, s.addr, s.ifindex) == self.where for s in found):
+            self.where = None               # the group is gone (--wait): find it anew
+        if self.where is not None:
+            group = find_group(self.port, self.proto, require_reuseport=False, found=found,
+                               procs=self._procs, slots=slots, where=self.where)
+        else:
+            # --pid once more only if it still lives (a group found anew after
+            # the whole server restarted: its old pid is no guide any more)
+            pid = self.pid if self.session is None or owners.pid_exists(self.pid) else None
+            group = find_group(self.port, self.proto, pid=pid, host=self.host,
+                               require_reuseport=False, found=found, procs=self._procs,
+                               slots=slots)
+            self.where = group.where
+            if self.pid is not None and self.session is None:
+                self.session = process.stat(self.pid).session
+        if slots is not None:               # the policy's table numbers them
+            self._slots.clear()
+            return group
+        return stable_slots(group, self._slots)
 
     def find(self, first: bool = False) -> Optional[list[WorkerObs]]:
         """The rows now; None when nothing listens on the port. A group that
@@ -133,8 +181,9 @@ class ForeignSource:
                 return None
             if first or self.group is None:
                 raise
-            return [w for w in rows_of(self.group, self.pid) if owners.pid_exists(w.pid)]
-        return self._with_children(rows_of(self.group, self.pid))
+            return [w for w in rows_of(self.group, self.session)
+                    if owners.pid_exists(w.pid)]
+        return self._with_children(rows_of(self.group, self.session))
 
     def _with_children(self, rows: list[WorkerObs]) -> list[WorkerObs]:
         """A dispatcher's rows: the listener's, then one per child holding
