@@ -114,16 +114,21 @@ def map_update(map_fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> N
     bpf(MAP_UPDATE_ELEM, attr)
 
 
+def _found(cmd: int, attr: bytes) -> bool:
+    """bpf(cmd, attr); False where the kernel says ENOENT (no such key, no next key)."""
+    try:
+        bpf(cmd, attr)
+    except BPFError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
 def map_lookup(map_fd: int, key: bytes, value_size: int) -> bytes | None:
     vbuf = ctypes.create_string_buffer(value_size)
     attr, _k = _elem_attr(map_fd, key, vbuf)
-    try:
-        bpf(MAP_LOOKUP_ELEM, attr)
-    except BPFError as e:
-        if e.errno == errno.ENOENT:
-            return None
-        raise
-    return vbuf.raw
+    return vbuf.raw if _found(MAP_LOOKUP_ELEM, attr) else None
 
 
 def map_delete(map_fd: int, key: bytes) -> None:
@@ -141,12 +146,8 @@ def map_items(map_fd: int, key_size: int, value_size: int) -> list[tuple[bytes, 
         kbuf = ctypes.create_string_buffer(key, key_size) if key is not None else None
         attr = struct.pack("=IxxxxQQQ", map_fd, ctypes.addressof(kbuf) if kbuf else 0,
                            ctypes.addressof(nbuf), 0)
-        try:
-            bpf(MAP_GET_NEXT_KEY, attr)
-        except BPFError as e:
-            if e.errno == errno.ENOENT:
-                return out
-            raise
+        if not _found(MAP_GET_NEXT_KEY, attr):
+            return out
         key = nbuf.raw
         value = map_lookup(map_fd, key, value_size)
         if value is not None:

@@ -48,27 +48,8 @@ def current_cookie() -> int:
 
 def cookie_of(path: str) -> int:
     """The cookie of the network namespace behind an nsfs path
-    (/proc/PID/ns/net, /run/netns/NAME), read from a thread that enters it
-    (setns changes only the calling thread's namespace). 0 if unreadable."""
-    import threading
-    out = [0]
-
-    def probe():
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) == 0:
-                out[0] = current_cookie()
-        finally:
-            os.close(fd)
-        # the thread ends here, taking its namespace with it
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join()
-    return out[0]
+    (/proc/PID/ns/net, /run/netns/NAME). 0 if unreadable."""
+    return call_in(path, current_cookie) or 0
 
 
 def call_in(path: str, fn):
