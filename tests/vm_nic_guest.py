@@ -1,7 +1,6 @@
 """Runs inside a `vm --cpus 4 --nic-queues 4 --numa ... --numa ...` guest
-for tests/test_vm.py's NIC test: prints one JSON object (zlib and base64:
-the guest's stdout passes 32 KiB at most) with what the host side asserts
-on: `nic --json` and `ethtool -l/-x` (as text) of the same device; the queue policy's proof; with `nic --apply --cpus 3,2,1,0` (queue
+for tests/test_vm.py's NIC test: prints one JSON object (zlib and base64,
+one line) with what the host side asserts on: `nic --json` and `ethtool -l/-x` (as text) of the same device; the queue policy's proof; with `nic --apply --cpus 3,2,1,0` (queue
 q's IRQ on CPU 3 - q) the cpu policy's and the numa policy's proofs; with
 `nic --apply --cpus 3,2,1,0 --rss-weights 1,0,0,0` every connection on
 queue 0 and worker 0; and both `--apply`/`--restore` round trips (ethtool -x
@@ -187,10 +186,9 @@ def main() -> None:
                       ("on_queue", qp.render_on_queue)):
         if out.get(key):
             print(show(out[key]), file=sys.stderr)
-    # The guest's stdout reaches the host through vng's virtio-serial port,
-    # which passes its first 32 KiB and drops the rest (measured: 100 kB
-    # printed, 32768 bytes arrived, exit 0); this JSON is close to that, so it
-    # goes compressed (tests/test_vm.py: guest_result).
+    # Compressed since the runner once passed only 32 KiB of a guest's
+    # stdout (vm/guest_relay.py fixed that; docs/vm.md); one short line is
+    # still the cheapest thing to carry (tests/test_vm.py: guest_result).
     print(base64.b64encode(zlib.compress(json.dumps(out).encode(), 9)).decode())
 
 
