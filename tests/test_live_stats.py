@@ -453,3 +453,25 @@ def test_slots_stay_with_their_socket_over_the_watch():
     # socket 101 closed, a new one (103) opened: it takes the free slot 1
     assert slots(stable_slots(group((13, 100), (14, 103), (12, 102)), kept)) == \
         {100: (0, 13), 103: (1, 14), 102: (2, 12)}
+
+
+def test_dashboard_shows_arrivals_only_once_something_arrived():
+    """Nothing arrived yet: no 'rx cpu' column, no NAPI table (never a '0'
+    that reads as CPU 0); then the counts."""
+    from rich.console import Console
+
+    from reuseport_ctl.ui.dashboard import render
+
+    def text_of(rx):
+        st = LiveState(interval=1.0)
+        ws = (WorkerObs(pid=10, slot=0, inodes=(300,), rx=rx),
+              WorkerObs(pid=11, slot=1, inodes=(301,), rx={}))
+        step(st, Observation(ts=0.0, wall=1000.0, workers=ws))
+        f = step(st, Observation(ts=1.0, wall=1001.0, workers=ws))
+        con = Console(width=160, record=True)
+        con.print(render(f, GROUP))
+        return con.export_text()
+    idle = text_of({})
+    assert "rx cpu" not in idle and "napi id" not in idle
+    busy = text_of({(1, None, None): 3})
+    assert "rx cpu" in busy and "1:3" in busy and "napi id" not in busy

@@ -18,7 +18,7 @@ Examples:
   reuseport-ctl compare-kernels running 6.12      this machine's kernel (no VM) against 6.12
   reuseport-ctl compare-kernels 6.1 6.12 --json > ab.json
   reuseport-ctl compare-kernels --from ab.json    show a saved comparison again
-  reuseport-ctl compare-kernels 6.12 ~/src/linux --only migrate
+  reuseport-ctl compare-kernels 6.12 ~/src/linux --only migration
                                                   only the migration checks (faster)
 
 \b

@@ -7,11 +7,9 @@ import sys
 import time
 
 import click
-from rich.console import Console
-
 from ..errors import UserError
 from ..ui import verify_view as V
-from ._common import json_option
+from ._common import console as make_console, json_option
 
 EPILOG = """\b
 Examples:
@@ -57,7 +55,7 @@ def verify(tap, as_json, junit, only, list_only, timeout, host_netns):
     if tap and as_json:
         raise UserError("choose one of --tap and --json (--junit goes with either).")
     chosen = C.select(only)
-    console = Console()
+    console = make_console(width=160)   # piped: nothing cut
     if list_only:
         if as_json:
             click.echo(json.dumps([{"name": c.name, "area": c.area, "selftest": c.selftest,

@@ -117,10 +117,11 @@ def header(frame: Frame, g: GroupInfo, note: Optional[str] = None) -> Text:
 
 
 def _counts(d: Optional[dict]) -> str:
-    """'0:512 1:3' (value:connections, most first); '-' when unknown."""
+    """'0:512 1:3' (value:connections, most first); '-' when unknown; ''
+    when none has arrived yet."""
     if d is None:
         return "-"
-    return " ".join(f"{k}:{n:,}" for k, n in sorted(d.items(), key=lambda kv: -kv[1])) or "0"
+    return " ".join(f"{k}:{n:,}" for k, n in sorted(d.items(), key=lambda kv: -kv[1]))
 
 
 def table(frame: Frame, g: GroupInfo) -> Table:
@@ -145,7 +146,7 @@ def table(frame: Frame, g: GroupInfo) -> Table:
         t.add_column("conns", justify="right")
     # where its connections arrived, by CPU (NAPI ids and queues: arrivals())
     rx_cpus = [rx_by(r.rx, "cpu", frame.rx_unknown) for r in frame.rows]
-    has_rx = any(v is not None for v in rx_cpus)
+    has_rx = any(rx_cpus)                   # shown once something has arrived
     if has_rx:
         t.add_column("rx cpu", no_wrap=True)
     widest = max((r.share or 0.0 for r in frame.rows), default=0.0)
@@ -169,7 +170,7 @@ def arrivals(frame: Frame) -> Optional[Table]:
     when any is known (a NAPI driver; a kernel that keeps the queue)."""
     cols = [(f, title) for f, title in (("napi_id", "arrived via napi id"),
                                         ("rx_queue", "rx queue"))
-            if any(rx_by(r.rx, f, frame.rx_unknown) is not None for r in frame.rows)]
+            if any(rx_by(r.rx, f, frame.rx_unknown) for r in frame.rows)]
     if not cols:
         return None
     t = Table(box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False)
