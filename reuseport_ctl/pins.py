@@ -422,12 +422,26 @@ def pinned_slots(port: int, proto: str = "tcp") -> dict[int, int] | None:
     return pin.meta.table if pin is not None else None
 
 
+def _this_process(**extra) -> dict:
+    """A record that names this process for good (pid and start time) in
+    its pid namespace: a follower's, a run's."""
+    me = os.getpid()
+    return {**extra, "pid": me, "start": process.start_time(me), "pidns": process.pid_ns()}
+
+
+def _running(rec: dict) -> bool | None:
+    """Whether the recorded process still runs (a zombie, killed but not yet
+    reaped, does not); None when its pid namespace is not ours."""
+    if rec.get("pidns") != process.pid_ns():
+        return None
+    pid = rec["pid"]
+    return process.alive(pid, rec["start"]) and process.state(pid) not in ("Z", "X", "")
+
+
 def _follower_pid(meta: Meta | None) -> int | None:
     """The follower's pid if it is still running (in our pid namespace)."""
     f = meta.follower if meta else None
-    if not f or f.get("pidns") != process.pid_ns():
-        return None
-    return f["pid"] if process.alive(f["pid"], f["start"]) else None
+    return f["pid"] if f and _running(f) else None
 
 
 def owner_of(meta: Meta | None) -> dict | None:
@@ -436,13 +450,7 @@ def owner_of(meta: Meta | None) -> dict | None:
     o = meta.owner if meta else None
     if not o:
         return None
-    alive = _owner_alive(o) if o.get("pidns") == process.pid_ns() else None
-    return {"verb": o.get("verb", "run"), "pid": o["pid"], "alive": alive}
-
-
-def _owner_alive(o: dict) -> bool:
-    """The owning process still runs (a zombie, killed but not yet reaped, does not)."""
-    return process.alive(o["pid"], o["start"]) and process.state(o["pid"]) not in ("Z", "X", "")
+    return {"verb": o.get("verb", "run"), "pid": o["pid"], "alive": _running(o)}
 
 
 def owner_gone(meta: Meta | None, open_sockets: int | None = None) -> bool:
@@ -453,9 +461,8 @@ def owner_gone(meta: Meta | None, open_sockets: int | None = None) -> bool:
     o = meta.owner if meta else None
     if not o:
         return False
-    if o.get("pidns") == process.pid_ns():
-        return not _owner_alive(o)
-    return open_sockets == 0
+    alive = _running(o)
+    return open_sockets == 0 if alive is None else not alive
 
 
 def _owned_refusal(verb: str, meta: Meta, proto: str, port: int) -> UserError:
@@ -578,8 +585,7 @@ def attach(port: int, policy_spec: str, proto: str = "tcp", pid: int | None = No
                 created=time.time(), netns=here[0], netns_cookie=here[1],
                 private_mnt=fs.mnt_ns if fs.private else 0)
     if follow:
-        me = os.getpid()
-        meta.follower = {"pid": me, "start": process.start_time(me), "pidns": process.pid_ns()}
+        meta.follower = _this_process()
     path = pin_dir(proto, port, here[0], base)
     old_path = cur.path if cur else None
     staging = path.with_name(path.name + "-new")   # bpffs forbids dots in names
@@ -782,7 +788,6 @@ def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> tuple[P
     inodes = [os.fstat(s.fileno()).st_ino for s in socks]
     addr = {s.inode: s.endpoint for s in diag.listeners(port, proto)}
     here = _here()
-    me = os.getpid()
     policy = sel.policy
     meta = Meta(port=port, proto=proto, policy=str(policy), kind=policy.kind,
                 addr=addr.get(inodes[0], ""),
@@ -790,8 +795,7 @@ def pin_run(sel, socks: list, pids: list[int], port: int, proto: str) -> tuple[P
                         "tids": []} for i, (ino, pid) in enumerate(zip(inodes, pids))],
                 maps=sorted(sel.maps), prog=sel.prog_fd is not None, created=time.time(),
                 netns=here[0], netns_cookie=here[1],
-                owner={"verb": "run", "pid": me, "start": process.start_time(me),
-                       "pidns": process.pid_ns()},
+                owner=_this_process(verb="run"),
                 private_mnt=fs.mnt_ns if fs.private else 0)
     path = pin_dir(proto, port, here[0], base)
     try:
