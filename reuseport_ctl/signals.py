@@ -50,8 +50,9 @@ def name(signum: int) -> str:
 
 @contextmanager
 def as_interrupts():
-    """SIGTERM and SIGHUP raise Interrupted while the block runs (main
-    thread only; elsewhere nothing changes). Only the first: a second one
+    """SIGTERM and SIGHUP raise Interrupted while the block runs, and SIGINT
+    KeyboardInterrupt even if it was inherited ignored (main thread only;
+    elsewhere nothing changes). Only the first: a second one
     while the cleanup runs (sysctls, programs, workers) must not cut it short."""
     fired: list[int] = []
 
@@ -63,6 +64,10 @@ def as_interrupts():
     try:
         for s in (signal.SIGTERM, signal.SIGHUP):
             old[s] = signal.signal(s, handler)
+        # A job a non-interactive shell starts in the background inherits
+        # SIGINT ignored: kill -INT (or Ctrl-C to its group) stops it all the same.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            old[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:               # not the main thread
         pass
     try:

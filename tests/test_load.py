@@ -347,17 +347,21 @@ def test_latency_cdf_and_per_mille():
     assert latency_cdf([]) == []
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_stopping_signal_prints_what_was_done_and_exits_128_plus_n(netns, sig):
+@pytest.mark.parametrize("sig, ignored", [(signal.SIGINT, False), (signal.SIGTERM, False),
+                                         (signal.SIGINT, True)])
+def test_a_stopping_signal_prints_what_was_done_and_exits_128_plus_n(netns, sig, ignored):
     """Ctrl-C (or SIGTERM) on a long `load`: the connections finished so far
-    are reported (every one accounted for), then the exit status is 128 + N."""
+    are reported (every one accounted for), then the exit status is 128 + N;
+    also when SIGINT came ignored (a background job of a non-interactive shell)."""
     import subprocess
     import sys
     import time
     exe = os.path.join(os.path.dirname(sys.executable), "reuseport-ctl")
     with serve(_http_worker) as port:
         p = subprocess.Popen([exe, "load", "--port", str(port), "--duration", "60", "--json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+                             if ignored else None)
         try:
             time.sleep(2)                   # under way (not an assertion)
             p.send_signal(sig)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
 
 import click
@@ -64,9 +63,6 @@ def load(host, port, proto, conns, duration, concurrency, processes, requests_pe
     by kind, latency percentiles and the per-worker distribution."""
     if conns is None and duration is None:
         conns = 1000
-    # A job a shell starts in the background inherits SIGINT ignored; as
-    # run and watch do, SIGINT (kill -INT, Ctrl-C) stops the load all the same.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     kw = dict(proto=proto, conns=conns, concurrency=concurrency, processes=processes,
               requests_per_conn=requests_per_conn, timeout=timeout, path=path,
               duration=duration, partial=True)
