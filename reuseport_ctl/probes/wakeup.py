@@ -18,8 +18,8 @@ per thread, so a threaded server (HAProxy nbthread, Envoy, one runtime per
 core) shows each thread's wakeups under the socket that caused them.
 A wakeup counts while a watched listener's data-ready is being handled on
 the CPU: up to sock_def_readable's return (kprobe), or up to the next
-data-ready, softirq end or hrtimer expiry there (tracepoints; see
-bpf/wakeup.c).
+data-ready or softirq end there, paused while a hard interrupt's hrtimers
+expire (tracepoints; see bpf/wakeup.c).
 
 Opt-in (eagain=True): accept/accept4 (recvfrom for UDP) returning EAGAIN,
 and returning a connection (a datagram), from the syscalls tracepoints. Off by default because enabling any syscall
@@ -45,8 +45,9 @@ RAW_DATA_READY_TP = "sk_data_ready"
 DATA_READY_STRATEGIES = ("kprobe", "raw_tracepoint", "tracepoint")
 WAKEUP_STRATEGIES = ("raw_tracepoint", "tracepoint")     # best first
 DATA_READY_FUNC = "sock_def_readable"
-# Where a data-ready's scope ends when it is seen by a tracepoint (the
-# kprobe strategy has sock_def_readable's kretprobe): (raw name, tracefs name).
+# Where a data-ready's scope ends, or pauses for a hard interrupt's hrtimers,
+# when it is seen by a tracepoint (the kprobe strategy has sock_def_readable's
+# kretprobe): (raw name, tracefs name, program suffix in bpf/wakeup.c).
 # From the calling task to the socket behind an fd it passed (BTF).
 SOCKET_FD_FIELDS = {
     "TASK_FILES_OFF": ("task_struct", "files"),
@@ -56,8 +57,9 @@ SOCKET_FD_FIELDS = {
     "FILE_PRIVATE_OFF": ("file", "private_data"),
     "SOCKET_SK_OFF": ("socket", "sk"),
 }
-SCOPE_ENDS = (("softirq_exit", "irq:softirq_exit"),
-              ("hrtimer_expire_entry", "timer:hrtimer_expire_entry"))
+SCOPE_HOOKS = (("softirq_exit", "irq:softirq_exit", "end"),
+               ("hrtimer_expire_entry", "timer:hrtimer_expire_entry", "pause"),
+               ("hrtimer_expire_exit", "timer:hrtimer_expire_exit", "resume"))
 EAGAIN_TPS = {"tcp": ("syscalls:sys_exit_accept4", "syscalls:sys_exit_accept"),
               "udp": ("syscalls:sys_exit_recvfrom",)}
 
@@ -107,8 +109,8 @@ class WakeupProbe:
         else:
             if data_ready == "raw_tracepoint":
                 flags.append("-DDR_RAW_TP")
-            self.scope = ("wakeups counted from the data-ready to the next one, the "
-                          "softirq's end or an hrtimer expiry on that CPU")
+            self.scope = ("wakeups counted from the data-ready to the next one or "
+                          "the softirq's end on that CPU, but not an hrtimer's")
         # The wakeup strategies to try, best first, from the one chosen.
         tries = list(WAKEUP_STRATEGIES[WAKEUP_STRATEGIES.index(wakeups):]) \
             if wakeups != "none" else []
@@ -148,7 +150,7 @@ class WakeupProbe:
                     tracefs.ensure()
                     b.attach_tracepoint(tp=WAKING_TP.encode(), fn_name=b"rp_wk_tp")
                 if data_ready != "kprobe":
-                    self._attach_scope_ends(b, raw=name == "raw_tracepoint")
+                    self._attach_scope_hooks(b, raw=name == "raw_tracepoint")
             except Exception as e:      # data-ready still counts without it
                 failed.append(f"{wakeup_target(name)} failed to attach ({e})")
                 self._detach_wakeups(b)
@@ -172,21 +174,21 @@ class WakeupProbe:
                 self.eagain_tps.append(tp)
 
     @staticmethod
-    def _attach_scope_ends(b, raw: bool) -> None:
-        for raw_name, tp in SCOPE_ENDS:
+    def _attach_scope_hooks(b, raw: bool) -> None:
+        for raw_name, tp, what in SCOPE_HOOKS:
             if raw:
-                b.attach_raw_tracepoint(tp=raw_name.encode(), fn_name=b"rp_end_raw")
+                b.attach_raw_tracepoint(tp=raw_name.encode(), fn_name=f"rp_{what}_raw".encode())
             else:
-                b.attach_tracepoint(tp=tp.encode(), fn_name=b"rp_end_tp")
+                b.attach_tracepoint(tp=tp.encode(), fn_name=f"rp_{what}_tp".encode())
 
     @staticmethod
     def _detach_wakeups(b) -> None:
         """Undo a wakeup strategy that attached only in part (so the next
         one in the chain starts clean)."""
-        for raw_name in (RAW_WAKING_TP, *(r for r, _ in SCOPE_ENDS)):
+        for raw_name in (RAW_WAKING_TP, *(r for r, _, _ in SCOPE_HOOKS)):
             if raw_name.encode() in b.raw_tracepoint_fds:
                 b.detach_raw_tracepoint(raw_name.encode())
-        for tp in (WAKING_TP, *(t for _, t in SCOPE_ENDS)):
+        for tp in (WAKING_TP, *(t for _, t, _ in SCOPE_HOOKS)):
             if tp.encode() in b.tracepoint_fds:
                 b.detach_tracepoint(tp.encode())
 
