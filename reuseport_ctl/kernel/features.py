@@ -75,7 +75,8 @@ WITHOUT = {
     SK_LOOKUP: "lookups are counted only by the selector program's counters "
                "(not per 4-tuple; groups without an eBPF policy are not counted)",
     KPROBES: "lookups are counted by the sk_lookup observer instead, data-ready by "
-             "the sock:sk_data_ready tracepoint; no lookup latency histogram",
+             "the sk_data_ready tracepoint (raw, or through tracefs); no lookup "
+             "latency histogram",
     FENTRY: "nothing lost: probes use kprobes or tracepoints (fentry is only cheaper)",
     TRACEPOINTS: "wakeups are not counted; data-ready counts need kprobes instead; "
                  "without either only per-worker distribution is shown",

@@ -181,8 +181,9 @@ def judge(nic: Nic, topo: Topology, workers: Optional[list[Worker]] = None,
                         "are no queues to pin.")
     elif virtual:
         findings.append(f"{nic.name} has no IRQs ({nic.kind}): a packet is received on the CPU "
-                        f"that sent it unless RPS moves it; set RPS so that each queue is "
-                        f"processed on one CPU.")
+                        f"that sent it unless RPS moves it: RPS hashes each flow of a queue "
+                        f"to one CPU of that queue's mask, so the masks decide which CPUs "
+                        f"(and so which workers, with policy cpu) receive.")
     else:
         fired = sorted({c for i in nic.irqs if i.role in ("rx", "combined")
                         for c, n in enumerate(i.counts) if n})

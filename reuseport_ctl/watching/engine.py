@@ -55,6 +55,10 @@ class Watch(Closing):
         try:
             workers = source.find(first=True)
             self.pids = self._watched(workers)
+            # Attaching takes seconds on a loaded machine (compiling, loading);
+            # say so, and that nothing before the announce line is counted.
+            say(f"attaching the probes to {source.proto} port {source.port}; "
+                "counting starts when they are all on...")
             try:
                 self.session = self._stack.enter_context(ProbeSession(
                     source.port, source.proto, self.pids, strategies,
@@ -129,7 +133,8 @@ class Watch(Closing):
                f"{g.wakeups_strategy}")
         if self.exporter is not None:
             msg += f"; Prometheus metrics on {self.exporter.url}"
-        say(msg + ".")
+        since = time.strftime("%H:%M:%S", time.localtime(self.frame.wall - self.frame.elapsed))
+        say(f"{msg}; every total counts from {since}.")
         if self.note:
             say(self.note)
         if not self.frame.listening:
