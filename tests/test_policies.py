@@ -122,15 +122,29 @@ def test_drain_gives_drained_worker_nothing(netns, proto):
         assert got[1] > 0, got
 
 
+def uniform(draw) -> None:
+    """A chi-square test at alpha 0.001 fails a fair hash once in 1,000 draws
+    (a CI run has a dozen such tests: one run in 100 would fail by chance;
+    one did, at chi-square 18.0 for 16.3). A biased hash fails every draw, so
+    a second draw is taken only when the first fails, and both failing by
+    chance is one in a million."""
+    first = draw()
+    if not chi_square_uniform_ok(first):
+        second = draw()
+        assert chi_square_uniform_ok(second), (first, second)
+
+
 @pytest.mark.parametrize("name", ["hash", "threshold", "consistent", "mod", "kernel"])
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_hash_policies_are_uniform(netns, name, proto):
-    with steered(name, 4, proto) as (socks, port, sel):
-        got = drive(socks, port, 800, proto)
-        assert sum(got) == 800
-        assert chi_square_uniform_ok(got), got
-        if sel.selections() is not None:
-            assert sel.selections() == got
+    def draw() -> list[int]:
+        with steered(name, 4, proto) as (socks, port, sel):
+            got = drive(socks, port, 800, proto)
+            assert sum(got) == 800
+            if sel.selections() is not None:
+                assert sel.selections() == got
+            return got
+    uniform(draw)
 
 
 def test_ipv6_group(netns):
@@ -206,10 +220,12 @@ def test_reattach_after_close_works_at_once(netns):
 
 def test_mod_hashes_ipv4_clients_of_a_dual_stack_group(netns):
     with steered("mod", 4, "udp", host="::") as (socks, port, sel):
-        got = drive(socks, port, 400, "udp", host="127.0.0.1")
-        assert sum(got) == 400 and chi_square_uniform_ok(got), got
-        got6 = drive(socks, port, 400, "udp", host="::1")
-        assert sum(got6) == 400 and chi_square_uniform_ok(got6), got6
+        for host in ("127.0.0.1", "::1"):
+            def draw() -> list[int]:
+                got = drive(socks, port, 400, "udp", host=host)
+                assert sum(got) == 400
+                return got
+            uniform(draw)
 
 
 def test_bad_group_sizes():
