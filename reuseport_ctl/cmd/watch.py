@@ -75,7 +75,7 @@ attached. q, Ctrl-C or SIGTERM quits and detaches every probe.
 def watch(port, proto, host, pid, interval, duration, as_json, prometheus, wait, spurious):
     """Show live, per member socket, how the kernel spreads a reuseport group's
     connections (TCP) or datagrams (UDP), and how its workers are woken."""
-    check_options(port, interval, duration)
+    check_options(port, interval, duration, prometheus)
     require_probe_caps()
     if not wait and not diag.listeners(port, proto):
         raise nothing_listening(port, proto)

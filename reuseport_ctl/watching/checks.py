@@ -13,7 +13,8 @@ def require_probe_caps() -> None:
                         f"{', '.join(missing)}): run it with sudo.")
 
 
-def check_options(port: int, interval: float, duration: Optional[float]) -> None:
+def check_options(port: int, interval: float, duration: Optional[float],
+                  prometheus: Optional[str] = None) -> None:
     if not interval > 0:
         raise UserError(f"--interval must be positive, not {interval}.")
     if interval < 0.1:
@@ -23,6 +24,9 @@ def check_options(port: int, interval: float, duration: Optional[float]) -> None
         raise UserError(f"--duration must be positive, not {duration}.")
     if not 0 < port < 65536:
         raise UserError(f"port {port} is not a port number (1-65535).")
+    if prometheus is not None:
+        from ..export.prometheus import parse_listen
+        parse_listen(prometheus)
 
 
 def nothing_listening(port: int, proto: str) -> UserError:

@@ -55,6 +55,9 @@ class Watch(Closing):
         try:
             workers = source.find(first=True)
             self.pids = self._watched(workers)
+            if prometheus is not None:        # (a port in use fails before the probes' seconds)
+                from ..export.prometheus import Exporter, parse_listen
+                self.exporter = self._stack.enter_context(Exporter(*parse_listen(prometheus)))
             # Attaching takes seconds on a loaded machine (compiling, loading);
             # say so, and that nothing before the announce line is counted.
             say(f"attaching the probes to {source.proto} port {source.port}; "
@@ -88,9 +91,6 @@ class Watch(Closing):
                 addr=source.addr(), own=source.own, reuseport=source.reuseport(),
                 listeners=source.listeners(),
                 policy_owner=self._policy_owner())
-            if prometheus is not None:
-                from ..export.prometheus import Exporter, parse_listen
-                self.exporter = self._stack.enter_context(Exporter(*parse_listen(prometheus)))
             if as_json:
                 from ..export.ndjson import NdjsonWriter
                 self.ndjson = NdjsonWriter(sys.stdout, self.group)
