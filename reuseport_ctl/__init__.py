@@ -12,10 +12,11 @@ def main() -> None:
     from .signals import as_interrupts, exit_code, name, signum_of
     try:
         with as_interrupts():
-            from .cli import main as cli_main
+            from .cli import OWN_PROCESS, main as cli_main
     except KeyboardInterrupt as e:
         sig = signum_of(e)
         sys.stderr.write("reuseport-ctl: interrupted" + ("" if sig == 2 else f" ({name(sig)})")
                          + "\n")
         sys.exit(exit_code(sig))
+    OWN_PROCESS["on"] = True
     cli_main()

@@ -8,7 +8,7 @@ import sys
 import click
 
 from .errors import UserError
-from .signals import Stopped, as_interrupts, exit_code, name, signum_of
+from .signals import Stopped, as_interrupts, exit_code, finished, name, signum_of
 
 EPILOG = """\b
 Examples:
@@ -20,6 +20,12 @@ Examples:
 """
 
 
+# The console entry point (reuseport_ctl.main) sets this: the process is the
+# command and ends with the verb. (A test calling main() in-process does not:
+# its own signal dispositions must stay as they were.)
+OWN_PROCESS = {"on": False}
+
+
 class Group(click.Group):
     """Turns UserError into one sentence and a non-zero exit, and a stopping
     signal (Ctrl-C, SIGTERM, SIGHUP) into 128 + its number (signals.py)."""
@@ -27,7 +33,10 @@ class Group(click.Group):
     def invoke(self, ctx):
         try:
             with as_interrupts():
-                return super().invoke(ctx)
+                rv = super().invoke(ctx)
+                if OWN_PROCESS["on"]:
+                    finished()
+                return rv
         except UserError as e:
             click.echo(f"reuseport-ctl: {e}", err=True)
             sys.exit(e.exit_code)

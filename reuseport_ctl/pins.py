@@ -747,18 +747,22 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
         return Detached(port, proto, meta.policy, removed=False, pinned=str(shown(path)),
                         note="; ".join(notes), stopped_follower=stopped, stale=stale)
     group = find_group(port, proto, pid=pid, host=host)
-    with group.taken() as socks:
-        removed = reuseport.detach_if_any(socks[0])
-    # Take the sockets out of the socket array now: the kernel frees an
-    # unpinned map later, and until then no other array could hold them.
-    fd = _empty_sockarray(path, meta)
-    if fd is not None:
-        os.close(fd)
+    # From the program's detach to the pins' removal a stopping signal is
+    # noted, not raised: it must not leave the group given back but pinned.
+    with committing():
+        with group.taken() as socks:
+            removed = reuseport.detach_if_any(socks[0])
+        # Take the sockets out of the socket array now: the kernel frees an
+        # unpinned map later, and until then no other array could hold them.
+        fd = _empty_sockarray(path, meta)
+        if fd is not None:
+            os.close(fd)
+        pause_for_test("given back")
+        if meta is not None:
+            remove_pins(path)
     if meta is None and not removed:
         raise UserError(f"no BPF program is attached to the reuseport group on "
                         f"{proto} port {port}.")
-    if meta is not None:
-        remove_pins(path)
     return Detached(port, proto, meta.policy if meta else None, removed=removed,
                     pinned=str(shown(path)) if meta else None, note="; ".join(notes),
                     stopped_follower=stopped, stale=stale)

@@ -185,12 +185,14 @@ def test_follow_under_ip_netns_exec_outlives_the_shell_that_started_it(group, tm
 
 # --- 3. a signal after attach committed ---------------------------------------------------
 
-def _attach_paused_at(point: str, sig: int, tmp_path) -> subprocess.CompletedProcess:
-    """attach, stopped at `point` by the test hook; `sig` sent while it waits there."""
+def _attach_paused_at(point: str, sig: int, tmp_path,
+                      verb=("attach", "--policy", "drain:0")) -> subprocess.CompletedProcess:
+    """attach (or another verb), stopped at `point` by the test hook; `sig`
+    sent while it waits there."""
     fifo = tmp_path / "pause"
     os.mkfifo(fifo)
     env = dict(os.environ, REUSEPORT_CTL_TEST_PAUSE=f"{point}:{fifo}")
-    p = subprocess.Popen([EXE, "attach", "--port", str(PORT), "--policy", "drain:0"], env=env,
+    p = subprocess.Popen([EXE, verb[0], "--port", str(PORT), *verb[1:]], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while True:                 # opening for writing succeeds once attach waits at point
@@ -223,6 +225,35 @@ def test_a_signal_after_the_commit_does_not_undo_a_successful_attach(group, tmp_
     assert st["policy"] == "drain:0" and st["in_force"] is True
     drained = _names(procs)[st["slots"][0]["pid"]]
     assert drained not in hits(PORT, 30)
+
+
+@pytest.mark.parametrize("verb", ["attach", "detach"])
+def test_a_signal_after_the_verb_is_done_changes_nothing(group, tmp_path, verb):
+    """Done and printed, the process still has tens of ms to exit, where
+    Python puts SIG_DFL back for the handlers it set: a SIGTERM there ended a
+    successful attach or detach with 143 and no word."""
+    if verb == "detach":
+        subprocess.run([EXE, "attach", "--port", str(PORT), "--policy", "drain:0"],
+                       check=True, capture_output=True)
+    r = _attach_paused_at("finished", signal.SIGTERM, tmp_path,
+                          verb=("attach", "--policy", "drain:0") if verb == "attach"
+                          else ("detach",))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stderr == "", r.stderr
+    pinned = pins.pin_dir("tcp", PORT).exists()
+    assert pinned == (verb == "attach")
+    assert len(hits(PORT, 30)) == (2 if verb == "attach" else 3)   # drain:0, or all three
+
+
+def test_a_signal_while_detach_gives_the_group_back_does_not_cut_it_in_half(group, tmp_path):
+    subprocess.run([EXE, "attach", "--port", str(PORT), "--policy", "drain:0"], check=True,
+                   capture_output=True)
+    r = _attach_paused_at("given back", signal.SIGINT, tmp_path, verb=("detach",))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SIGINT came while the group was given back to the kernel, so detach " \
+           "completed" in r.stderr, r.stderr
+    assert not pins.pin_dir("tcp", PORT).exists()
+    assert len(hits(PORT, 30)) == 3
 
 
 def test_a_signal_before_the_commit_rolls_back(group, tmp_path):

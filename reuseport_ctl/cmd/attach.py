@@ -173,11 +173,17 @@ def _follow(port: int, proto: str, stop: threading.Event, as_json: bool) -> None
 @json_opt
 def detach(port, pid, host, proto, force, as_json):
     """Give the group back to the kernel's own hash and remove the pins."""
+    hold_after_commit()         # as attach: a signal once it is done cannot undo it
     d = pins.detach(port, proto=proto, pid=pid, host=host, force=force).as_dict()
     if as_json:
         click.echo(json.dumps(d))
     else:
         console().print(render_detach(d))
+    sys.stdout.flush()
+    late = late_signals()
+    if late:
+        click.echo(f"reuseport-ctl: {name(late[0])} came while the group was given back to "
+                   f"the kernel, so detach completed.", err=True)
 
 
 @click.command("status", epilog=STATUS_EPILOG)
