@@ -106,6 +106,16 @@ def _norm_host(host: str) -> str:
                         f"(for example 127.0.0.1 or ::), not {host!r}.") from None
 
 
+def other_proto(port: int, proto: str) -> str:
+    """'; udp port P has sockets: add --proto udp' when nothing of `proto`
+    but something of the other protocol is on the port (the usual slip: a
+    UDP server asked about without --proto udp); else ''."""
+    other = "udp" if proto == "tcp" else "tcp"
+    if not diag.listeners(port, other):
+        return ""
+    return f"; {other} port {port} has sockets: add --proto {other}"
+
+
 def find_group(port: int, proto: str = "tcp", pid: int | None = None,
                host: str | None = None, require_reuseport: bool = True,
                slots: dict[int, int] | None = None,
@@ -133,7 +143,7 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
         found = diag.listeners(port, proto)
     if not found:
         raise UserError(f"nothing is listening on {proto} port {port} (no {what} socket "
-                        f"in this network namespace).")
+                        f"in this network namespace){other_proto(port, proto)}.")
     if procs is None:
         procs = owners.process_table()
     held = procs.holders({s.inode for s in found})

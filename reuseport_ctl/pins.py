@@ -733,8 +733,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
             return Detached(port, proto, None, removed=False, pinned=None,
                             note=_stale_note(cleaned), stale=stale)
         raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port} in this "
-                        f"network namespace (`{hint('detach', port, proto, '--force')}` "
-                        f"removes a program something else attached).")
+                        f"network namespace{_no_policy_why(base, proto, port, force=True)}.")
     stopped = stop_follower(meta)
     if meta is not None and pid is None and host is None:
         host = meta.host
@@ -996,6 +995,35 @@ class Status:
         return d
 
 
+def _attached_elsewhere(base: Path, proto: str, port: int) -> str:
+    """' (... attached in network namespace NAME: `ip netns exec NAME ...`)'
+    when proto/port has a live pin in another network namespace; else ''."""
+    others = [p for p in pins_everywhere(base, proto, port) if p.state == "live"]
+    if not others:
+        return ""
+    p = others[0]
+    if p.name:
+        return (f" (it has one in network namespace {p.name}: "
+                f"`ip netns exec {p.name} {hint('status', port, proto)}`)")
+    return f" (it has one in another network namespace, net:[{p.netns}])"
+
+
+def _no_policy_why(base: Path, proto: str, port: int, force: bool) -> str:
+    """What to try when proto/port has no policy here. Where a group listens:
+    --force (detach), for a program something else attached. Where none
+    does: the other protocol, if it has sockets on the port (the usual slip),
+    else another network namespace that has a policy on it."""
+    from .groups import other_proto
+    if diag.listeners(port, proto):
+        return (f" (`{hint('detach', port, proto, '--force')}` removes a program something "
+                f"else attached)") if force else ""
+    if other := other_proto(port, proto):
+        return f"; nothing listens on it either{other}"
+    if elsewhere := _attached_elsewhere(base, proto, port):
+        return elsewhere
+    return "; nothing listens on it either"
+
+
 def status(port: int, proto: str = "tcp") -> Status:
     """The policy pinned for `port` in this network namespace, the program's
     per-slot selection counts, and whether it is in force."""
@@ -1007,7 +1035,7 @@ def status(port: int, proto: str = "tcp") -> Status:
     if pin is None:
         why = f" ({'; '.join(notes)})" if notes else ""
         raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port} in this "
-                        f"network namespace{why}.")
+                        f"network namespace{_no_policy_why(base, proto, port, force=False) or why}.")
     meta, path = pin.meta, pin.path
     if meta.private_mnt:
         notes.insert(0, _private_note(meta))

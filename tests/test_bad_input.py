@@ -56,6 +56,10 @@ REFUSED = [
     (["run", "--duration", "inf"], 1, "positive number of seconds, not inf"),
     (["run", "--duration", "nan"], 1, "positive number of seconds, not nan"),
     (["run", "--host", "999.1.1.1"], 1, "takes an IP address to bind"),
+    (["run", "--load", "10", "--watch"], 1, "use one of the two"),
+    (["load", "--proto", "udp", "--port", "9", "--requests-per-conn", "5"], 1, "are HTTP's"),
+    (["watch", "--port", "80", "--interval", "inf"], 1, "at most 3600 seconds, not inf"),
+    (["watch", "--port", "80", "--duration", "inf"], 1, "finite number of seconds, not inf"),
 ]
 
 

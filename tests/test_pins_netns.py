@@ -294,6 +294,33 @@ def test_udp_attach_hints_work_as_printed(namespaces):
     assert not pins.pin_dir("udp", PORT, ns.inode).exists()
 
 
+def test_the_wrong_protocol_or_namespace_is_named(namespaces):
+    """A UDP group asked about without --proto udp, or from outside its
+    namespace: the error says where it is, in a command that works."""
+    ns = namespaces()
+    code = ("import socket,time\nss=[]\nfor _ in range(2):\n"
+            " s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            " s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\n"
+            f" s.bind(('127.0.0.1',{PORT})); ss.append(s)\nprint('ready',flush=True)\n"
+            "time.sleep(600)\n")
+    p = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns.name}", sys.executable, "-c", code],
+                         stdout=subprocess.PIPE, text=True)
+    ns.procs.append(p)
+    assert p.stdout.readline().strip() == "ready"
+    ns.cli("attach", "--proto", "udp", "--port", PORT, "--policy", "round-robin")
+    for verb in ("detach", "watch"):
+        r = ns.cli(verb, "--port", PORT, check=False)
+        assert r.returncode == 1 and f"udp port {PORT} has sockets: add --proto udp" in r.stderr, \
+            r.stderr
+    here = subprocess.run([EXE, "status", "--proto", "udp", "--port", str(PORT)],
+                          capture_output=True, text=True)       # from the host's namespace
+    assert here.returncode == 1
+    cmd = re.search(r"`(ip netns exec [^`]+)`", here.stderr)[1]
+    st = subprocess.run(shlex.split(cmd.replace("reuseport-ctl", EXE, 1)),
+                        capture_output=True, text=True)
+    assert st.returncode == 0 and "round-robin" in st.stdout, st.stdout + st.stderr
+
+
 def test_kernel_policy_hint_works_as_printed(namespaces):
     ns = namespaces()
     ns.workers(PORT)

@@ -63,6 +63,9 @@ def load(host, port, proto, conns, duration, concurrency, processes, requests_pe
     by kind, latency percentiles and the per-worker distribution."""
     if conns is None and duration is None:
         conns = 1000
+    if proto == "udp" and (requests_per_conn != 1 or path != "/"):
+        raise UserError("--requests-per-conn and --path are HTTP's: a UDP flow is one "
+                        "datagram and its echo.")
     kw = dict(proto=proto, conns=conns, concurrency=concurrency, processes=processes,
               requests_per_conn=requests_per_conn, timeout=timeout, path=path,
               duration=duration, partial=True)

@@ -64,6 +64,9 @@ def run(workers, host, port, proto, model, policy, cpus, user, backlog, duration
     lasts, so `status` and `watch` from another shell see it; the run
     removes the pins when it stops."""
     host = bind_address(host)
+    if watch and load_n is not None:
+        raise UserError("--watch shows the group while it serves other clients; with --load "
+                        "the run prints its own report: use one of the two.")
     if duration is not None and not (math.isfinite(duration) and duration > 0):
         raise UserError(f"--duration must be a positive number of seconds, not {duration}.")
     n = len(usable_cpus()) if workers is None else workers

@@ -1,6 +1,7 @@
 """What a watch refuses before it attaches anything: one sentence each."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from ..errors import UserError
@@ -17,6 +18,11 @@ def check_options(port: int, interval: float, duration: Optional[float],
                   prometheus: Optional[str] = None) -> None:
     if not interval > 0:
         raise UserError(f"--interval must be positive, not {interval}.")
+    if not interval <= 3600:
+        raise UserError(f"--interval must be at most 3600 seconds, not {interval}.")
+    if duration is not None and not math.isfinite(duration):
+        raise UserError(f"--duration must be a finite number of seconds, not {duration} "
+                        f"(without it the watch runs until q, Ctrl-C or SIGTERM).")
     if interval < 0.1:
         raise UserError(f"--interval {interval} is shorter than 0.1 s: reading every probe "
                         f"that often costs more than it shows.")
@@ -30,9 +36,11 @@ def check_options(port: int, interval: float, duration: Optional[float],
 
 
 def nothing_listening(port: int, proto: str) -> UserError:
+    from ..groups import other_proto
     what = "listening TCP" if proto == "tcp" else "bound UDP"
+    other = other_proto(port, proto)
     return UserError(f"nothing is listening on {proto} port {port} (no {what} socket in "
-                     f"this network namespace); --wait waits for it.")
+                     f"this network namespace){other or '; --wait waits for it'}.")
 
 
 def gone(port: int, proto: str) -> UserError:
