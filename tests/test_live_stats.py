@@ -301,6 +301,24 @@ def test_a_moved_members_own_counters_and_wakeups_go_on():
     assert (f.rows[0].accepts, f.rows[0].spurious_wakeups, f.rows[0].wakeups) == (37, 3, 37)
 
 
+def test_a_moved_members_wakeups_keep_what_its_last_frame_did_not_see():
+    """A foreign server's worker killed and respawned on its socket: the old
+    process's wakeups after the last frame belong to the row too (they were
+    lost: nginx, 336 + 296 accepts, 294 wakeups in no row)."""
+    st = LiveState(interval=1.0)
+    old = WorkerObs(pid=50, slot=0, inodes=(200,))
+    step(st, Observation(ts=0.0, wall=1000.0, workers=(old,)))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=(old,), data_ready={200: 10},
+                             wakeups={(200, 50, 50): 10}))
+    assert f.rows[0].wakeups == 10
+    new = WorkerObs(pid=60, slot=0, inodes=(200,))
+    f = step(st, Observation(ts=2.0, wall=1002.0, workers=(new,), data_ready={200: 45},
+                             wakeups={(200, 50, 50): 25, (200, 60, 60): 20}))
+    assert f.moved == (Moved(0, 200, 60, 50),)
+    assert (f.rows[0].accepts, f.rows[0].wakeups) == (45, 45)
+    assert f.wakeups == sum(r.wakeups for r in f.rows)
+
+
 def test_wakeups_of_another_socket_or_process_are_not_a_rows():
     st = LiveState(interval=1.0)
     ws = threaded()

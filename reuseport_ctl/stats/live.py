@@ -209,8 +209,8 @@ class _Seen:
     base_eagain: int = 0
     accepts: Optional[int] = None
     eagain: Optional[int] = None        # spurious wakeups shown at the previous frame
-    base_wakeups: int = 0               # a moved member: its earlier processes' wakeups, negated
     wakeups: Optional[int] = None       # wakeups shown at the previous frame
+    pids: set = field(default_factory=set)  # every process that has served it
     data_ready: Optional[int] = None
     history: deque = field(default_factory=deque)
 
@@ -371,8 +371,8 @@ def step(state: LiveState, obs: Observation) -> Frame:
                 # watch began): the socket's total goes on from what it was.
                 s.base_accepts = -(s.accepts or 0)
                 s.base_eagain = -(s.eagain or 0)
-                s.base_wakeups = -(s.wakeups or 0)
             s.ref = _ref(w)
+        s.pids.add(w.pid)
         if w.child:                     # no listener: what the kernel counts is not its own
             ready = wakeups = spurious = accepts = None
             woken: set[int] = set()
@@ -387,12 +387,14 @@ def step(state: LiveState, obs: Observation) -> Frame:
             if w.eagain is not None:
                 spurious = w.eagain - s.base_eagain
             else:                       # the probes count per process: a moved member's
-                                        # total goes on from its previous processes'
-                spurious = obs.accept_eagain.get(w.pid, 0) - s.base_eagain if ea_on else None
+                                        # total is that of every process that served it
+                spurious = sum(obs.accept_eagain.get(p, 0) for p in s.pids) if ea_on else None
             # wakeups its sockets' data-ready made in its process, summed over
-            # threads (a moved member: and in the processes that served it before)
+            # threads; a moved member's also in the processes that served it
+            # before, up to their last one (which no frame may have seen)
+            served = s.pids if w.member else {w.pid}
             wakeups = sum(n for (i, p, t), n in obs.wakeups.items()
-                          if p == w.pid and i in w.inodes) - s.base_wakeups if wk_on else None
+                          if i in w.inodes and p in served) if wk_on else None
             woken = {t for (i, p, t), n in obs.wakeups.items()
                      if p == w.pid and i in w.inodes and n}
         tids = tuple(sorted(set(w.tids) | woken)) if w.nthreads > 1 else ()
