@@ -720,6 +720,8 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     reuseport-ctl did not attach. Stale pins of proto/port are removed too."""
     require_caps("detach")
     fs = bpffs.find()
+    if fs is None and (why := bpffs.unseen("detach")):
+        raise UserError(why + ".")
     base = (fs.path if fs else BPFFS) / NAME
     shown = bpffs.shown
     cur, cleaned = _mine(proto, port, base)
@@ -1029,6 +1031,8 @@ def status(port: int, proto: str = "tcp") -> Status:
     per-slot selection counts, and whether it is in force."""
     require_caps("status")
     fs = bpffs.find()
+    if fs is None and (why := bpffs.unseen("status")):
+        raise UserError(why + ".")
     base = (fs.path if fs else BPFFS) / NAME
     pin, cleaned = _mine(proto, port, base)
     notes = [n for n in (fs.note if fs else "", _stale_note(cleaned)) if n]
@@ -1117,6 +1121,8 @@ def status_all() -> tuple[list[Pin], list[Pin], str]:
     """Every pin on the machine, judged: (kept, removed as stale, note)."""
     require_caps("status")
     fs = bpffs.find()
+    if fs is None and (why := bpffs.unseen("status")):
+        raise UserError(why + ".")
     base = (fs.path if fs else BPFFS) / NAME
     found = pins_everywhere(base)
     stale = [p for p in found if p.state == "stale"]

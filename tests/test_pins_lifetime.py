@@ -109,6 +109,48 @@ def test_attach_in_a_private_pid_namespace_refuses_and_attaches_nothing(private_
     _fails(st, "no reuseport-ctl policy")
 
 
+@pytest.fixture
+def two_workers(netns):
+    """Two SO_REUSEPORT listeners on PORT in the test's namespace (host pid ns)."""
+    code = ("import socket,time\ns=socket.socket()\n"
+            "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\n"
+            f"s.bind(('127.0.0.1',{PORT})); s.listen(8)\n"
+            "print('ready',flush=True); time.sleep(600)")
+    workers = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    for w in workers:
+        assert w.stdout.readline().strip() == "ready"
+    yield
+    for w in workers:
+        w.kill()
+        w.wait()
+    subprocess.run([EXE, "detach", "--port", str(PORT), "--force"], capture_output=True, timeout=60)
+
+
+def _in_pidns(netns: str, *args, mount_proc: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", netns, "unshare", "--pid", "--fork",
+                           *(["--mount-proc"] if mount_proc else []), EXE, *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_status_and_detach_in_a_private_pid_namespace_say_they_cannot_see(two_workers, netns):
+    """A policy pinned from the host is in force; from a namespace that
+    cannot reach the host's bpffs, status said 'nothing is pinned'."""
+    subprocess.run([EXE, "attach", "--port", str(PORT), "--policy", "drain:0"], check=True,
+                   capture_output=True)
+    for args in (["status"], ["status", "--port", PORT], ["detach", "--port", PORT]):
+        _fails(_in_pidns(netns, *args), "cannot see the policies pinned on this machine")
+    assert pins.pin_dir("tcp", PORT).exists()          # detach there touched nothing
+
+
+def test_a_foreign_proc_is_named_not_a_process_that_exited(two_workers, netns):
+    """`unshare --pid --fork` without --mount-proc: /proc is the host's, its
+    pids name no process here; that was reported as 'process N exited'."""
+    p = _in_pidns(netns, "attach", "--port", PORT, "--policy", "drain:0", mount_proc=False)
+    _fails(p, "/proc is another's", "--mount-proc")
+    assert not pins.pin_dir("tcp", PORT).exists()
+
+
 def test_private_bpffs_is_an_explicit_opt_in_and_says_so(private_pidns):
     a, st, human = private_pidns(
         f"{EXE} attach --port {PORT} --policy drain:0 --private-bpffs --json",

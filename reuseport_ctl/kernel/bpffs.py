@@ -119,6 +119,18 @@ def host_mounts() -> bool | None:
     return None
 
 
+def unseen(verb: str) -> str:
+    """Why `verb` cannot see the pins when find() found no bpffs: '' if this
+    is the host's mount namespace (none is mounted there: nothing is pinned)."""
+    if host_mounts():
+        return ""
+    return (f"no BPF filesystem shared with the host is reachable from here (a mount "
+            f"namespace of its own, as under `unshare --pid --mount-proc` or in a "
+            f"container), so {verb} cannot see the policies pinned on this machine: run it "
+            f"from the host's mount namespace (`ip netns exec NAME reuseport-ctl ...` or "
+            f"`nsenter --net=/proc/SERVER_PID/ns/net reuseport-ctl ...` from a host shell)")
+
+
 _held: dict[int, BpfFs] = {}       # our pid -> the bpffs reached through a kept fd
 
 

@@ -255,6 +255,8 @@ def take_socket(pid: int, fd: int, inode: int) -> socket.socket:
     try:
         pidfd = process.pidfd_open(pid)
     except ProcessLookupError:
+        if process.foreign_proc():
+            raise UserError(process.FOREIGN_PROC + ".") from None
         raise UserError(f"process {pid} exited while reuseport-ctl was reading its sockets; "
                         f"run the command again.") from None
     try:

@@ -180,6 +180,21 @@ def single_node(cpus, cpu_node: dict[int, int]) -> int:
 
 # --- another process's fds ----------------------------------------------------
 
+def foreign_proc() -> bool:
+    """Is /proc another pid namespace's than ours (`unshare --pid` without
+    --mount-proc)? Then the pids it lists do not name processes here."""
+    try:
+        return int(os.readlink("/proc/self")) != os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
+FOREIGN_PROC = ("this process has a pid namespace of its own but /proc is another's (as "
+                "under `unshare --pid` without --mount-proc), so the pids /proc lists do not "
+                "name processes here: add --mount-proc, or run reuseport-ctl from the host's "
+                "pid namespace")
+
+
 def pidfd_open(pid: int) -> int:
     return os.pidfd_open(pid)
 
