@@ -15,6 +15,7 @@ after, flagged not in_policy.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -106,6 +107,20 @@ def _norm_host(host: str) -> str:
                         f"(for example 127.0.0.1 or ::), not {host!r}.") from None
 
 
+def check_pid(pid: int) -> None:
+    """--pid names a process of this network namespace's server."""
+    if not owners.pid_exists(pid):
+        raise UserError(f"no process {pid}.")
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return                          # not ours to inspect: the group search says more
+    if theirs != os.stat("/proc/self/ns/net").st_ino:
+        raise UserError(f"process {pid} is in another network namespace (net:[{theirs}]) than "
+                        f"this one, so its sockets are not on this port here: run the command "
+                        f"there (`nsenter --net=/proc/{pid}/ns/net reuseport-ctl ...`).")
+
+
 def other_proto(port: int, proto: str) -> str:
     """'; udp port P has sockets: add --proto udp' when nothing of `proto`
     but something of the other protocol is on the port (the usual slip: a
@@ -135,8 +150,8 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
     holds its sockets now (a watch follows its group by socket, not by pid)."""
     if not 0 < port < 65536:
         raise UserError(f"port {port} is not a port number (1-65535).")
-    if pid is not None and not owners.pid_exists(pid):
-        raise UserError(f"no process {pid}.")
+    if pid is not None:
+        check_pid(pid)
     what = "listening TCP" if proto == "tcp" else "bound UDP"
 
     if found is None:

@@ -399,7 +399,7 @@ def test_dashboard_names_threads_and_the_dispatcher():
     text = con.export_text()
     assert "dispatcher: the kernel sees one listener; its split across children is the " \
            "server's own" in text
-    assert "1 workers, 1 child" in text and "child" in text
+    assert "1 worker, 1 child" in text and "child" in text
 
 
 # --- the probes' common start ---------------------------------------------------------------

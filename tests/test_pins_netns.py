@@ -321,6 +321,16 @@ def test_the_wrong_protocol_or_namespace_is_named(namespaces):
     assert st.returncode == 0 and "round-robin" in st.stdout, st.stdout + st.stderr
 
 
+def test_a_pid_in_another_namespace_is_named(namespaces):
+    ns = namespaces()
+    w = ns.workers(PORT)[0]
+    for verb in (["watch"], ["attach", "--policy", "hash"]):
+        r = subprocess.run([EXE, *verb, "--port", str(PORT), "--pid", str(w.pid)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and f"process {w.pid} is in another network namespace" \
+            in r.stderr and f"nsenter --net=/proc/{w.pid}/ns/net" in r.stderr, r.stderr
+
+
 def test_kernel_policy_hint_works_as_printed(namespaces):
     ns = namespaces()
     ns.workers(PORT)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from ..groups import check_pid
 from ..kernel import diag
 from ..signals import Stopped
 from ._common import json_option, proto_option
@@ -77,6 +78,8 @@ def watch(port, proto, host, pid, interval, duration, as_json, prometheus, wait,
     connections (TCP) or datagrams (UDP), and how its workers are woken."""
     check_options(port, interval, duration, prometheus)
     require_probe_caps()
+    if pid is not None:
+        check_pid(pid)
     if not wait and not diag.listeners(port, proto):
         raise nothing_listening(port, proto)
     stop = Stop()

@@ -133,7 +133,10 @@ def render_status(d: dict) -> Group:
         parts.append(Text(f"{d['total']:,} selections by the program{extra}", style="dim"))
     else:
         parts.append(Text("a cBPF program keeps no counts", style="dim"))
-    if not all(s["alive"] for s in d["slots"]):
+    if any(s.get("skipped") for s in d["slots"]):
+        parts.append(Text("(skipped): the slot's socket is closed, and the policy passes it "
+                          "over (its share goes to the others)", style="dim"))
+    if any(not s["alive"] and not s.get("skipped") for s in d["slots"]):
         parts.append(Text("(closed): the slot's socket is closed", style="dim"))
     if not all(s.get("in_policy", True) for s in d["slots"]):
         parts.append(Text("* a socket on the port the policy does not have", style="dim"))

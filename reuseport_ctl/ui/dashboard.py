@@ -51,7 +51,7 @@ def size(frame: Frame, g: GroupInfo) -> str:
     a dispatcher: '1 workers, 3 children'."""
     members = [r for r in frame.rows if not r.child]
     n, procs = len(members), len({r.pid for r in members})
-    out = f"{n} workers"
+    out = f"{n} worker{'' if n == 1 else 's'}"
     if g.reuseport and not g.own and procs != n:
         out += f" ({n} sockets in {procs} process{'' if procs == 1 else 'es'})"
     kids = len(frame.rows) - n
