@@ -167,8 +167,18 @@ class Follower:
             return events
         now = time.time()
         fallbacks = read_fallbacks(self._fds["config"])
-        line = divergence(left, len(new), fallbacks - meta.fallbacks_seen, self.proto)
-        events.append(Event(now, "diverged", text=line or ""))
+        # (the slots left are said by their own events below, as the table
+        # skips them from now: not as a share that goes by the kernel's hash)
+        fb = fallbacks - meta.fallbacks_seen
+        line = None
+        if new:
+            line = divergence([], len(new), fb, self.proto)
+        elif fb:
+            unit = "connections" if self.proto == "tcp" else "datagrams"
+            line = f"{fb:,} {unit} went by the kernel's hash while the closed sockets were " \
+                   f"in the table"
+        if line:
+            events.append(Event(now, "diverged", text=line))
         for k in left:
             vacant.add(k)
             r = records[k]

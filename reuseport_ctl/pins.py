@@ -1039,7 +1039,7 @@ def status(port: int, proto: str = "tcp") -> Status:
     if pin is None:
         why = f" ({'; '.join(notes)})" if notes else ""
         raise UserError(f"no reuseport-ctl policy is attached to {proto} port {port} in this "
-                        f"network namespace{_no_policy_why(base, proto, port, force=False) or why}.")
+                        f"network namespace{why}{_no_policy_why(base, proto, port, force=False)}.")
     meta, path = pin.meta, pin.path
     if meta.private_mnt:
         notes.insert(0, _private_note(meta))
