@@ -188,8 +188,10 @@ def find_group(port: int, proto: str = "tcp", pid: int | None = None,
             raise UserError(f"no {what} socket on {want} port {port} (there are: {have}).")
     if len(groups) > 1:
         have = ", ".join(g.listeners[0].endpoint for g in groups)
+        how = f"--host (process {pid} holds all of them)" if pid is not None \
+            else "--host or --pid"
         raise UserError(f"port {port} has {len(groups)} reuseport groups ({have}): "
-                        f"choose one with --host or --pid.")
+                        f"choose one with {how}.")
     return _build(groups[0], held, port, proto, require_reuseport, slots)
 
 
