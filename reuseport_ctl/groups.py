@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 from .errors import UserError
-from .kernel import diag, owners
+from .kernel import diag, netns, owners
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def check_pid(pid: int) -> None:
         theirs = os.stat(f"/proc/{pid}/ns/net").st_ino
     except OSError:
         return                          # not ours to inspect: the group search says more
-    if theirs != os.stat("/proc/self/ns/net").st_ino:
+    if theirs != netns.current_inode():
         raise UserError(f"process {pid} is in another network namespace (net:[{theirs}]) than "
                         f"this one, so its sockets are not on this port here: run the command "
                         f"there (`nsenter --net=/proc/{pid}/ns/net reuseport-ctl ...`).")

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import UserError
-from .groups import ReuseportGroup, find_group
+from .groups import ReuseportGroup, find_group, other_proto
 from .kernel import bpf, bpffs, diag, lockfile, netns, owners, process, reuseport
 from .signals import committing, pause_for_test
 
@@ -368,6 +368,16 @@ def current_pin(proto: str, port: int, base: Path | None = None) -> Pin | None:
     if meta is not None and meta.netns in (0, here[0]):
         return Pin(flat, proto, port, here[0], meta, layout="flat", state="here")
     return None
+
+
+def _readable(verb: str) -> tuple[bpffs.BpfFs | None, Path]:
+    """The bpffs `verb` reads the pins from (None: none is mounted here, so
+    nothing is pinned) and the pins' root in it; refused where the host's
+    bpffs cannot be reached (the pins would look absent)."""
+    fs = bpffs.find()
+    if fs is None and (why := bpffs.unseen(verb)):
+        raise UserError(why + ".")
+    return fs, (fs.path if fs else BPFFS) / NAME
 
 
 def _mine(proto: str, port: int, base: Path | None = None) -> tuple[Pin | None, list[Pin]]:
@@ -719,10 +729,7 @@ def detach(port: int, proto: str = "tcp", pid: int | None = None, host: str | No
     follower first, if one runs). --force also removes a program that
     reuseport-ctl did not attach. Stale pins of proto/port are removed too."""
     require_caps("detach")
-    fs = bpffs.find()
-    if fs is None and (why := bpffs.unseen("detach")):
-        raise UserError(why + ".")
-    base = (fs.path if fs else BPFFS) / NAME
+    _, base = _readable("detach")
     shown = bpffs.shown
     cur, cleaned = _mine(proto, port, base)
     stale = [p.as_dict() for p in cleaned]
@@ -1015,7 +1022,6 @@ def _no_policy_why(base: Path, proto: str, port: int, force: bool) -> str:
     --force (detach), for a program something else attached. Where none
     does: the other protocol, if it has sockets on the port (the usual slip),
     else another network namespace that has a policy on it."""
-    from .groups import other_proto
     if diag.listeners(port, proto):
         return (f" (`{hint('detach', port, proto, '--force')}` removes a program something "
                 f"else attached)") if force else ""
@@ -1030,10 +1036,7 @@ def status(port: int, proto: str = "tcp") -> Status:
     """The policy pinned for `port` in this network namespace, the program's
     per-slot selection counts, and whether it is in force."""
     require_caps("status")
-    fs = bpffs.find()
-    if fs is None and (why := bpffs.unseen("status")):
-        raise UserError(why + ".")
-    base = (fs.path if fs else BPFFS) / NAME
+    fs, base = _readable("status")
     pin, cleaned = _mine(proto, port, base)
     notes = [n for n in (fs.note if fs else "", _stale_note(cleaned)) if n]
     if pin is None:
@@ -1120,10 +1123,7 @@ def _no_napi(path: Path) -> int | None:
 def status_all() -> tuple[list[Pin], list[Pin], str]:
     """Every pin on the machine, judged: (kept, removed as stale, note)."""
     require_caps("status")
-    fs = bpffs.find()
-    if fs is None and (why := bpffs.unseen("status")):
-        raise UserError(why + ".")
-    base = (fs.path if fs else BPFFS) / NAME
+    fs, base = _readable("status")
     found = pins_everywhere(base)
     stale = [p for p in found if p.state == "stale"]
     for p in stale:

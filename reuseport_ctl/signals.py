@@ -111,10 +111,6 @@ def late_signals() -> list[int]:
     return list(_late)
 
 
-def holding() -> bool:
-    return _hold["holding"]
-
-
 @contextmanager
 def committing():
     """The block makes the verb's work permanent (attach: the old pins go,

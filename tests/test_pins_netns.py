@@ -273,8 +273,8 @@ def _hint_lines(text: str) -> list[str]:
     return [ln.strip() for ln in text.splitlines() if ln.startswith("  reuseport-ctl ")]
 
 
-def test_udp_attach_hints_work_as_printed(namespaces):
-    ns = namespaces()
+def udp_group(ns) -> None:
+    """Two SO_REUSEPORT UDP sockets on PORT in ns, in one process."""
     code = ("import socket,time\nss=[]\nfor _ in range(2):\n"
             " s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
             " s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\n"
@@ -284,6 +284,11 @@ def test_udp_attach_hints_work_as_printed(namespaces):
                          stdout=subprocess.PIPE, text=True)
     ns.procs.append(p)
     assert p.stdout.readline().strip() == "ready"
+
+
+def test_udp_attach_hints_work_as_printed(namespaces):
+    ns = namespaces()
+    udp_group(ns)
     out = ns.cli("attach", "--proto", "udp", "--port", PORT, "--policy", "round-robin").stdout
     hints = _hint_lines(out)
     assert [h.split()[1] for h in hints] == ["status", "detach"], out
@@ -298,15 +303,7 @@ def test_the_wrong_protocol_or_namespace_is_named(namespaces):
     """A UDP group asked about without --proto udp, or from outside its
     namespace: the error says where it is, in a command that works."""
     ns = namespaces()
-    code = ("import socket,time\nss=[]\nfor _ in range(2):\n"
-            " s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
-            " s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEPORT,1)\n"
-            f" s.bind(('127.0.0.1',{PORT})); ss.append(s)\nprint('ready',flush=True)\n"
-            "time.sleep(600)\n")
-    p = subprocess.Popen(["nsenter", f"--net=/run/netns/{ns.name}", sys.executable, "-c", code],
-                         stdout=subprocess.PIPE, text=True)
-    ns.procs.append(p)
-    assert p.stdout.readline().strip() == "ready"
+    udp_group(ns)
     ns.cli("attach", "--proto", "udp", "--port", PORT, "--policy", "round-robin")
     for verb in ("detach", "watch"):
         r = ns.cli(verb, "--port", PORT, check=False)

@@ -5,6 +5,7 @@ import math
 from typing import Optional
 
 from ..errors import UserError
+from ..groups import other_proto
 from ..kernel import caps
 
 def require_probe_caps() -> None:
@@ -36,7 +37,6 @@ def check_options(port: int, interval: float, duration: Optional[float],
 
 
 def nothing_listening(port: int, proto: str) -> UserError:
-    from ..groups import other_proto
     what = "listening TCP" if proto == "tcp" else "bound UDP"
     other = other_proto(port, proto)
     return UserError(f"nothing is listening on {proto} port {port} (no {what} socket in "
