@@ -319,6 +319,26 @@ def test_a_moved_members_wakeups_keep_what_its_last_frame_did_not_see():
     assert f.wakeups == sum(r.wakeups for r in f.rows)
 
 
+def test_a_member_that_left_keeps_its_connections_in_the_group_total():
+    """gunicorn --reuse-port, a worker killed: its socket closes and the new
+    worker binds another. The group total was the rows' sum, 1489 of 1800
+    lookups; the closed socket's 311 (counted by the kernel per socket, after
+    the last frame too) belong to it."""
+    st = LiveState(interval=1.0)
+    a, b = WorkerObs(pid=50, slot=0, inodes=(200,)), WorkerObs(pid=51, slot=1, inodes=(201,))
+    step(st, Observation(ts=0.0, wall=1000.0, workers=(a, b)))
+    c = WorkerObs(pid=60, slot=0, inodes=(300,))
+    f = step(st, Observation(ts=1.0, wall=1001.0, workers=(c, b), lookups=900,
+                             data_ready={200: 311, 201: 589, 300: 0}))
+    assert [(r.pid, r.inode) for r in f.left] == [(50, 200)]
+    assert [r.accepts for r in f.rows] == [0, 589]
+    assert f.accepts == 900 == f.lookups
+    f = step(st, Observation(ts=2.0, wall=1002.0, workers=(c, b), lookups=1000,
+                             data_ready={200: 311, 201: 639, 300: 50}))
+    assert f.accepts == 1000
+    assert [r.share for r in f.rows] == [50 / 689, 639 / 689]   # the split: live members
+
+
 def test_wakeups_of_another_socket_or_process_are_not_a_rows():
     st = LiveState(interval=1.0)
     ws = threaded()

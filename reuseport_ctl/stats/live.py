@@ -211,6 +211,8 @@ class _Seen:
     eagain: Optional[int] = None        # spurious wakeups shown at the previous frame
     wakeups: Optional[int] = None       # wakeups shown at the previous frame
     pids: set = field(default_factory=set)  # every process that has served it
+    ready_inodes: tuple = ()            # its accepts are its sockets' data-ready (a foreign
+                                        # server's member): its last ones are read at leaving
     data_ready: Optional[int] = None
     history: deque = field(default_factory=deque)
 
@@ -224,6 +226,7 @@ class LiveState:
     prev: Optional[Observation] = None
     seen: dict[tuple, _Seen] = field(default_factory=dict)     # row key -> its memory
     health: HealthState = field(default_factory=HealthState)
+    left_accepts: int = 0               # what the rows that left had taken (group total)
 
     @property
     def history_len(self) -> int:
@@ -344,7 +347,11 @@ def step(state: LiveState, obs: Observation) -> Frame:
     left = tuple(sorted((state.seen[k].ref for k in state.seen.keys() - now.keys()),
                         key=lambda r: (r.slot, r.pid)))
     for k in state.seen.keys() - now.keys():
-        del state.seen[k]
+        s = state.seen.pop(k)
+        # its connections stay in the group's total: those after the last
+        # frame too, where the kernel's per-socket count has them
+        state.left_accepts += sum(obs.data_ready.get(i, 0) for i in s.ready_inodes) \
+            if s.ready_inodes and dr_on else (s.accepts or 0)
     joined: list[RowRef] = []
     moved: list[Moved] = []
     samples: list[MemberSample] = []
@@ -384,6 +391,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
                 accepts = obs.accepted.get(w.pid, 0) if ea_on else None
             else:
                 accepts = ready         # a foreign server: one data-ready per queued connection
+                s.ready_inodes = tuple(w.inodes)
             if w.eagain is not None:
                 spurious = w.eagain - s.base_eagain
             else:                       # the probes count per process: a moved member's
@@ -432,7 +440,7 @@ def step(state: LiveState, obs: Observation) -> Frame:
     total_wakeups = sum(obs.wakeups.values()) if wk_on else None
     prev_ready = sum(prev.data_ready.values()) if prev is not None and dr_on else None
     known = [r.accepts for r in takers if r.accepts is not None]
-    accepts_total = sum(known) if known else None
+    accepts_total = sum(known) + state.left_accepts if known else None
     counted = len(known) == len(takers) and not obs.dispatcher
     rates = [r.accepts_per_s for r in takers if r.accepts_per_s is not None]
     frame = Frame(
